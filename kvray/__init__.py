@@ -1,0 +1,1 @@
+"""kvray: Kandinsky Video 1.1 on Ray."""

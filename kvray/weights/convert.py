@@ -1,0 +1,48 @@
+"""`kvray convert`: official checkpoints -> one safetensors file plus its architecture JSON per network."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from pathlib import Path
+
+import fsspec
+from safetensors.torch import save_file
+
+from ..config import ModelPreset
+from .checkpoint import CheckpointError, build_on_meta, describe_mismatch, shapes
+from .networks import NETWORKS, converted_names, get_network, read_official
+from .source import WeightsSource
+
+log = logging.getLogger(__name__)
+FORMAT = "kvray-weights-1"
+
+
+def convert(source: WeightsSource, dst: str, preset: ModelPreset, *, t5_source: WeightsSource | None = None,
+            networks: list[str] | None = None) -> list[str]:
+    """Convert each network (all but the text encoder unless a T5 source is given); returns the written URIs."""
+    names = networks or [n for n in NETWORKS if n != "text_encoder" or t5_source is not None]
+    fs, root = fsspec.core.url_to_fs(dst)
+    fs.makedirs(root, exist_ok=True)
+    written = []
+    for name in names:
+        network = get_network(name)
+        config = getattr(preset, name)
+        state, extras = read_official(source, name, t5_source)
+        problem = describe_mismatch(shapes(build_on_meta(lambda: network.build(config)).state_dict()), shapes(state))
+        if problem:
+            raise CheckpointError(f"{name} from {source.uri} does not fit preset {preset.name}:\n  {problem}")
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        tensors.update({k: v.reshape(-1).contiguous() for k, v in extras.items()})
+        weights_name, arch_name = converted_names(name)
+        arch = {"format": FORMAT, "network": name, "preset": preset.name, "config": config.model_dump(mode="json")}
+        with tempfile.TemporaryDirectory() as scratch:
+            local = Path(scratch) / weights_name
+            save_file(tensors, local, metadata={"format": FORMAT, "network": name})
+            fs.put_file(str(local), f"{root}/{weights_name}")
+        with fs.open(f"{root}/{arch_name}", "w") as f:
+            json.dump(arch, f, indent=2)
+        log.info("converted %s: %d tensors", name, len(tensors))
+        written += [f"{dst.rstrip('/')}/{weights_name}", f"{dst.rstrip('/')}/{arch_name}"]
+    return written
