@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from .weights.checkpoint import load_strict, read_checkpoint
-from .weights.networks import NETWORKS, State, t5_encoder_stack
+from .models.text_encoder import official_state_dict_to_ours
+from .weights.networks import NETWORKS, State
 
 
 @dataclass(frozen=True)
@@ -65,9 +66,7 @@ def golden_state(network: str, weights: State) -> tuple[State, State]:
     extras = {k: weights.pop(k) for k in ("null_embedding",) if k in weights}
     if network == "text_encoder":
         # `t5.*` is a whole transformers T5EncoderModel state dict; `projections.*` the t5_projections.pt layout.
-        t5 = {k.removeprefix("t5."): v for k, v in weights.items() if k.startswith("t5.")}
-        rest = {k: v for k, v in weights.items() if not k.startswith("t5.")}
-        weights = {**{f"t5.{k}": v for k, v in t5_encoder_stack(t5, what="the golden T5").items()}, **rest}
+        weights = official_state_dict_to_ours(weights)
     return weights, extras
 
 
@@ -104,9 +103,10 @@ def check_file(spec_path: Path) -> Iterator[CallResult]:
         name, literals = call["name"], dict(call.get("literals", {}))
 
         def value(arg: str):
-            key = f"{name}.{arg}"
-            if key in io:
-                return io[key]
+            # Inputs shared by every call are stored once, without the call prefix.
+            for key in (f"{name}.{arg}", arg):
+                if key in io:
+                    return io[key]
             if arg in literals:
                 return literals.pop(arg)
             raise Unhandled(f"{spec_path.name} call {name}: no tensor or literal for argument {arg!r}")

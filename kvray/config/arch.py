@@ -111,7 +111,8 @@ class MoVQConfig(ArchConfig):
     """`kandinsky_video.movq.MoVQ`: the image MoVQ, and with the temporal flags on, the video MoVQ."""
 
     network: Literal["movq"] = "movq"
-    double_z: bool = False
+    # double_z would need a quant_conv of 2 * z_channels inputs: no official MoVQ can run with it.
+    double_z: Literal[False] = False
     z_channels: Positive = 4
     resolution: Positive = 256
     in_channels: Positive = 3

@@ -32,18 +32,29 @@ def read_checkpoint(path: str | Path) -> dict:
         except Exception as err:  # safetensors raises several types for a corrupt header
             raise CheckpointError(f"{path} is not a readable safetensors file: {err}") from err
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            f"refused to load {path}: it holds objects other than tensors and plain containers, and "
-            f"unpickling those could run code ({str(err).splitlines()[0]})"
-        ) from err
+        return _torch_load(path, mmap=True)
     except RuntimeError as err:
         if "mmap" not in str(err):
             raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from err
     # Files in torch's legacy (pre-zip) format cannot be memory-mapped.
     log.warning("%s is in torch's legacy format: reading it whole, without memory-mapping", path)
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return _torch_load(path, mmap=False)
+    except RuntimeError as err:
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from err
+
+
+def _torch_load(path: Path, mmap: bool):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        if "Weights only load failed" in str(err):
+            reason = str(err).partition("WeightsUnpickler error:")[2].strip().split("\n")[0]
+            raise CheckpointError(
+                f"refused to load {path}: the weights-only unpickler rejected it ({reason}). A checkpoint "
+                "may hold only tensors and plain containers: unpickling anything else could run code"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable torch checkpoint: {err}") from None
 
 
 def describe_mismatch(expected: Mapping[str, tuple[int, ...]], got: Mapping[str, tuple[int, ...]]) -> str | None:

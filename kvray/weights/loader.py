@@ -68,10 +68,13 @@ def random_network(name: str, config: ArchConfig, *, seed: int = 0, device="cpu"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = network.build(config)
-        for param_name, param in module.named_parameters():
-            # Gates start at 0 in the official code, which would switch the temporal paths off.
-            if param.numel() == 1 and param_name.endswith("merge"):
+        for param in module.parameters():
+            # As the golden vectors do: the official code starts scalar gates and some output layers at
+            # zero, which would switch whole paths (temporal layers, gates) off in a random network.
+            if param.numel() == 1:
                 param.data.uniform_(0.2, 0.8)
+            elif not param.data.any():
+                param.data.normal_(0.0, 0.05)
         if isinstance(getattr(module, "null_embedding", None), torch.Tensor):
             module.null_embedding.normal_()
     return module.to(device=device, dtype=dtype).requires_grad_(False).eval()

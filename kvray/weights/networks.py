@@ -18,7 +18,7 @@ from ..config import ModelPreset
 from ..config.arch import ArchConfig, InterpolationUNetConfig, KeyframeUNetConfig, MoVQConfig, TextEncoderConfig
 from ..models.interpolator import InterpolationUNet
 from ..models.movq import MoVQ
-from ..models.text_encoder import TextConditionEncoder
+from ..models.text_encoder import TextConditionEncoder, official_state_dict_to_ours
 from ..models.unet3d import KeyframeUNet
 from .checkpoint import CheckpointError, read_checkpoint
 from .source import WeightsNotFound, WeightsSource
@@ -87,10 +87,7 @@ def read_official(source: WeightsSource, name: str, t5_source: WeightsSource | N
     if name == "text_encoder":
         if t5_source is None:
             raise WeightsNotFound("the text encoder needs the T5 encoder checkpoint (google/flan-ul2 or a local copy)")
-        state = {f"t5.{k}": v for k, v in read_t5_encoder(t5_source).items()}
-        for label, projection in raw.items():
-            state.update({f"projections.{label}.{k}": v for k, v in projection.items()})
-        return state, {}
+        return official_state_dict_to_ours({**read_t5_checkpoint(t5_source), **raw}), {}
     return dict(raw), {}
 
 
@@ -98,35 +95,28 @@ _T5_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 _T5_SINGLE = ("model.safetensors", "pytorch_model.bin")
 
 
-def read_t5_encoder(source: WeightsSource) -> State:
-    """The encoder stack (transformers `T5Stack` keys) out of a whole T5 checkpoint, sharded or not.
+def read_t5_checkpoint(source: WeightsSource) -> State:
+    """The encoder's tensors (and the tied `shared` embedding) of a whole T5 checkpoint, sharded or not.
 
     Only the shards that hold encoder weights are fetched: Flan-UL2's decoder is half of its 40 GB.
     """
     for index_name in _T5_INDEXES:
         if source.exists(index_name):
             weight_map = json.loads(source.path(index_name).read_text())["weight_map"]
-            shards = sorted({f for k, f in weight_map.items() if k.startswith("encoder.") or k == "shared.weight"})
+            shards = sorted({f for k, f in weight_map.items() if _is_encoder_key(k)})
             break
     else:
         shards = [next((f for f in _T5_SINGLE if source.exists(f)), None)]
         if shards[0] is None:
             raise WeightsNotFound(f"no T5 checkpoint ({', '.join(_T5_INDEXES + _T5_SINGLE)}) in {source.uri}")
-    whole: State = {}
+    state: State = {}
     for shard in shards:
-        whole.update(read_checkpoint(source.path(shard)))
-    return t5_encoder_stack(whole, what=f"the T5 checkpoint in {source.uri}")
+        state.update({k: v for k, v in read_checkpoint(source.path(shard)).items() if _is_encoder_key(k)})
+    return state
 
 
-def t5_encoder_stack(state: State, *, what: str) -> State:
-    """`T5Stack` keys of the encoder, from a transformers T5 state dict (`shared.*`, `encoder.*`, ...)."""
-    stack = {k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")}
-    # The encoder's token embedding is tied to `shared`, and saved only once.
-    if "embed_tokens.weight" not in stack:
-        if "shared.weight" not in state:
-            raise CheckpointError(f"{what} has no token embedding (shared.weight)")
-        stack["embed_tokens.weight"] = state["shared.weight"]
-    return stack
+def _is_encoder_key(key: str) -> bool:
+    return key.startswith("encoder.") or key == "shared.weight"
 
 
 def preset_config(preset: ModelPreset, name: str) -> ArchConfig:

@@ -1,0 +1,1 @@
+"""Networks of Kandinsky Video 1.1."""

@@ -1,0 +1,220 @@
+"""The text condition encoder: a T5 encoder stack and the projection of its states into the U-Nets' context.
+
+Official counterpart: `kandinsky_video.condition_encoders.T5TextConditionEncoder` (encoder and
+projections) and `condition_processors.T5TextConditionProcessor` (tokenisation). Kandinsky Video 1.1
+uses the Flan-UL2 encoder (`google/flan-ul2`, 8.72B parameters in fp32) with `t5_projections.pt`.
+
+State-dict layout of `TextConditionEncoder`:
+
+* `t5.<key>`: a transformers `T5Stack` state dict (`t5.embed_tokens.weight`, `t5.block.<n>....`,
+  `t5.final_layer_norm.weight`), the keys `encoder.*` of a transformers `T5EncoderModel` with the
+  `encoder.` prefix replaced by `t5.`, the token embedding included (`shared.weight` in a transformers
+  checkpoint, tied to `encoder.embed_tokens.weight` there);
+* `projections.<label>.{0.weight, 1.weight, 1.bias}` for label `projection_base` and
+  `projection_interpolation`: `t5_projections.pt` as it is stored (`{label: {'0.weight', ...}}`),
+  flattened with a `projections.` prefix.
+
+`official_state_dict_to_ours` maps every official layout (the official module, transformers T5
+checkpoints, `t5_projections.pt`) into this one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+import transformers
+from torch import nn
+
+from ..config.arch import TextEncoderConfig
+
+PROJECTION_BASE = "projection_base"
+PROJECTION_INTERPOLATION = "projection_interpolation"
+# The official pipeline uses `projection_base` for every stage, the interpolation U-Net included
+# (its IMAGE_GENERATION_LABEL); `projection_interpolation` is loaded but never used.
+PROJECTIONS = (PROJECTION_BASE, PROJECTION_INTERPOLATION)
+
+
+class TextConditionEncoder(nn.Module):
+    """Token ids -> `(context, context_mask)` for the U-Nets' cross-attention.
+
+    `forward` runs the T5 encoder, projects every state with `Linear(d_model, context_dim, bias=False)`
+    then `LayerNorm(context_dim)`, zeroes the padded positions and cuts the sequence to the longest
+    real length + 1, exactly as the official encoder does (one zeroed, masked padding slot is kept).
+    """
+
+    def __init__(self, config: TextEncoderConfig):
+        super().__init__()
+        self.config = config
+        t5_config = transformers.T5Config(**config.t5.to_transformers())
+        # The official code keeps `T5EncoderModel.from_pretrained(...).encoder`; building the same model
+        # and keeping its `.encoder` gives the same stack (T5EncoderModel also switches the config to
+        # encoder-only: no cache, not encoder-decoder). Its token embedding is tied to the dropped
+        # `shared`, so the stack owns the one embedding and `t5.*` holds the whole encoder.
+        # Under `with torch.device("meta")` transformers allocates nothing (its init is a no-op there).
+        self.t5 = transformers.T5EncoderModel(t5_config).encoder
+        d_model, context_dim = t5_config.d_model, config.context_dim
+        self.projections = nn.ModuleDict({
+            label: nn.Sequential(nn.Linear(d_model, context_dim, bias=False), nn.LayerNorm(context_dim))
+            for label in PROJECTIONS
+        })
+
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, projection: str = PROJECTION_BASE
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`input_ids`, `attention_mask`: (B, N) from `tokenize` (right-padded, mask 1 on real tokens).
+
+        Returns the context (B, L + 1, context_dim) with zero rows at padding and its mask (B, L + 1),
+        bool, where L = the longest real length of the batch (L + 1 is capped at N). The official mask
+        is the int64 attention mask; the values are the same.
+        """
+        if projection not in self.projections:
+            raise ValueError(f"unknown projection {projection!r}; known: {', '.join(self.projections)}")
+        mask = attention_mask.bool()
+        states = self.t5(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        context = self.projections[projection](states)
+        # masked_fill, not a product with the mask: the official code assigns zeros to the padded rows.
+        context = context.masked_fill(~mask.unsqueeze(-1), 0.0)
+        # The official cut keeps one padding position past the longest prompt of the batch.
+        length = int(mask.sum(-1).max()) + 1
+        return context[:, :length], mask[:, :length]
+
+
+def unconditional_context(
+    null_embedding: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier-free-guidance context shaped like `context`: zeros with `null_embedding` at position 0.
+
+    As the official `BaseDiffusion._get_unconditional_context`: the mask (dtype of `context_mask`) is
+    1 at position 0 only. `null_embedding` ((context_dim,) or (1, context_dim)) comes from the U-Net
+    checkpoint, one per U-Net.
+    """
+    uncond = torch.zeros_like(context)
+    uncond[:, 0] = null_embedding.to(uncond.dtype)
+    uncond_mask = torch.zeros_like(context_mask)
+    uncond_mask[:, 0] = 1
+    return uncond, uncond_mask
+
+
+# ---------------------------------------------------------------------------------------------------
+# Official weights -> our layout
+
+_T5_STACK_KEYS = ("embed_tokens.", "block.", "final_layer_norm.")
+# Keys of a whole transformers T5 checkpoint (Flan-UL2 is an encoder-decoder) that the encoder never
+# uses; `T5EncoderModel.from_pretrained` skips them too.
+_UNUSED_PREFIXES = ("decoder.", "lm_head.")
+
+
+def _flatten(state: Mapping[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
+    """`t5_projections.pt` nests one state dict per label: flatten to dotted keys."""
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if isinstance(value, Mapping):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _our_key(key: str) -> str | None:
+    """Our key for one official key; None for a key the encoder does not use."""
+    if key.startswith("t5."):
+        rest = key.removeprefix("t5.")
+        # Ours already (`t5.<T5Stack key>`), or a T5EncoderModel state dict under `t5.` (the goldens).
+        if rest.startswith(_T5_STACK_KEYS):
+            return key
+        if rest.startswith(("encoder.", "shared.", *_UNUSED_PREFIXES)):
+            return _our_key(rest)
+        raise KeyError(f"not a key of any official text-encoder layout: {key!r}")
+    if key.startswith("encoder."):  # T5EncoderModel / T5ForConditionalGeneration, or the official module
+        return "t5." + key.removeprefix("encoder.")
+    if key == "shared.weight":
+        return "t5.embed_tokens.weight"
+    if key.startswith(_UNUSED_PREFIXES):
+        return None
+    if key.startswith("projections."):
+        return key
+    if key.startswith("projection."):  # the official module's attribute for `projection_base`
+        return f"projections.{PROJECTION_BASE}." + key.removeprefix("projection.")
+    for label in PROJECTIONS:  # t5_projections.pt, and the official module's `projection_interpolation`
+        if key.startswith(label + "."):
+            return f"projections.{key}"
+    raise KeyError(f"not a key of any official text-encoder layout: {key!r}")
+
+
+def _bare(key: str) -> str:
+    return key.removeprefix("t5.")
+
+
+def official_state_dict_to_ours(state: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    """Any official layout (or a mix, such as a T5 checkpoint merged with t5_projections.pt) -> ours.
+
+    Understood: the official `T5TextConditionEncoder` state dict (`encoder.*`, `projection.*`,
+    `projection_interpolation.*`); a transformers T5 checkpoint (`shared.weight`, `encoder.*`, and for
+    a whole encoder-decoder `decoder.*` and `lm_head.*`, dropped), bare or under `t5.`;
+    `t5_projections.pt` (nested `{label: {...}}`, bare or under `projections.`); and our own layout.
+    Tensors are passed through, not copied. Raises KeyError on any other key or on two keys for one
+    weight, except the tied token embedding: a checkpoint with both `shared.weight` and
+    `encoder.embed_tokens.weight` holds it twice, and `shared.weight` (the source of the tie) wins.
+    """
+    ours: dict[str, torch.Tensor] = {}
+    sources: dict[str, str] = {}
+    for key, value in _flatten(state).items():
+        target = _our_key(key)
+        if target is None:
+            continue
+        if target in ours:
+            pair = {_bare(key), _bare(sources[target])}
+            if pair != {"shared.weight", "encoder.embed_tokens.weight"}:
+                raise KeyError(f"{key!r} and {sources[target]!r} both map to {target!r}")
+            if _bare(key) != "shared.weight":
+                continue  # the tie's source, shared.weight, is already there
+        ours[target], sources[target] = value, key
+    return ours
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenisation
+
+BYT5 = "byt5"
+
+
+def build_tokenizer(name: str, **kwargs: Any):
+    """The tokenizer of a preset: `"byt5"` = transformers' `ByT5Tokenizer()` (needs no files, vocab 384,
+    as the tiny preset's T5); anything else = `AutoTokenizer.from_pretrained(name, **kwargs)` (a local
+    path, or a hub id with `cache_dir=` / `local_files_only=`), e.g. `google/flan-ul2` for Kandinsky
+    Video 1.1, whose official processor is `T5Tokenizer.from_pretrained('google/flan-ul2')`.
+    """
+    if name == BYT5:
+        return transformers.ByT5Tokenizer()
+    return transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+
+
+class Tokens(NamedTuple):
+    input_ids: torch.Tensor  # (B, tokens_length) int64, right-padded with the pad id
+    attention_mask: torch.Tensor  # (B, tokens_length) int64, 1 on real tokens (EOS included)
+    truncated: tuple[bool, ...]  # per prompt: its tokens (EOS included) did not fit in tokens_length
+
+
+def tokenize(tokenizer, prompts: str | Sequence[str], tokens_length: int) -> Tokens:
+    """As the official `T5TextConditionProcessor.encode`, batched: each prompt is tokenised with
+    `max_length=tokens_length, truncation=True` (the tokenizer keeps its EOS last), then right-padded
+    with `pad_token_id` to `tokens_length`, attention mask 1 on the tokens and 0 on the padding.
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    ids, masks, truncated = [], [], []
+    for prompt in prompts:
+        # Tokenised whole first only to tell whether the truncation below cut something.
+        whole = tokenizer(prompt)["input_ids"]
+        encoded = tokenizer(prompt, max_length=tokens_length, truncation=True)
+        pad = tokens_length - len(encoded["input_ids"])
+        ids.append(list(encoded["input_ids"]) + [tokenizer.pad_token_id] * pad)
+        masks.append(list(encoded["attention_mask"]) + [0] * pad)
+        truncated.append(len(whole) > tokens_length)
+    return Tokens(
+        torch.tensor(ids, dtype=torch.int64).reshape(len(ids), tokens_length),
+        torch.tensor(masks, dtype=torch.int64).reshape(len(ids), tokens_length),
+        tuple(truncated),
+    )
