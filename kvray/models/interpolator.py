@@ -8,6 +8,8 @@ temporal layers mix information across neighbouring *groups*: the batch is `(b t
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -23,8 +25,10 @@ from .layers import (
     ResNetBlock,
     SinusoidalPosEmb,
     TemporalConv3D,
+    build_levels,
     embedding_mlp,
     feed_forward,
+    run_levels,
 )
 
 # The skip-frames embedding table has 20 rows in the official network.
@@ -87,7 +91,7 @@ class _Level(nn.Module):
 
 
 class DownSampleBlock(_Level):
-    def __init__(self, in_channels, out_channels, cfg, context_dim, num_blocks, down_sample, self_attention):
+    def __init__(self, in_channels, out_channels, context_dim, num_blocks, down_sample, self_attention, *, cfg):
         units = [
             (in_channels if i == 0 else out_channels, out_channels, out_channels, None,
              "down" if down_sample and i == num_blocks - 1 else None)
@@ -100,7 +104,7 @@ class DownSampleBlock(_Level):
 
 
 class UpSampleBlock(_Level):
-    def __init__(self, in_channels, cat_dim, out_channels, cfg, context_dim, num_blocks, up_sample, self_attention):
+    def __init__(self, in_channels, cat_dim, out_channels, context_dim, num_blocks, up_sample, self_attention, *, cfg):
         units = [
             (c, c, out_channels if i == num_blocks - 1 else in_channels, "up" if up_sample and i == 0 else None, None)
             for i, c in enumerate([in_channels + cat_dim] + [in_channels] * (num_blocks - 1))
@@ -139,17 +143,9 @@ class InterpolationUNet(nn.Module):
         self.feature_pooling = AttentionPolling(e, cfg.context_dim, cfg.head_dim)
         self.in_layer = nn.Conv2d(cfg.num_channels, init, kernel_size=3, padding=1)
 
-        dims = cfg.hidden_dims
-        levels = list(zip(dims[:-1], dims[1:], cfg.num_blocks, cfg.add_cross_attention, cfg.add_self_attention))
-        last = cfg.num_levels - 1
-        self.down_samples = nn.ModuleList([
-            DownSampleBlock(c_in, c_out, cfg, cfg.context_dim if cross else None, blocks, level != last, self_attn)
-            for level, (c_in, c_out, blocks, cross, self_attn) in enumerate(levels)
-        ])
-        self.up_samples = nn.ModuleList([
-            UpSampleBlock(c_out, 0 if k == 0 else c_out, c_in, cfg, cfg.context_dim if cross else None, blocks, k != 0, self_attn)
-            for k, (c_in, c_out, blocks, cross, self_attn) in enumerate(reversed(levels))
-        ])
+        self.down_samples, self.up_samples = build_levels(
+            cfg, partial(DownSampleBlock, cfg=cfg), partial(UpSampleBlock, cfg=cfg)
+        )
         self.out_layer = nn.Sequential(
             nn.GroupNorm(cfg.groups, init), nn.SiLU(), nn.Conv2d(init, cfg.out_channels, kernel_size=3, padding=1)
         )
@@ -182,13 +178,5 @@ class InterpolationUNet(nn.Module):
         time_embed = self.feature_pooling(time_embed, context, context_mask)
 
         x = self.temporal_conv_in(self.in_layer(x), frames)
-        skips = []
-        for level, down in enumerate(self.down_samples):
-            x = down(x, time_embed, context, context_mask, frames)
-            if level != len(self.down_samples) - 1:
-                skips.append(x)
-        for level, up in enumerate(self.up_samples):
-            if level != 0:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = up(x, time_embed, context, context_mask, frames)
+        x = run_levels(self.down_samples, self.up_samples, x, time_embed, context, context_mask, frames)
         return self.out_layer(self.temporal_conv_out(x, frames))

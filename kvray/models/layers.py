@@ -221,3 +221,39 @@ class ResNetBlock(nn.Module):
         # never temporal_post_downsample.
         shortcut = self.temporal_post_upsample(shortcut, frames)
         return shortcut + out
+
+
+def build_levels(cfg, down_block, up_block) -> tuple[nn.ModuleList, nn.ModuleList]:
+    """The down and up paths of the Kandinsky 3 skeleton (kept as two top-level lists: official keys).
+
+    Up level k mirrors down level (last - k) and concatenates that level's output, except at the bottom.
+    `down_block(c_in, c_out, context_dim, num_blocks, down_sample, self_attention)` and
+    `up_block(c_in, cat_dim, c_out, context_dim, num_blocks, up_sample, self_attention)` build one level.
+    """
+    dims = cfg.hidden_dims
+    levels = list(zip(dims[:-1], dims[1:], cfg.num_blocks, cfg.add_cross_attention, cfg.add_self_attention))
+    text = lambda cross: cfg.context_dim if cross else None
+    last = cfg.num_levels - 1
+    down_samples = nn.ModuleList([
+        down_block(c_in, c_out, text(cross), blocks, level != last, self_attn)
+        for level, (c_in, c_out, blocks, cross, self_attn) in enumerate(levels)
+    ])
+    up_samples = nn.ModuleList([
+        up_block(c_out, 0 if k == 0 else c_out, c_in, text(cross), blocks, k != 0, self_attn)
+        for k, (c_in, c_out, blocks, cross, self_attn) in enumerate(reversed(levels))
+    ])
+    return down_samples, up_samples
+
+
+def run_levels(down_samples: nn.ModuleList, up_samples: nn.ModuleList, x: torch.Tensor, *conditions) -> torch.Tensor:
+    """Down the levels keeping each output but the last, then up, concatenating them in reverse."""
+    skips = []
+    for level, down in enumerate(down_samples):
+        x = down(x, *conditions)
+        if level != len(down_samples) - 1:
+            skips.append(x)
+    for level, up in enumerate(up_samples):
+        if level != 0:
+            x = torch.cat([x, skips.pop()], dim=1)
+        x = up(x, *conditions)
+    return x

@@ -7,6 +7,8 @@ the noise-augmentation level of the conditioning frame and the motion score.
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from einops import rearrange
 from torch import nn
@@ -20,8 +22,10 @@ from .layers import (
     Frames,
     Identity,
     ResNetBlock,
+    build_levels,
     embedding_mlp,
     feed_forward,
+    run_levels,
 )
 
 
@@ -67,7 +71,7 @@ class TemporalAttentionBlock(nn.Module):
 
 
 class DownSampleBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, cfg: KeyframeUNetConfig, context_dim, num_blocks, down_sample, self_attention):
+    def __init__(self, in_channels, out_channels, context_dim, num_blocks, down_sample, self_attention, *, cfg: KeyframeUNetConfig):
         super().__init__()
         e, g = cfg.time_embed_dim, cfg.groups
         self.self_attention_block = (
@@ -104,7 +108,7 @@ class DownSampleBlock(nn.Module):
 
 
 class UpSampleBlock(nn.Module):
-    def __init__(self, in_channels, cat_dim, out_channels, cfg: KeyframeUNetConfig, context_dim, num_blocks, up_sample, self_attention):
+    def __init__(self, in_channels, cat_dim, out_channels, context_dim, num_blocks, up_sample, self_attention, *, cfg: KeyframeUNetConfig):
         super().__init__()
         e, g = cfg.time_embed_dim, cfg.groups
         units = []
@@ -163,18 +167,9 @@ class KeyframeUNet(nn.Module):
         self.in_layer = nn.Conv2d(cfg.num_channels, init, kernel_size=3, padding=1)
         self.image_in_layer = nn.Conv2d(cfg.num_channels, init, kernel_size=3, padding=1)
 
-        dims = cfg.hidden_dims
-        levels = list(zip(dims[:-1], dims[1:], cfg.num_blocks, cfg.add_cross_attention, cfg.add_self_attention))
-        last = cfg.num_levels - 1
-        self.down_samples = nn.ModuleList([
-            DownSampleBlock(c_in, c_out, cfg, cfg.context_dim if cross else None, blocks, level != last, self_attn)
-            for level, (c_in, c_out, blocks, cross, self_attn) in enumerate(levels)
-        ])
-        # Up level k mirrors down level (last - k) and concatenates that level's skip, except at the bottom.
-        self.up_samples = nn.ModuleList([
-            UpSampleBlock(c_out, 0 if k == 0 else c_out, c_in, cfg, cfg.context_dim if cross else None, blocks, k != 0, self_attn)
-            for k, (c_in, c_out, blocks, cross, self_attn) in enumerate(reversed(levels))
-        ])
+        self.down_samples, self.up_samples = build_levels(
+            cfg, partial(DownSampleBlock, cfg=cfg), partial(UpSampleBlock, cfg=cfg)
+        )
         self.out_layer = nn.Sequential(
             nn.GroupNorm(cfg.groups, init), nn.SiLU(), nn.Conv2d(init, cfg.resolved_out_channels, kernel_size=3, padding=1)
         )
@@ -206,13 +201,5 @@ class KeyframeUNet(nn.Module):
             # Temporal layers see the diffusion time and the temporal conditions; spatial layers only the time.
             temporal_cond = time_embed + temporal
 
-        skips = []
-        for level, down in enumerate(self.down_samples):
-            x = down(x, time_embed, context, context_mask, temporal_cond, frames)
-            if level != len(self.down_samples) - 1:
-                skips.append(x)
-        for level, up in enumerate(self.up_samples):
-            if level != 0:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = up(x, time_embed, context, context_mask, temporal_cond, frames)
+        x = run_levels(self.down_samples, self.up_samples, x, time_embed, context, context_mask, temporal_cond, frames)
         return self.out_layer(x)
