@@ -41,3 +41,7 @@ def manifests_dir() -> Path:
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)
+
+
+# A real S3 endpoint on loopback (moto's server), one per test session.
+from .s3 import s3_bucket, s3_endpoint  # noqa: E402,F401

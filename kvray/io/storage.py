@@ -213,7 +213,8 @@ def _json_default(obj: Any) -> Any:
 
 def dumps_json(obj: Any) -> bytes:
     """Canonical, readable JSON bytes: sorted keys, 2-space indent, trailing newline, no NaN."""
-    return (json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_json_default) + "\n").encode()
+    text = json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False, allow_nan=False, default=_json_default)
+    return (text + "\n").encode()
 
 
 def write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:

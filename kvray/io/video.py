@@ -113,7 +113,7 @@ def encode_video(
     * mp4: H.264 (libx264), yuv420p (plays everywhere; needs even width and height), ``crf`` and
       ``preset`` as x264's, exact rational frame rate. (No ``+faststart``: the muxer's second pass
       needs a named file; players fetch the index at the end with a range request.)
-    * gif: Pillow, a palette per frame; delays are in 1/100 s, spread so the total length is exact.
+    * gif: Pillow, a palette per frame; delays are whole 1/100 s, spread so the clip keeps its length.
       Pillow merges identical consecutive frames into one longer frame.
     * webp: Pillow's animated WebP, ``quality`` 0..100 or ``lossless``; delays in ms, spread likewise.
     """
@@ -193,16 +193,13 @@ def read_video(source: VideoSource) -> tuple[np.ndarray, Fraction]:
     wheels does not read animations). ``fps`` is the frame count over the total duration.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
-        data = bytes(source)
-        head = data[:12]
-        opened = lambda: io.BytesIO(data)  # noqa: E731
+        file = io.BytesIO(bytes(source))
+        head = file.getvalue()[:12]
     else:
-        with open(source, "rb") as fh:
+        file = os.fspath(source)
+        with open(file, "rb") as fh:
             head = fh.read(12)
-        opened = lambda: os.fspath(source)  # noqa: E731
-    if _is_webp(head):
-        return _read_pillow(opened())
-    return _read_av(opened())
+    return _read_pillow(file) if _is_webp(head) else _read_av(file)
 
 
 def _read_av(file) -> tuple[np.ndarray, Fraction]:

@@ -117,7 +117,8 @@ class UpSampleBlock(_Level):
 
 class InterpolationUNet(nn.Module):
     """`forward(x, time, context, context_mask, temporal_embed=None, num_predicted_groups=None,
-    perturbation_time=None, skip_frames=None, temporal_mask=None)`, the official signature.
+    perturbation_time=None, skip_frames=None, temporal_mask=None)`, the official signature, plus
+    `context_lengths` for padded batches of prompts (see `AttentionPolling`).
 
     `temporal_embed` is accepted for signature compatibility and unused, as in the official network.
     """
@@ -153,7 +154,7 @@ class InterpolationUNet(nn.Module):
         self.temporal_conv_out = TemporalConv3D(init, init) if cfg.add_new_temporal_params else Identity()
 
     def forward(self, x, time, context, context_mask=None, temporal_embed=None, num_predicted_groups=None,
-                perturbation_time=None, skip_frames=None, temporal_mask=None):
+                perturbation_time=None, skip_frames=None, temporal_mask=None, context_lengths=None):
         # x: (b t) c h w with t = num_predicted_groups
         if num_predicted_groups is None:
             raise ValueError("the interpolation U-Net needs num_predicted_groups (groups per guidance branch)")
@@ -175,7 +176,7 @@ class InterpolationUNet(nn.Module):
             context = context + self.time_embed_context_merge * perturbation
         if cfg.pass_skip_frames:
             time_embed = self.skip_merge * self.skip_embeddings(skip_frames) + time_embed
-        time_embed = self.feature_pooling(time_embed, context, context_mask)
+        time_embed = self.feature_pooling(time_embed, context, context_mask, context_lengths)
 
         x = self.temporal_conv_in(self.in_layer(x), frames)
         x = run_levels(self.down_samples, self.up_samples, x, time_embed, context, context_mask, frames)

@@ -71,14 +71,23 @@ class Attention(nn.Module):
 
 
 class AttentionPolling(nn.Module):
-    """Adds attention-pooled text (query: the mean of every context position, pads included) to the time embedding."""
+    """Adds attention-pooled text (query: the mean of every context position, pads included) to the time embedding.
+
+    `context_lengths` serves batches of prompts padded to one length: the official network saw each
+    prompt's context cut to its own length, and the mean divides by that length, so a prompt pools
+    the same whatever it is batched with.
+    """
 
     def __init__(self, num_channels: int, context_dim: int, head_dim: int = 64):
         super().__init__()
         self.attention = Attention(context_dim, num_channels, context_dim, head_dim)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        pooled = self.attention(context.mean(dim=1, keepdim=True), context, context_mask)  # b 1 c
+    def forward(self, x, context, context_mask=None, context_lengths=None):
+        if context_lengths is None:
+            query = context.mean(dim=1, keepdim=True)
+        else:
+            query = context.sum(dim=1, keepdim=True) / rearrange(context_lengths.to(context.dtype), "b -> b 1 1")
+        pooled = self.attention(query, context, context_mask)  # b 1 c
         return x + pooled.squeeze(1)
 
 

@@ -146,7 +146,8 @@ class UpSampleBlock(nn.Module):
 
 class KeyframeUNet(nn.Module):
     """`forward(x, time, context, context_mask, temporal_embed=None, num_frames=None, noise_aug_time=None,
-    motion_score=None)`, the official argument order.
+    motion_score=None)`, the official argument order, plus `context_lengths` for padded batches of prompts
+    (see `AttentionPolling`).
 
     The mode is explicit: video mode when `temporal_embed` (frame indices) is given, image mode
     otherwise. The official network chose its input layer by batch size (> 2 means video), which
@@ -179,11 +180,11 @@ class KeyframeUNet(nn.Module):
             self.temporal_motion_score_encoding = embedding_mlp(init, e)
 
     def forward(self, x, time, context=None, context_mask=None, temporal_embed=None, num_frames=None,
-                noise_aug_time=None, motion_score=None):
+                noise_aug_time=None, motion_score=None, context_lengths=None):
         # x: (b t) c h w in video mode, b c h w in image mode
         time_embed = self.to_time_embed(time)
         if context is not None:
-            time_embed = self.feature_pooling(time_embed, context, context_mask)
+            time_embed = self.feature_pooling(time_embed, context, context_mask, context_lengths)
 
         frames = temporal_cond = None
         if temporal_embed is None:
