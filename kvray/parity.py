@@ -9,38 +9,16 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
 from .weights.checkpoint import load_strict, read_checkpoint
+from .checks import CallResult
 from .models.text_encoder import official_state_dict_to_ours
+from .sampling.parity import check_schedulers_file
 from .weights.networks import NETWORKS, State
-
-
-@dataclass(frozen=True)
-class CallResult:
-    network: str
-    call: str
-    max_abs_diff: float
-    tolerance: float
-    note: str = ""
-
-    @property
-    def ok(self) -> bool:
-        return self.max_abs_diff <= self.tolerance
-
-    def line(self) -> str:
-        status = "ok" if self.ok else f"FAIL (tolerance {self.tolerance:g})"
-        return f"{self.network} {self.call} {self.max_abs_diff:.3e} {status}{' ' + self.note if self.note else ''}"
-
-
-@dataclass(frozen=True)
-class Skipped:
-    file: str
-    reason: str
 
 
 class Unhandled(Exception):
@@ -56,8 +34,7 @@ OFFICIAL_CLASSES = {
 }
 # Official keyword names that our modules spell differently.
 RENAMED_KWARGS = {"text_encoder": {"model_type": "projection"}}
-# Files whose checks belong to parts of kvray that do not exist yet.
-NOT_YET = {"schedulers.json": "scheduler parity arrives with the sampling code"}
+SCHEDULERS = "schedulers.json"
 
 
 def golden_state(network: str, weights: State) -> tuple[State, State]:
@@ -125,7 +102,7 @@ def check_file(spec_path: Path) -> Iterator[CallResult]:
         yield CallResult(stem, name, diff, tolerance)
 
 
-def check_directory(golden_dir: str | Path) -> Iterator[CallResult | Skipped]:
+def check_directory(golden_dir: str | Path) -> Iterator[CallResult]:
     """Every call of every network file; raises `Unhandled` for anything it cannot check."""
     golden_dir = Path(golden_dir)
     specs = sorted(p for p in golden_dir.glob("*.json") if not p.name.endswith(".config.json"))
@@ -139,7 +116,7 @@ def check_directory(golden_dir: str | Path) -> Iterator[CallResult | Skipped]:
     if strays:
         raise Unhandled(f"{golden_dir}: files parity does not know: {', '.join(strays)}")
     for spec_path in specs:
-        if spec_path.name in NOT_YET:
-            yield Skipped(spec_path.name, NOT_YET[spec_path.name])
-            continue
-        yield from check_file(spec_path)
+        if spec_path.name == SCHEDULERS:
+            yield from check_schedulers_file(spec_path)
+        else:
+            yield from check_file(spec_path)

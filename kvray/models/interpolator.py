@@ -26,7 +26,7 @@ from .layers import (
     SinusoidalPosEmb,
     TemporalConv3D,
     build_levels,
-    embedding_mlp,
+    EmbeddingMLP,
     feed_forward,
     run_levels,
 )
@@ -127,13 +127,13 @@ class InterpolationUNet(nn.Module):
         super().__init__()
         self.config = cfg = config
         init, e = cfg.resolved_init_channels, cfg.time_embed_dim
-        self.to_time_embed = embedding_mlp(init, e)
+        self.to_time_embed = EmbeddingMLP(init, e)
         # The learnt unconditional text token. The official files keep it beside the state dict
         # (`{'unet': ..., 'null_embedding': ...}`), so it is not part of the state dict here either.
         self.register_buffer("null_embedding", torch.zeros(cfg.context_dim), persistent=False)
         # Perturbation of the conditioning frames ("Align your Latents"), merged into the diffusion time.
         if cfg.use_perturbation_time_embed and cfg.merge_perturbation_time_with_diffusion_time:
-            self.perturbation_to_time_embed = embedding_mlp(init, e)
+            self.perturbation_to_time_embed = EmbeddingMLP(init, e)
             self.time_embed_merge = nn.Parameter(torch.zeros(1))
         if cfg.use_perturbation_time_embed and cfg.merge_perturbation_time_with_context:
             self.time_embed_context_merge = nn.Parameter(torch.zeros(1))
@@ -172,7 +172,7 @@ class InterpolationUNet(nn.Module):
             merge = self.time_embed_merge
             time_embed = merge * self.perturbation_to_time_embed(perturbation_time) + (1 - merge) * time_embed
         if cfg.use_perturbation_time_embed and cfg.merge_perturbation_time_with_context:
-            perturbation = rearrange(self.perturbation_time_encoding(perturbation_time), "b c -> b 1 c")
+            perturbation = rearrange(self.perturbation_time_encoding(perturbation_time), "b c -> b 1 c").to(context.dtype)
             context = context + self.time_embed_context_merge * perturbation
         if cfg.pass_skip_frames:
             time_embed = self.skip_merge * self.skip_embeddings(skip_frames) + time_embed

@@ -28,9 +28,19 @@ class SinusoidalPosEmb(nn.Module):
         return torch.cat((angles.sin(), angles.cos()), dim=-1)
 
 
-def embedding_mlp(in_dim: int, embed_dim: int) -> nn.Sequential:
-    """Sinusoidal features -> Linear -> SiLU -> Linear (state keys `.1`, `.3`), for every scalar condition."""
-    return nn.Sequential(SinusoidalPosEmb(in_dim), nn.Linear(in_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+class EmbeddingMLP(nn.Sequential):
+    """Sinusoidal features -> Linear -> SiLU -> Linear (state keys `.1`, `.3`), for every scalar condition.
+
+    The features are computed in float32 (timesteps reach 999) and cast to the weights' dtype, so a
+    half-precision network runs without autocast.
+    """
+
+    def __init__(self, in_dim: int, embed_dim: int):
+        super().__init__(SinusoidalPosEmb(in_dim), nn.Linear(in_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = self[0](x.float()).to(self[1].weight.dtype)
+        return self[3](self[2](self[1](features)))
 
 
 class ConditionalGroupNorm(nn.Module):

@@ -23,7 +23,7 @@ from .layers import (
     Identity,
     ResNetBlock,
     build_levels,
-    embedding_mlp,
+    EmbeddingMLP,
     feed_forward,
     run_levels,
 )
@@ -159,12 +159,12 @@ class KeyframeUNet(nn.Module):
         super().__init__()
         self.config = cfg = config
         init, e = cfg.resolved_init_channels, cfg.time_embed_dim
-        self.to_time_embed = embedding_mlp(init, e)
+        self.to_time_embed = EmbeddingMLP(init, e)
         # The learnt unconditional text token. The official files keep it beside the state dict
         # (`{'unet': ..., 'null_embedding': ...}`), so it is not part of the state dict here either.
         self.register_buffer("null_embedding", torch.zeros(cfg.context_dim), persistent=False)
         self.feature_pooling = AttentionPolling(e, cfg.context_dim, cfg.head_dim)
-        self.to_temporal_embed = embedding_mlp(init, e)
+        self.to_temporal_embed = EmbeddingMLP(init, e)
         self.in_layer = nn.Conv2d(cfg.num_channels, init, kernel_size=3, padding=1)
         self.image_in_layer = nn.Conv2d(cfg.num_channels, init, kernel_size=3, padding=1)
 
@@ -175,9 +175,9 @@ class KeyframeUNet(nn.Module):
             nn.GroupNorm(cfg.groups, init), nn.SiLU(), nn.Conv2d(init, cfg.resolved_out_channels, kernel_size=3, padding=1)
         )
         if cfg.noise_augmentation:
-            self.temporal_noise_aug_time_encoding = embedding_mlp(init, e)
+            self.temporal_noise_aug_time_encoding = EmbeddingMLP(init, e)
         if cfg.motion_score:
-            self.temporal_motion_score_encoding = embedding_mlp(init, e)
+            self.temporal_motion_score_encoding = EmbeddingMLP(init, e)
 
     def forward(self, x, time, context=None, context_mask=None, temporal_embed=None, num_frames=None,
                 noise_aug_time=None, motion_score=None, context_lengths=None):

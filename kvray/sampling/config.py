@@ -17,9 +17,10 @@ class SamplerConfig(BaseModel):
     """How one stage walks the noise schedule.
 
     `solver="ddpm"` is the official ancestral sampler (one Gaussian draw per step with t > 0).
-    `solver="dpmsolver++"` is diffusers' `DPMSolverMultistepScheduler` (deterministic, multistep): about
-    the same quality in 20-25 steps instead of 50 for the epsilon stages; it is an option, never the
-    default, and its results are not comparable with the official code.
+    `solver="dpmsolver++"` is diffusers' `DPMSolverMultistepScheduler` on the same schedule
+    (deterministic, second order by default), meant for fewer steps (e.g. 20-25 instead of 50 for the
+    epsilon stages). It is an option, never the default: its outputs differ from the official sampler's
+    and its quality with these networks has not been measured here.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")

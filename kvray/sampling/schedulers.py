@@ -105,10 +105,13 @@ class Stepper(Protocol):
 class DDPMStepper:
     """The official ancestral DDPM step (diffusers `DDPMScheduler.step`), noise from a `NoiseSource`."""
 
-    def __init__(self, config: SamplerConfig):
+    def __init__(self, config: SamplerConfig, alphas_cumprod: torch.Tensor | None = None):
         self.config = config
         self.scheduler = ddpm_scheduler(config)
         self.timesteps = [int(t) for t in self.scheduler.timesteps]
+        # The schedule every step reads; replaceable so that a parity check can test the step arithmetic
+        # on a recorded schedule, apart from the float32 rounding of the schedule itself.
+        self.alphas_cumprod = self.scheduler.alphas_cumprod if alphas_cumprod is None else alphas_cumprod
 
     def prev_timestep(self, index: int) -> int:
         # diffusers >= 0.28 takes the next scheduled timestep (older versions computed t - 1000 // N for
@@ -121,7 +124,7 @@ class DDPMStepper:
         `variance_noise` (same shape) is needed when timesteps[index] > 0. Returns (x_prev, x0).
         """
         t, prev_t = self.timesteps[index], self.prev_timestep(index)
-        acp = self.scheduler.alphas_cumprod
+        acp = self.alphas_cumprod
         # Same operations on the same float32 0-dim tensors as DDPMScheduler.step.
         alpha_prod_t = acp[t]
         alpha_prod_t_prev = acp[prev_t] if prev_t >= 0 else self.scheduler.one

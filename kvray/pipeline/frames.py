@@ -1,0 +1,44 @@
+"""Pixels <-> model tensors, exactly as the official pipeline converts them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """Decoder output `b c h w` in [-1, 1] -> uint8 `b h w c`.
+
+    The official code truncates (`astype(uint8)` / `mul(255).byte()`) rather than rounds: kept, so that
+    frames match it bit for bit.
+    """
+    scaled = ((images.float() + 1) / 2).clamp(0, 1) * 255
+    return rearrange(scaled.to(torch.uint8), "b c h w -> b h w c").cpu().numpy()
+
+
+def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
+    """Shrink (never enlarge) until one side fits, then centre-crop to `width x height`.
+
+    The official `encode_image`: a smaller image is not upscaled, its crop box reaches past the
+    border and Pillow fills the outside with black.
+    """
+    reduce = max(1.0, min(image.width / width, image.height / height))
+    resized = image.resize((round(image.width / reduce), round(image.height / reduce)))  # Pillow's default: bicubic
+    left, top = (resized.width - width) / 2, (resized.height - height) / 2
+    return resized.crop((left, top, left + width, top + height))
+
+
+def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
+    """An RGB image -> the MoVQ encoder's input `1 3 h w` in [-1, 1], after `cover_crop`."""
+    pixels = np.asarray(cover_crop(image.convert("RGB"), width, height), dtype=np.float32) / 255.0
+    return rearrange(torch.from_numpy(pixels) * 2 - 1, "h w c -> 1 c h w")
+
+
+def decode_chunks(num_frames: int) -> list[int]:
+    """Frames per temporal-MoVQ call: the official `video.chunk(T // 4)` (12 -> 4,4,4; 45 -> 5 x 9; 177 -> 5 x 35, 2)."""
+    chunks = max(1, num_frames // 4)
+    size = -(-num_frames // chunks)
+    sizes = [size] * (num_frames // size)
+    return sizes + ([num_frames % size] if num_frames % size else [])

@@ -1,0 +1,51 @@
+"""Diffusion sampling of Kandinsky Video 1.1: schedulers, guidance, noise sources and the three loops."""
+
+from .config import (
+    FIRST_FRAME_SAMPLER,
+    FPS_PASSES,
+    INTERPOLATION_SAMPLER,
+    KEYFRAME_SAMPLER,
+    MOTION_SCORES,
+    GuidanceConfig,
+    Motion,
+    SamplerConfig,
+    SamplingConfig,
+    interpolation_passes,
+    motion_score,
+)
+from .guidance import guide_2way, guide_3way
+from .loops import (
+    FRAMES_PER_GROUP,
+    LATENT_CHANNELS,
+    StepCallback,
+    TextCondition,
+    assemble_interpolated,
+    interpolate,
+    sample_first_frame,
+    sample_interpolation,
+    sample_keyframes,
+)
+from .noise import GeneratorNoise, NoiseSource, RecordedNoise
+from .parity import check_scheduler_golden, check_schedulers_file
+from .schedulers import (
+    DDPMStepper,
+    DPMSolverStepper,
+    Stepper,
+    add_noise,
+    ddpm_scheduler,
+    dpm_solver_scheduler,
+    dynamic_threshold,
+    make_stepper,
+)
+
+__all__ = [
+    "FIRST_FRAME_SAMPLER", "FPS_PASSES", "INTERPOLATION_SAMPLER", "KEYFRAME_SAMPLER", "MOTION_SCORES",
+    "GuidanceConfig", "Motion", "SamplerConfig", "SamplingConfig", "interpolation_passes", "motion_score",
+    "guide_2way", "guide_3way",
+    "FRAMES_PER_GROUP", "LATENT_CHANNELS", "StepCallback", "TextCondition", "assemble_interpolated", "interpolate",
+    "sample_first_frame", "sample_interpolation", "sample_keyframes",
+    "GeneratorNoise", "NoiseSource", "RecordedNoise",
+    "check_scheduler_golden", "check_schedulers_file",
+    "DDPMStepper", "DPMSolverStepper", "Stepper", "add_noise", "ddpm_scheduler", "dpm_solver_scheduler",
+    "dynamic_threshold", "make_stepper",
+]
