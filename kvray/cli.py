@@ -1,4 +1,4 @@
-"""`kvray` command line: parity | layout | convert."""
+"""`kvray` command line: generate | bench | parity | layout | convert."""
 
 from __future__ import annotations
 
@@ -57,10 +57,122 @@ def _cmd_convert(args) -> int:
     return 0
 
 
+class ProgressBars:
+    """One tqdm bar per stage, on stderr; the pipeline reports (stage, step, steps)."""
+
+    def __init__(self):
+        from tqdm import tqdm
+
+        self._tqdm = tqdm
+        self.stage, self.bar = None, None
+
+    def __call__(self, stage: str, index: int, total: int) -> None:
+        if stage != self.stage or index == 0:
+            self.close()
+            self.stage, self.bar = stage, self._tqdm(total=total, desc=f"{stage:<13}", unit="step")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _model_source(args):
+    from .weights.bundle import ModelSource
+
+    return ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir)
+
+
+def _request(args):
+    from .config import get_preset
+    from .pipeline import VideoRequest
+
+    preset = get_preset(args.preset)
+    width, height = args.width or preset.default_width, args.height or preset.default_height
+    fields = dict(prompt=args.prompt, image=args.image, width=width, height=height, fps=args.fps,
+                  motion=args.motion, seed=args.seed, steps=args.steps, interpolation_steps=args.interpolation_steps)
+    return VideoRequest(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _cmd_generate(args) -> int:
+    from pydantic import ValidationError
+
+    from .io.images import ImageError
+    from .io.storage import open_fs, write_atomic
+    from .io.video import video_format
+    from .pipeline import VideoPipeline, load_first_frames, with_seed
+
+    # Everything a user can get wrong is checked before any model loads, and nothing is written on error.
+    try:
+        request = with_seed(_request(args))
+        format = args.format or video_format(args.out)
+        images = load_first_frames([request])
+    except ValidationError as err:
+        print(f"error: {_validation_message(err)}", file=sys.stderr)
+        return 2
+    except (ImageError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    models = _model_source(args)
+    if models.is_random:
+        print(f"note: preset {args.preset} with random weights (seed {models.random_seed}): expect noise, not a scene",
+              file=sys.stderr)
+    pipeline = VideoPipeline(models, _runtime(args))
+    bars = ProgressBars()
+    try:
+        video = pipeline.generate([request], images=images, progress=bars)[0]
+    finally:
+        bars.close()
+    fs, path = open_fs(args.out)
+    write_atomic(fs, path, video.encode(format, fps=args.video_fps))
+    print(f"wrote {args.out}: {len(video.frames)} frames {request.width}x{request.height}, seed {request.seed}")
+    return 0
+
+
+def _validation_message(err) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in err.errors())
+
+
+def _runtime(args):
+    from .config import RuntimeConfig
+
+    return RuntimeConfig(device=args.device)
+
+
+def _add_model_options(p) -> None:
+    p.add_argument("--preset", default="tiny", choices=["tiny", "kv11"], help="network sizes (default tiny)")
+    p.add_argument("--weights", help="weights: local dir, hub repo id, fsspec URL, or 'random' "
+                   "(default: random for tiny, ai-forever/KandinskyVideo_1_1 for kv11)")
+    p.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
+    p.add_argument("--cache-dir", help="where remote weights are cached")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+
+
+def _add_request_options(p) -> None:
+    p.add_argument("--image", help="image2video: the first frame (path, URL or fsspec URI)")
+    p.add_argument("--width", type=int, help="multiple of 64 (default: the preset's, 512 for kv11, 128 for tiny)")
+    p.add_argument("--height", type=int, help="multiple of 64 (default: the preset's, 512 for kv11, 128 for tiny)")
+    p.add_argument("--fps", help="low (12 frames), medium (45) or high (177); default low")
+    p.add_argument("--motion", help="low, medium or high (default medium)")
+    p.add_argument("--seed", type=int, help="default: random, printed")
+    p.add_argument("--steps", type=int, help="first-frame and keyframe denoising steps (default 50)")
+    p.add_argument("--interpolation-steps", type=int, help="interpolation denoising steps (default 10)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvray", description="Kandinsky Video 1.1 on Ray")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    p = commands.add_parser("generate", help="one video from a prompt (text2video) or an image (image2video)")
+    p.add_argument("prompt")
+    p.add_argument("--out", required=True, help="output file (.mp4, .gif, .webp; local path or fsspec URL)")
+    p.add_argument("--format", choices=["mp4", "gif", "webp"], help="default: from the --out extension")
+    p.add_argument("--video-fps", type=float, help="frame rate of the file (default: the clip lasts about 5.5 s)")
+    _add_request_options(p)
+    _add_model_options(p)
+    p.set_defaults(run=_cmd_generate)
 
     p = commands.add_parser("parity", help="replay the official networks' golden calls and compare")
     p.add_argument("golden_dir")

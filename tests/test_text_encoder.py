@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+
+from kvray.sampling.loops import TextCondition
 from safetensors.torch import load_file
 
 from kvray.config import KV11, TINY
@@ -16,7 +18,6 @@ from kvray.models.text_encoder import (
     build_tokenizer,
     official_state_dict_to_ours,
     tokenize,
-    unconditional_context,
 )
 
 TOLERANCE = 1e-4
@@ -92,10 +93,10 @@ def test_unconditional_context_matches_official_sampling(golden_e2e_dir):
     for run, unet, repeats in (("image", "keyframe_unet", 1), ("keyframe", "keyframe_unet", 4),
                                ("interpolation", "interp_unet", 3)):
         null = load_file(golden_e2e_dir / f"{unet}.weights.safetensors")["null_embedding"]
-        uncond, uncond_mask = unconditional_context(null, context.repeat(repeats, 1, 1), mask.repeat(repeats, 1))
+        uncond = TextCondition(context[0], mask[0]).unconditional(null)
         large, large_mask = io[f"{run}.large_context"], io[f"{run}.large_context_mask"]
-        assert torch.equal(large[repeats:2 * repeats], uncond)
-        assert torch.equal(large_mask[repeats:2 * repeats], uncond_mask.bool())
+        assert torch.equal(large[repeats:2 * repeats], uncond.context.expand(repeats, -1, -1))
+        assert torch.equal(large_mask[repeats:2 * repeats], uncond.mask.bool().expand(repeats, -1))
 
 
 # --------------------------------------------------------------------------------------------------- layout
@@ -215,11 +216,11 @@ def test_tokenize_pads_truncates_and_flags():
 
 
 def test_unconditional_context_layout():
-    context = torch.randn(3, 5, 16)
-    for mask in (torch.ones(3, 5, dtype=torch.bool), torch.ones(3, 5, dtype=torch.int64)):
+    context = torch.randn(5, 16)
+    for mask in (torch.ones(5, dtype=torch.bool), torch.ones(5, dtype=torch.int64)):
         for null in (torch.randn(16), torch.randn(1, 16)):
-            uncond, uncond_mask = unconditional_context(null, context, mask)
-            assert uncond.shape == context.shape and uncond_mask.dtype == mask.dtype
-            assert torch.equal(uncond[:, 0], null.reshape(1, 16).expand(3, 16))
-            assert torch.all(uncond[:, 1:] == 0)
-            assert uncond_mask.tolist() == [[1, 0, 0, 0, 0]] * 3
+            uncond = TextCondition(context, mask).unconditional(null.reshape(-1))
+            assert uncond.context.shape == context.shape and uncond.mask.dtype == mask.dtype
+            assert torch.equal(uncond.context[0], null.reshape(16))
+            assert torch.all(uncond.context[1:] == 0)
+            assert uncond.mask.tolist() == [1, 0, 0, 0, 0]

@@ -31,6 +31,9 @@ class ModelPreset(ArchConfig):
     video_movq: MoVQConfig
     # "byt5" needs no files (tiny preset); otherwise a local path or hub id of a T5 tokenizer.
     tokenizer: str
+    # Video size when a request gives none: the official 512 x 512, or a CPU-friendly size for tiny.
+    default_width: int = 512
+    default_height: int = 512
 
 
 _KV11_SPATIAL = dict(
@@ -98,8 +101,15 @@ TINY = ModelPreset(
     ),
     interpolation_unet=InterpolationUNetConfig(num_channels=20, out_channels=12, **_TINY_SPATIAL),
     image_movq=MoVQConfig(**_TINY_MOVQ),
-    video_movq=MoVQConfig(temporal=True, temporal_attention_block=True, **_TINY_MOVQ),
+    # Temporal convs over frames only (3,1,1): a (3,3,3) kernel at full resolution would make decoding
+    # the slowest step of the tiny pipeline by far.
+    video_movq=MoVQConfig(
+        temporal=True, temporal_attention_block=True, temporal_kernel_size=(3, 1, 1), temporal_conv_padding=(1, 0, 0),
+        **_TINY_MOVQ,
+    ),
     tokenizer="byt5",
+    default_width=128,
+    default_height=128,
 )
 
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in (KV11, TINY)}

@@ -81,22 +81,6 @@ class TextConditionEncoder(nn.Module):
         return context[:, :length], mask[:, :length]
 
 
-def unconditional_context(
-    null_embedding: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classifier-free-guidance context shaped like `context`: zeros with `null_embedding` at position 0.
-
-    As the official `BaseDiffusion._get_unconditional_context`: the mask (dtype of `context_mask`) is
-    1 at position 0 only. `null_embedding` ((context_dim,) or (1, context_dim)) comes from the U-Net
-    checkpoint, one per U-Net.
-    """
-    uncond = torch.zeros_like(context)
-    uncond[:, 0] = null_embedding.to(uncond.dtype)
-    uncond_mask = torch.zeros_like(context_mask)
-    uncond_mask[:, 0] = 1
-    return uncond, uncond_mask
-
-
 # ---------------------------------------------------------------------------------------------------
 # Official weights -> our layout
 

@@ -68,6 +68,9 @@ class TextCondition:
             return [cls(c, m) for c, m in zip(context, mask)]
         return [cls(c[: int(n)], m[: int(n)]) for c, m, n in zip(context, mask, lengths)]
 
+    def to(self, device) -> TextCondition:
+        return TextCondition(self.context.to(device), self.mask.to(device))
+
     @property
     def length(self) -> int:
         return self.context.shape[0]
