@@ -79,7 +79,7 @@ class ProgressBars:
 
 
 def _model_source(args):
-    from .weights.bundle import ModelSource
+    from .config.models import ModelSource
 
     return ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir)
 
@@ -130,6 +130,21 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_bench_generate(args) -> int:
+    from .bench.generate import bench_generate
+
+    request = _request(args)
+    result = bench_generate(_model_source(args), _runtime(args), request, videos=args.videos, batch=args.batch,
+                            warmup=args.warmup)
+    print(f"preset {args.preset}, {request.width}x{request.height}, fps {request.fps} ({request.num_frames} frames), "
+          f"device {result['device']}, batch {args.batch}, {args.videos} videos after {args.warmup} warm-up batch(es)")
+    print(f"model load: {result['load_seconds']:.2f} s")
+    for stage, seconds in result["stage_seconds_per_video"].items():
+        print(f"  {stage:<12} {seconds:8.3f} s/video")
+    print(f"total        {result['seconds_per_video']:8.3f} s/video")
+    return 0
+
+
 def _validation_message(err) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in err.errors())
 
@@ -173,6 +188,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_options(p)
     _add_model_options(p)
     p.set_defaults(run=_cmd_generate)
+
+    bench = commands.add_parser("bench", help="benchmarks that print their figures").add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("generate", help="seconds per stage and per video of the in-process pipeline")
+    p.add_argument("--prompt", default="a red car drifting on a mountain road")
+    p.add_argument("--videos", type=int, default=2, help="timed videos (default 2)")
+    p.add_argument("--batch", type=int, default=1, help="requests per pipeline call (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed batches first (default 1)")
+    _add_request_options(p)
+    _add_model_options(p)
+    p.set_defaults(run=_cmd_bench_generate)
 
     p = commands.add_parser("parity", help="replay the official networks' golden calls and compare")
     p.add_argument("golden_dir")

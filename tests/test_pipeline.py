@@ -14,7 +14,7 @@ from kvray.pipeline import VideoPipeline, VideoRequest
 from kvray.pipeline.frames import image_to_tensor, to_uint8
 from kvray.pipeline.stages import Decode
 from kvray.sampling import GuidanceConfig
-from kvray.weights.bundle import ModelSource
+from kvray.config.models import ModelSource
 
 from .golden_e2e import load_case_file
 

@@ -16,7 +16,7 @@ from ..config import RuntimeConfig
 from ..io.images import load_image
 from ..io.video import clip_fps, encode_video
 from ..sampling import SamplingConfig
-from ..weights.bundle import ModelSource
+from ..config.models import ModelSource
 from .request import VideoRequest
 from .stages import Decode, EncodeText, Interpolate, Keyframes, Progress
 

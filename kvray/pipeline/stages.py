@@ -23,7 +23,8 @@ from PIL import Image
 from ..config import RuntimeConfig
 from ..sampling import GeneratorNoise, SamplingConfig, TextCondition, interpolate, interpolation_passes
 from ..sampling.loops import sample_first_frame, sample_keyframes
-from ..weights.bundle import ModelSource
+from ..config.models import ModelSource
+from ..weights.bundle import load_model, load_tokenizer
 from .frames import decode_chunks, image_to_tensor, to_uint8
 from .request import VideoRequest
 
@@ -60,8 +61,8 @@ class EncodeText:
 
     def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig()):
         self.device = runtime.torch_device()
-        self.encoder = models.load("text_encoder", self.device, runtime.dtype("text_encoder"))
-        self.tokenizer = models.tokenizer()
+        self.encoder = load_model(models, "text_encoder", self.device, runtime.dtype("text_encoder"))
+        self.tokenizer = load_tokenizer(models)
         self.tokens_length = models.model_preset.text_encoder.tokens_length
 
     @torch.inference_mode()
@@ -87,8 +88,8 @@ class Keyframes:
     def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
         self.device = runtime.torch_device()
-        self.unet = models.load("keyframe_unet", self.device, runtime.dtype("keyframe_unet"))
-        self.movq = models.load("image_movq", self.device, runtime.dtype("image_movq"))
+        self.unet = load_model(models, "keyframe_unet", self.device, runtime.dtype("keyframe_unet"))
+        self.movq = load_model(models, "image_movq", self.device, runtime.dtype("image_movq"))
         self.sampling = sampling
 
     def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[TextCondition],
@@ -154,7 +155,7 @@ class Interpolate:
     def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
         self.device = runtime.torch_device()
-        self.unet = models.load("interpolation_unet", self.device, runtime.dtype("interpolation_unet"))
+        self.unet = load_model(models, "interpolation_unet", self.device, runtime.dtype("interpolation_unet"))
         self.sampling = sampling
 
     @torch.inference_mode()
@@ -188,7 +189,7 @@ class Decode:
 
     def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig()):
         self.device = runtime.torch_device()
-        self.movq = models.load("video_movq", self.device, runtime.dtype("video_movq"))
+        self.movq = load_model(models, "video_movq", self.device, runtime.dtype("video_movq"))
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor, progress: Progress | None = None) -> np.ndarray:

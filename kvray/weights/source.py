@@ -14,8 +14,6 @@ from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_REPO = "ai-forever/KandinskyVideo_1_1"
-DEFAULT_T5_REPO = "google/flan-ul2"
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 

@@ -1,0 +1,99 @@
+"""A render job: which manifest, where the outputs go, which models, and how each stage is deployed.
+
+Loaded from YAML (`--job job.yaml`) and overridden by command-line flags; validated before Ray starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from ..sampling.config import GuidanceConfig
+from .models import ModelSource
+from .runtime import RuntimeConfig
+
+STAGES = ("text", "keyframes", "interpolate", "decode")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StageDeployment(_Strict):
+    """One actor pool: `actors` actors, each holding `gpus` GPUs (a fraction shares a GPU with other
+    light actors) and `cpus` CPUs, fed batches of `batch_size` rows."""
+
+    actors: int = Field(1, ge=1)
+    gpus: float = Field(0.0, ge=0)
+    cpus: float = Field(0.25, ge=0)
+    batch_size: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _whole_gpus_above_one(self):
+        if self.gpus > 1 and self.gpus != int(self.gpus):
+            raise ValueError(f"more than one GPU per actor must be a whole number, got {self.gpus}")
+        return self
+
+
+class Deployment(_Strict):
+    text: StageDeployment = StageDeployment(batch_size=8)
+    keyframes: StageDeployment = StageDeployment()
+    interpolate: StageDeployment = StageDeployment()
+    decode: StageDeployment = StageDeployment()
+
+    def stage(self, name: str) -> StageDeployment:
+        return getattr(self, name)
+
+
+class RequestDefaults(_Strict):
+    """Values for manifest columns that are missing or null. None: the preset's or the official default."""
+
+    width: int | None = None
+    height: int | None = None
+    fps: Literal["low", "medium", "high"] = "low"
+    motion: Literal["low", "medium", "high"] = "medium"
+    guidance: GuidanceConfig = GuidanceConfig()
+    steps: int | None = Field(None, ge=1, le=1000)
+    interpolation_steps: int | None = Field(None, ge=1, le=1000)
+
+
+class RayOptions(_Strict):
+    """`address`: None starts a local Ray (the embedded default); "auto" or HOST:PORT joins a running cluster."""
+
+    address: str | None = None
+    # For a local Ray only: logical resources, so stage actors can be placed on a laptop.
+    num_cpus: int | None = None
+    num_gpus: int | None = None
+    object_store_memory: int | None = None
+
+
+class RenderJob(_Strict):
+    manifest: str
+    out: str
+    models: ModelSource = ModelSource()
+    runtime: RuntimeConfig = RuntimeConfig()
+    defaults: RequestDefaults = RequestDefaults()
+    deployment: Deployment = Deployment()
+    ray: RayOptions = RayOptions()
+    storage_options: dict = Field(default_factory=dict, description="fsspec options for the manifest and outputs")
+    results_per_file: int = Field(10_000, ge=1, description="rows per results/*.parquet file")
+    video_format: Literal["mp4", "gif", "webp"] = "mp4"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> RenderJob:
+        """A YAML job file with flags on top (`overrides` in the file's nesting, e.g. models={"preset": "tiny"})."""
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls.model_validate(_merge(data, overrides))
+
+
+def _merge(base: dict, overrides: dict) -> dict:
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
