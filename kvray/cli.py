@@ -145,6 +145,51 @@ def _cmd_bench_generate(args) -> int:
     return 0
 
 
+def _render_job(args):
+    from .config.job import RenderJob
+    from .io.storage import parse_storage_options
+
+    overrides: dict = {"manifest": args.manifest, "out": args.out}
+    models = {k: v for k, v in (("preset", args.preset), ("weights", args.weights), ("t5", args.t5),
+                                 ("cache_dir", args.cache_dir)) if v is not None}
+    if models:
+        overrides["models"] = models
+    ray_options = {k: v for k, v in (("address", args.address), ("num_gpus", args.num_gpus),
+                                      ("num_cpus", args.num_cpus)) if v is not None}
+    if ray_options:
+        overrides["ray"] = ray_options
+    if args.storage_option:
+        overrides["storage_options"] = parse_storage_options(args.storage_option)
+    if args.device:
+        overrides["runtime"] = {"device": args.device}
+    if args.job:
+        return RenderJob.from_yaml(args.job, **overrides)
+    return RenderJob.model_validate(overrides)
+
+
+def _cmd_render(args) -> int:
+    from pydantic import ValidationError
+
+    from .io.manifest import ManifestError
+
+    try:
+        job = _render_job(args)
+    except (ValidationError, ValueError, OSError) as err:
+        message = _validation_message(err) if isinstance(err, ValidationError) else str(err)
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    from .distributed.render import render
+
+    try:
+        summary = render(job)
+    except ManifestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
 def _validation_message(err) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in err.errors())
 
@@ -188,6 +233,22 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_options(p)
     _add_model_options(p)
     p.set_defaults(run=_cmd_generate)
+
+    p = commands.add_parser("render", help="render a Parquet manifest of prompts on Ray (local or a cluster)")
+    p.add_argument("manifest", help="Parquet file, directory or glob (local path or fsspec URI)")
+    p.add_argument("--out", required=True, help="output prefix (local path, s3://bucket/prefix, ...)")
+    p.add_argument("--job", help="job YAML (deployment per stage, defaults, ...); flags override it")
+    p.add_argument("--address", help="join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
+                   help="fsspec option for the manifest and outputs, e.g. endpoint_url=http://... (repeatable)")
+    p.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: detected)")
+    p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray (default: max(8, cores))")
+    p.add_argument("--preset", choices=["tiny", "kv11"], help="network sizes (default tiny)")
+    p.add_argument("--weights", help="weights source (default: random for tiny, the official hub repo for kv11)")
+    p.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
+    p.add_argument("--cache-dir", help="where remote weights are cached")
+    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, ...")
+    p.set_defaults(run=_cmd_render)
 
     bench = commands.add_parser("bench", help="benchmarks that print their figures").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("generate", help="seconds per stage and per video of the in-process pipeline")

@@ -45,3 +45,13 @@ def _seeded():
 
 # A real S3 endpoint on loopback (moto's server), one per test session.
 from .s3 import s3_bucket, s3_endpoint  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray for the test session, with 8 logical GPUs (stage actors fall back to the CPU)."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=8, num_gpus=8, object_store_memory=300_000_000, include_dashboard=False,
+             log_to_driver=False, runtime_env={"env_vars": {"KVRAY_TEST": "1"}})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,177 @@
+"""The render job: read the manifest, plan every row, run the pending ones through the stage pools,
+write videos, metadata, results and the run record.
+
+    read_parquet -> plan_rows (validate, ids, seed, skip existing) -> [pending rows]
+        -> EncodeText -> Keyframes -> Interpolate -> DecodeAndWrite  (one actor pool each)
+    -> results/*.parquet (one row per input row), run.json
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from ray.data.expressions import col
+
+from ..config.job import STAGES, RenderJob
+from ..io.manifest import manifest_files
+from ..io.storage import open_fs, redact_storage_options, write_atomic, write_json
+from .cluster import StageRegistry, connect
+from .workers import ERROR, OK, PENDING, RESULT_COLUMNS, SKIPPED, STAGE_NAMES, WORKERS, plan_rows
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RenderSummary:
+    run_id: str
+    rows: int = 0
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+    seconds: float = 0.0  # rendering wall time, from the first pending row to the last result
+    startup_seconds: float = 0.0  # Ray start (or join) and planning
+    busy_seconds: dict[str, float] = field(default_factory=dict)  # per stage, summed over rows
+    stages: dict = field(default_factory=dict)  # the registry's report: actors (GPU ids), model calls
+    results: list[str] = field(default_factory=list)
+
+    @property
+    def videos_per_second(self) -> float:
+        return self.ok / self.seconds if self.seconds > 0 else 0.0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"rows {self.rows}: ok {self.ok}, error {self.error}, skipped {self.skipped}",
+            f"start-up {self.startup_seconds:.1f} s; rendering {self.seconds:.1f} s, {self.videos_per_second:.3f} videos/s",
+        ]
+        for stage in STAGE_NAMES:
+            actors = self.stages.get("actors", {}).get(stage, [])
+            gpus = ",".join(g for a in actors for g in a["gpu_ids"]) or "-"
+            out.append(f"  {stage:<12} busy {self.busy_seconds.get(stage, 0.0):8.2f} s, {len(actors)} actor(s), GPUs {gpus}")
+        return out
+
+
+def _run_id() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
+
+
+def render(job: RenderJob) -> RenderSummary:
+    """Runs the job to the end; one clear `ManifestError` before anything starts if the manifest is unusable."""
+    manifest_fs, files = manifest_files(job.manifest, job.storage_options)
+    fs, root = open_fs(job.out, job.storage_options)
+    summary = RenderSummary(_run_id())
+    record = {"run_id": summary.run_id, "status": "running", "started_at": datetime.now(timezone.utc).isoformat(),
+              "job": _redacted(job), "manifest_files": [manifest_fs.unstrip_protocol(f) for f in files]}
+    write_json(fs, f"{root}/run.json", record)
+
+    start = time.perf_counter()
+    started_ray = connect(job.ray)
+    registry_name = f"kvray-registry-{summary.run_id}"
+    registry = StageRegistry.options(name=registry_name).remote()
+    try:
+        job_json = job.model_dump_json()
+        planned = ray.data.read_parquet(
+            files, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(manifest_fs))
+        ).map_batches(plan_rows, fn_kwargs={"job_json": job_json}, batch_format="pyarrow", num_cpus=0.25).materialize()
+        pending = planned.filter(expr=col("status") == PENDING).materialize()
+        finished = planned.filter(expr=col("status") != PENDING)
+        count = pending.count()
+        summary.startup_seconds = time.perf_counter() - start
+        render_start = time.perf_counter()
+        streams = [finished]
+        if count:
+            streams.append(_model_stages(pending, count, job, job_json, registry_name))
+        summary.results = _write_results(streams, fs, root, summary, job.results_per_file)
+        summary.seconds = time.perf_counter() - render_start
+        summary.stages = ray.get(registry.report.remote())
+    finally:
+        ray.kill(registry)
+        if started_ray:
+            ray.shutdown()
+    write_json(fs, f"{root}/run.json", {**record, "status": "finished", "finished_at": datetime.now(timezone.utc).isoformat(),
+                                        "summary": _summary_record(summary)})
+    return summary
+
+
+def _model_stages(pending, count: int, job: RenderJob, job_json: str, registry_name: str):
+    # Enough blocks that every actor of the widest pool gets work (a one-file manifest is one block).
+    widest = max(job.deployment.stage(s).actors * job.deployment.stage(s).batch_size for s in STAGES)
+    ds = pending.repartition(min(count, max(1, widest * 2)))
+    for index, stage in enumerate(STAGES):
+        deployment = job.deployment.stage(stage)
+        following = STAGES[index + 1] if index + 1 < len(STAGES) else stage
+        ds = ds.map_batches(
+            WORKERS[stage],
+            fn_constructor_kwargs={"job_json": job_json, "registry_name": registry_name,
+                                   "emit_rows": job.deployment.stage(following).batch_size},
+            batch_format="pandas",
+            batch_size=deployment.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=deployment.actors),
+            num_gpus=deployment.gpus,
+            num_cpus=deployment.cpus,
+        )
+    return ds
+
+
+def _write_results(streams, fs, root: str, summary: RenderSummary, rows_per_file: int) -> list[str]:
+    """Streams every row's result into results/<run>-<part>.parquet; older runs' result files are removed
+    once this run's are complete, so results/ always holds one row per input row."""
+    written, buffer = [], []
+
+    def flush():
+        table = pa.Table.from_pandas(pd.concat(buffer)[RESULT_COLUMNS], preserve_index=False)
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        path = f"{root}/results/{summary.run_id}-{len(written):05d}.parquet"
+        write_atomic(fs, path, sink.getvalue().to_pybytes())
+        written.append(fs.unstrip_protocol(path))
+        buffer.clear()
+
+    buffered = 0
+    for stream in streams:
+        for batch in stream.iter_batches(batch_format="pandas", batch_size=None):
+            _tally(batch, summary)
+            buffer.append(batch.drop(columns=["payload", "request", "gpus"]))
+            buffered += len(batch)
+            if buffered >= rows_per_file:
+                flush()
+                buffered = 0
+    if buffer or not written:
+        if not buffer:
+            buffer.append(pd.DataFrame({c: [] for c in RESULT_COLUMNS}))
+        flush()
+    for old in fs.glob(f"{root}/results/*.parquet"):
+        if not old.rsplit("/", 1)[-1].startswith(summary.run_id):
+            fs.rm(old)
+    return written
+
+
+def _tally(batch: pd.DataFrame, summary: RenderSummary) -> None:
+    summary.rows += len(batch)
+    for status in (OK, ERROR, SKIPPED):
+        setattr(summary, status, getattr(summary, status) + int((batch["status"] == status).sum()))
+    for stage in STAGE_NAMES:
+        summary.busy_seconds[stage] = summary.busy_seconds.get(stage, 0.0) + float(batch[f"seconds_{stage}"].sum())
+
+
+def _redacted(job: RenderJob) -> dict:
+    data = job.model_dump(mode="json")
+    data["storage_options"] = redact_storage_options(data["storage_options"])
+    return data
+
+
+def _summary_record(summary: RenderSummary) -> dict:
+    return {
+        "rows": summary.rows, "ok": summary.ok, "error": summary.error, "skipped": summary.skipped,
+        "startup_seconds": round(summary.startup_seconds, 3), "render_seconds": round(summary.seconds, 3),
+        "videos_per_second": summary.videos_per_second, "busy_seconds": summary.busy_seconds,
+        "stages": summary.stages, "results": summary.results,
+    }

@@ -1,0 +1,379 @@
+"""Submit a render to a running Ray cluster as a Ray job: `kvray submit`.
+
+    kvray submit MANIFEST --out URI --address http://HEAD:8265 [--working-dir DIR] [--no-follow]
+                 [--runtime-env-json JSON] [--preset tiny|kv11] [--weights SRC] [--job job.yaml]
+                 [--storage-option key=value ...]
+
+The job runs `python jobs/render.py MANIFEST --out URI ...` on the cluster (`jobs/render.py` forwards
+to `kvray render` and joins the cluster with `--address auto`). The code travels as the job's
+runtime_env `working_dir`: by default the repository this package sits in (jobs/, kvray/, examples/,
+cluster/), without .venv, .git, caches and output folders; the cluster's image must already hold the
+dependencies (torch, ray[default,data], ...): see cluster/README.md. A relative manifest, job file or
+image path in the manifest is relative to that working directory on the cluster.
+
+`address` is the dashboard's HTTP address (http://HEAD:8265; port-forward it for a remote or
+Kubernetes cluster). Ray 2.60 token authentication: a head started with RAY_AUTH_MODE=token rejects
+requests without its token (HTTP 401/403). The token is looked up as Ray does (the `token`
+argument / --auth-token, else RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PATH, else
+~/.ray/auth_token) and sent as `Authorization: Bearer <token>`; Ray's own client sends it only when
+RAY_AUTH_MODE=token is set in the client's environment, so it is passed explicitly here. A head
+started with RAY_AUTH_MODE=disabled ignores the header.
+
+The parts that need no cluster (`build_entrypoint`, `build_runtime_env`, `auth_headers`,
+`render_args_from`) are pure functions, tested without Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Callable, TextIO
+
+# The repository holding this package: kvray/distributed/submit.py -> kvray/ -> root.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ENTRY_SCRIPT = "jobs/render.py"
+
+# gitignore-style patterns, relative to the working_dir, never shipped with a job.
+DEFAULT_EXCLUDES = (
+    ".venv/", "venv/", ".git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",
+    "out/", "outputs/", "renders/", "build/", "dist/", "*.mp4", "*.safetensors", "*.pt",
+)
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+class SubmitError(RuntimeError):
+    """Something a user can fix (unreachable address, bad token, missing working dir): one clear line."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Pure parts: no Ray, no network.
+
+
+def build_entrypoint(manifest: str, out: str, render_args: list[str] | tuple[str, ...] = (), *,
+                     script: str = ENTRY_SCRIPT, python: str = "python") -> str:
+    """The job's shell command: `python jobs/render.py MANIFEST --out OUT RENDER_ARGS...`, each part quoted."""
+    parts = [python, script, manifest, "--out", out, *render_args]
+    return shlex.join(str(p) for p in parts)
+
+
+def render_args_from(*, preset: str | None = None, weights: str | None = None, job: str | None = None,
+                     storage_options: list[str] | tuple[str, ...] = ()) -> list[str]:
+    """The `kvray render` options a submit passes through, in a fixed order; None is left out."""
+    args: list[str] = []
+    for flag, value in (("--preset", preset), ("--weights", weights), ("--job", job)):
+        if value is not None:
+            args += [flag, value]
+    for option in storage_options:
+        args += ["--storage-option", option]
+    return args
+
+
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def build_runtime_env(working_dir: str | None = None, runtime_env: dict | None = None, *,
+                      pip: list[str] | None = None, env_vars: dict[str, str] | None = None,
+                      extra_excludes: list[str] | tuple[str, ...] = ()) -> dict:
+    """The job's runtime_env.
+
+    `working_dir`: None ships the repository root (it must hold jobs/render.py); a local directory
+    ships that directory; a URI (s3://.../kvray.zip, https://.../archive.zip) is passed to Ray as is;
+    "" ships nothing (the image holds the code). Local directories get `excludes` (DEFAULT_EXCLUDES
+    plus `extra_excludes`). `pip` and `env_vars` only appear when given; `runtime_env` (a user's dict,
+    e.g. from --runtime-env-json) is applied last and wins, except that its `excludes` are added to ours.
+    """
+    env: dict = {}
+    if working_dir is None:
+        working_dir = str(REPO_ROOT)
+        if not (REPO_ROOT / ENTRY_SCRIPT).is_file():
+            raise SubmitError(
+                f"{REPO_ROOT / ENTRY_SCRIPT} not found: kvray is not running from its repository "
+                "(installed as a package?); pass --working-dir with a kvray checkout, a working_dir URI, "
+                "or '' when the cluster's image holds the code"
+            )
+    if working_dir:
+        if _is_uri(working_dir):
+            env["working_dir"] = working_dir
+        else:
+            path = Path(working_dir).expanduser().resolve()
+            if not path.is_dir():
+                raise SubmitError(f"working dir {working_dir} is not a directory")
+            env["working_dir"] = str(path)
+            env["excludes"] = [*DEFAULT_EXCLUDES, *extra_excludes]
+    if pip:
+        env["pip"] = list(pip)
+    if env_vars:
+        env["env_vars"] = dict(env_vars)
+    user = dict(runtime_env or {})
+    if "excludes" in user and "excludes" in env:
+        user["excludes"] = [*env["excludes"], *user["excludes"]]
+    if "env_vars" in user and "env_vars" in env:
+        user["env_vars"] = {**env["env_vars"], **user["env_vars"]}
+    env.update(user)
+    if not env.get("working_dir"):
+        env.pop("working_dir", None)
+        env.pop("excludes", None)
+    return env
+
+
+def _output_exclude(out: str, working_dir: str | None) -> list[str]:
+    """A local --out inside the shipped directory is not shipped with the next job."""
+    if _is_uri(out) or working_dir == "" or (working_dir and _is_uri(working_dir)):
+        return []
+    root = Path(working_dir).expanduser().resolve() if working_dir else REPO_ROOT
+    try:
+        rel = Path(out).expanduser().resolve().relative_to(root)
+    except ValueError:
+        return []
+    return [f"/{rel.as_posix()}/"] if rel.parts else []
+
+
+def find_token(token: str | None = None) -> tuple[str | None, str]:
+    """The cluster's auth token and where it came from, looked up in Ray's order; (None, "") when none."""
+    if token:
+        return token.strip(), "--auth-token"
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip(), "RAY_AUTH_TOKEN"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if path:
+        try:
+            text = Path(path).expanduser().read_text().strip()
+        except OSError as err:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} cannot be read: {err}") from err
+        if not text:
+            raise SubmitError(f"RAY_AUTH_TOKEN_PATH={path} is empty")
+        return text, f"RAY_AUTH_TOKEN_PATH={path}"
+    default = Path.home() / ".ray" / "auth_token"
+    if default.is_file():
+        text = default.read_text().strip()
+        if text:
+            return text, str(default)
+    return None, ""
+
+
+def auth_headers(token: str | None = None) -> dict[str, str]:
+    """`{"Authorization": "Bearer <token>"}` when a token is found (see find_token), else {}."""
+    found, _ = find_token(token)
+    return {"Authorization": f"Bearer {found}"} if found else {}
+
+
+def normalize_address(address: str | None) -> str | None:
+    """The dashboard URL: `HEAD:8265` gets `http://`; trailing slashes go. `auto` / `ray://` pass through.
+
+    None stays None: Ray then reads RAY_API_SERVER_ADDRESS, else RAY_ADDRESS (a GCS address it turns
+    into the dashboard's), else looks for a local Ray.
+    """
+    if address is None:
+        return None
+    address = address.strip().rstrip("/")
+    if address == "auto" or "://" in address:
+        return address
+    return f"http://{address}"
+
+
+# --------------------------------------------------------------------------------------------------
+# The cluster parts.
+
+
+@contextlib.contextmanager
+def _without_env(*names: str):
+    saved = {name: os.environ.pop(name) for name in names if name in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _client(address: str, headers: dict[str, str], token_source: str = ""):
+    try:
+        from ray.job_submission import JobSubmissionClient
+    except ImportError as err:  # pragma: no cover - ray is a dependency
+        raise SubmitError(f"Ray's job client is missing ({err}); install ray[default]") from err
+    from ray.exceptions import AuthenticationError
+
+    try:
+        # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override an explicit address; here the explicit one wins.
+        with _without_env(*(("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if address else ())):
+            return JobSubmissionClient(address, headers=headers or None)
+    except AuthenticationError as err:
+        sent = f"the token from {token_source} was refused" if token_source else "no token was sent"
+        hint = (f"the head uses token authentication and {sent}: pass its token with --auth-token or "
+                "RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+        raise SubmitError(f"{address}: {err.message.splitlines()[0]}; {hint}") from err
+    except ConnectionError as err:
+        raise SubmitError(
+            f"cannot reach the Ray dashboard at {address} ({err}); is the head running with the dashboard "
+            "(ray[default]) and is port 8265 reachable (ray dashboard CLUSTER.yaml / kubectl port-forward)?"
+        ) from err
+    except (ValueError, RuntimeError) as err:
+        raise SubmitError(f"cannot use Ray address {address}: {err}") from err
+
+
+async def _tail(client, job_id: str, stream: TextIO, shown: list[int]) -> None:
+    async for lines in client.tail_job_logs(job_id):
+        stream.write(lines)
+        stream.flush()
+        shown[0] += len(lines)
+
+
+def follow_logs(client, job_id: str, stream: TextIO, poll_s: float = 1.0) -> str:
+    """Streams the job's logs until it ends; returns its final status name.
+
+    The log tail is a websocket; if it drops (proxies, an older head), logs are polled instead.
+    """
+    streamed = [0]
+    try:
+        asyncio.run(_tail(client, job_id, stream, streamed))
+    except Exception as err:  # noqa: BLE001 - fall back to polling whatever went wrong with the socket
+        print(f"(log stream interrupted: {err}; polling)", file=sys.stderr)
+        shown = streamed[0]
+        while True:
+            status = client.get_job_status(job_id)
+            logs = client.get_job_logs(job_id)
+            stream.write(logs[shown:])
+            stream.flush()
+            shown = len(logs)
+            if _status_name(status) in TERMINAL:
+                break
+            time.sleep(poll_s)
+    return wait_for_status(client, job_id, poll_s=poll_s)
+
+
+def _status_name(status) -> str:
+    """JobStatus is a str enum; fakes in tests may hand back plain strings."""
+    return str(getattr(status, "value", status))
+
+
+def wait_for_status(client, job_id: str, poll_s: float = 0.5, timeout_s: float = 60.0) -> str:
+    """The job's terminal status (the log stream may close a moment before the status is final)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        name = _status_name(client.get_job_status(job_id))
+        if name in TERMINAL or time.monotonic() > deadline:
+            return name
+        time.sleep(poll_s)
+
+
+def submit(manifest: str, out: str, *, address: str | None, render_args: list[str] | tuple[str, ...] = (),
+           working_dir: str | None = None, runtime_env: dict | None = None, follow: bool = True,
+           pip: list[str] | None = None, env_vars: dict[str, str] | None = None, token: str | None = None,
+           submission_id: str | None = None, metadata: dict[str, str] | None = None,
+           entrypoint: str | None = None, entrypoint_num_cpus: float | None = None,
+           stream: TextIO | None = None, client_factory: Callable | None = None) -> int:
+    """Submits `python jobs/render.py MANIFEST --out OUT RENDER_ARGS` as a Ray job at `address`.
+
+    Prints the job id. With `follow`, streams the job's logs until it ends and returns 0 if it
+    SUCCEEDED, else 1; without, returns 0 once the job is accepted. Raises SubmitError with one
+    readable line for an unreachable address, a missing token or a bad working dir.
+
+    `working_dir`, `runtime_env`, `pip`, `env_vars`: see `build_runtime_env`. `token`: the head's
+    auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token). `entrypoint`
+    replaces the render command (tests, debugging). `stream`: where the logs go (default stdout).
+    `client_factory(address, headers)` replaces Ray's JobSubmissionClient (tests).
+    """
+    stream = stream or sys.stdout
+    address = normalize_address(address)
+    env = build_runtime_env(working_dir, runtime_env, pip=pip, env_vars=env_vars,
+                            extra_excludes=_output_exclude(out, working_dir))
+    command = entrypoint or build_entrypoint(manifest, out, render_args)
+    found, source = find_token(token)
+    headers = {"Authorization": f"Bearer {found}"} if found else {}
+    client = client_factory(address, headers) if client_factory else _client(address, headers, source)
+    meta = {"kvray_manifest": manifest, "kvray_out": out, **(metadata or {})}
+    kwargs = dict(entrypoint=command, runtime_env=env, metadata=meta, submission_id=submission_id)
+    if entrypoint_num_cpus is not None:
+        kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
+    address = getattr(client, "_address", None) or address  # as Ray resolved it (None: from the environment)
+    try:
+        job_id = client.submit_job(**kwargs)
+    except Exception as err:  # noqa: BLE001 - HTTP, auth and packaging errors all end the command the same way
+        raise SubmitError(f"job submission to {address} failed: {err}") from err
+    print(f"submitted job {job_id} to {address}: {command}", file=sys.stderr, flush=True)
+    print(job_id, flush=True)
+    if not follow:
+        print(f"follow it with: ray job logs --follow {job_id} --address {address}", file=sys.stderr)
+        return 0
+    try:
+        status = follow_logs(client, job_id, stream)
+    except KeyboardInterrupt:
+        print(f"\nstopped following; the job goes on. Stop it with: ray job stop {job_id} --address {address}",
+              file=sys.stderr)
+        return 130
+    print(f"job {job_id}: {status}", file=sys.stderr, flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
+# --------------------------------------------------------------------------------------------------
+# CLI: `kvray submit`, registered by kvray/cli.py through add_submit_parser.
+
+
+def _key_value(text: str) -> str:
+    if "=" not in text or text.startswith("="):
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    return text
+
+
+def _runtime_env_json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"--runtime-env-json is not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("--runtime-env-json must be a JSON object")
+    return value
+
+
+def _cmd_submit(args) -> int:
+    render_args = render_args_from(preset=args.preset, weights=args.weights, job=args.job,
+                                   storage_options=args.storage_option or [])
+    env_vars = dict(kv.split("=", 1) for kv in args.env or [])
+    try:
+        return submit(args.manifest, args.out, address=args.address, render_args=render_args,
+                      working_dir=args.working_dir, runtime_env=args.runtime_env_json, follow=args.follow,
+                      pip=args.pip or None, env_vars=env_vars or None, token=args.auth_token,
+                      submission_id=args.submission_id)
+    except SubmitError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+def add_submit_parser(subparsers) -> argparse.ArgumentParser:
+    """Registers `kvray submit` on the CLI's subparsers; returns its parser."""
+    p = subparsers.add_parser(
+        "submit", help="render a manifest on a running Ray cluster, as a Ray job",
+        description="Submit `python jobs/render.py MANIFEST --out URI ...` as a Ray job, shipping this "
+                    "repository as its working_dir, and follow its logs. Relative paths are relative to "
+                    "the working dir on the cluster.")
+    p.add_argument("manifest", help="Parquet/CSV/JSONL manifest, as the cluster sees it (s3://..., or a path in the working dir)")
+    p.add_argument("--out", required=True, help="output root, as the cluster sees it (s3://bucket/run, ...)")
+    p.add_argument("--address", help="the head's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
+                   "else RAY_ADDRESS, else a Ray running on this machine)")
+    p.add_argument("--working-dir", help="directory or URI shipped as the job's working_dir (default: this "
+                   "repository); '' ships nothing (the image holds the code)")
+    p.add_argument("--runtime-env-json", type=_runtime_env_json,
+                   help="runtime_env as a JSON object, applied over the defaults (pip, env_vars, excludes, ...)")
+    p.add_argument("--pip", action="append", help="pip requirement installed for the job (repeatable; "
+                   "slow: prefer an image with the dependencies)")
+    p.add_argument("--env", action="append", type=_key_value, metavar="KEY=VALUE",
+                   help="environment variable for the job (repeatable)")
+    p.add_argument("--auth-token", help="the head's token when it uses token authentication "
+                   "(default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
+    p.add_argument("--submission-id", help="job id to use (default: Ray picks raysubmit_...)")
+    p.add_argument("--no-follow", dest="follow", action="store_false",
+                   help="print the job id and return once the job is accepted")
+    render = p.add_argument_group("render options, passed to `kvray render` on the cluster")
+    render.add_argument("--preset", choices=["tiny", "kv11"], help="network sizes (default: the job file's, else tiny)")
+    render.add_argument("--weights", help="weights: hub repo id, fsspec URL, path on the cluster, or 'random'")
+    render.add_argument("--job", help="RenderJob YAML, as the cluster sees it (e.g. cluster/job-kv11.yaml)")
+    render.add_argument("--storage-option", action="append", type=_key_value, metavar="KEY=VALUE",
+                        help="fsspec option for the manifest and outputs (repeatable)")
+    p.set_defaults(run=_cmd_submit)
+    return p

@@ -1,0 +1,118 @@
+"""Manifest rows -> validated requests, each with a stable id, seed and output key (`video_id`).
+
+Columns (only `prompt` is required; a missing or null value takes the job's default):
+
+| column | type | meaning |
+|---|---|---|
+| `prompt` | string | the text |
+| `id` | string or integer | the row's name in the results; default: derived from the row's content |
+| `seed` | integer >= 0 | default: derived from the id, so a re-run draws the same video |
+| `image` | string | image2video: path, URL or fsspec URI of the first frame |
+| `width`, `height` | integer | multiples of 64 |
+| `fps` | string | low / medium / high (12 / 45 / 177 frames) |
+| `motion` | string | low / medium / high |
+| `steps`, `interpolation_steps` | integer | denoising steps |
+| `key_frame_guidance_scale`, `guidance_weight_prompt`, `guidance_weight_image`, `interpolation_guidance_scale` | float | guidance weights |
+| `negative_prompt` | string | must be null: Kandinsky Video 1.1 has no negative prompt (the official code ignores it) |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from ..config.job import RequestDefaults
+from ..sampling.config import GuidanceConfig
+from .request import VideoRequest
+
+REQUIRED_COLUMNS = ("prompt",)
+GUIDANCE_COLUMNS = tuple(GuidanceConfig.model_fields)
+OPTIONAL_COLUMNS = (
+    "id", "seed", "image", "width", "height", "fps", "motion", "steps", "interpolation_steps", "negative_prompt",
+    *GUIDANCE_COLUMNS,
+)
+KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
+
+
+@dataclass(frozen=True)
+class PlannedRow:
+    id: str
+    request: VideoRequest | None  # None when the row is invalid
+    video_id: str
+    error: str = ""
+
+
+def _python(value: Any) -> Any:
+    """numpy scalars (as pandas hands out column values) -> Python values."""
+    return value.item() if hasattr(value, "item") and getattr(value, "ndim", 1) == 0 else value
+
+
+def _present(value: Any) -> bool:
+    """Null means "use the default"; NaN is a value (and an invalid one wherever a number is needed)."""
+    return value is not None
+
+
+def _digest(payload: Any) -> str:
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def derived_seed(row_id: str) -> int:
+    return int(_digest({"seed-of": row_id})[:15], 16)
+
+
+def video_id(request: VideoRequest, model_version: str) -> str:
+    """The same request and weights always land at the same key, whatever the row or the run."""
+    return _digest({"request": request.model_dump(mode="json"), "model": model_version})[:32]
+
+
+def plan_row(row: Mapping[str, Any], defaults: RequestDefaults, model_version: str, default_size: tuple[int, int]) -> PlannedRow:
+    """One manifest row -> its request, or the reason it cannot be rendered."""
+    raw_id = _python(row.get("id"))
+    given = {k: _python(row[k]) for k in KNOWN_COLUMNS if k in row and k != "id" and _present(_python(row[k]))}
+    row_id = str(raw_id) if _present(raw_id) else "auto-" + _digest(given)[:16]
+    try:
+        if "negative_prompt" in given:
+            raise ValueError("negative_prompt is not supported: Kandinsky Video 1.1 has none (the official code ignores it)")
+        prompt = given.get("prompt")
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        guidance = defaults.guidance.model_copy(update={k: given[k] for k in GUIDANCE_COLUMNS if k in given})
+        fields = {
+            "prompt": prompt,
+            "image": given.get("image"),
+            "width": given.get("width", defaults.width or default_size[0]),
+            "height": given.get("height", defaults.height or default_size[1]),
+            "fps": given.get("fps", defaults.fps),
+            "motion": given.get("motion", defaults.motion),
+            "seed": given.get("seed", derived_seed(row_id)),
+            "steps": given.get("steps", defaults.steps),
+            "interpolation_steps": given.get("interpolation_steps", defaults.interpolation_steps),
+            "guidance": GuidanceConfig.model_validate(guidance.model_dump()),
+        }
+        request = VideoRequest.model_validate(_strict_numbers(fields))
+    except ValidationError as err:
+        return PlannedRow(row_id, None, "", _validation_message(err))
+    except ValueError as err:
+        return PlannedRow(row_id, None, "", str(err))
+    return PlannedRow(row_id, request, video_id(request, model_version))
+
+
+def _strict_numbers(fields: dict) -> dict:
+    """Parquet integers arrive as floats where a column has nulls: 512.0 is 512, 512.5 is an error."""
+    out = dict(fields)
+    for key in ("width", "height", "seed", "steps", "interpolation_steps"):
+        value = out[key]
+        if isinstance(value, float) and value.is_integer():
+            out[key] = int(value)
+        elif isinstance(value, bool) or (value is not None and not isinstance(value, int)):
+            raise ValueError(f"{key} must be an integer, got {value!r}")
+    return out
+
+
+def _validation_message(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in err.errors())
