@@ -4,6 +4,7 @@
 #
 #   cluster/local.sh start [NUM_GPUS]   start a head (dashboard on 127.0.0.1:$KVRAY_DASHBOARD_PORT)
 #   cluster/local.sh submit [ARGS...]   kvray submit examples/prompts.parquet --out $KVRAY_LOCAL/out ... ARGS
+#                                       (run as python -m kvray.distributed.submit, the same command)
 #   cluster/local.sh status             ray status for this head
 #   cluster/local.sh stop               stop this head only
 #   cluster/local.sh demo               start, submit the tiny example, stop
@@ -38,7 +39,8 @@ start() {
 }
 
 submit() {
-  kvray submit "$REPO/examples/prompts.parquet" --out "$STATE/out" --job cluster/job-tiny.yaml \
+  # Paths in the manifest and the job file are relative to the shipped working dir (the repository).
+  python -m kvray.distributed.submit examples/prompts.parquet --out "$STATE/out" --job cluster/job-tiny.yaml \
     --address "$ADDRESS" "$@"
 }
 
@@ -49,7 +51,8 @@ status() {
 # The pids of every process whose command line names this head's temp dir, and their descendants.
 head_pids() {
   local roots pid all="" queue
-  roots=$(grep -lsF -- "$STATE/ray" /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 | grep -vx "$$" || true)
+  # The pattern comes from a file descriptor, so this grep's own command line does not match it.
+  roots=$(grep -lsFf <(printf '%s\n' "$STATE/ray") /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 || true)
   queue="$roots"
   while [[ -n "$queue" ]]; do
     set -- $queue; pid=$1; shift; queue="$*"

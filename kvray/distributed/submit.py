@@ -352,7 +352,8 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
         description="Submit `python jobs/render.py MANIFEST --out URI ...` as a Ray job, shipping this "
                     "repository as its working_dir, and follow its logs. Relative paths are relative to "
                     "the working dir on the cluster.")
-    p.add_argument("manifest", help="Parquet/CSV/JSONL manifest, as the cluster sees it (s3://..., or a path in the working dir)")
+    p.add_argument("manifest", help="Parquet manifest (file, directory or glob) as the cluster sees it: s3://..., "
+                   "or a path in the working dir")
     p.add_argument("--out", required=True, help="output root, as the cluster sees it (s3://bucket/run, ...)")
     p.add_argument("--address", help="the head's dashboard, http://HEAD:8265 (default: RAY_API_SERVER_ADDRESS, "
                    "else RAY_ADDRESS, else a Ray running on this machine)")
@@ -377,3 +378,15 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
                         help="fsspec option for the manifest and outputs (repeatable)")
     p.set_defaults(run=_cmd_submit)
     return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m kvray.distributed.submit ...`: the same as `kvray submit ...`."""
+    parser = argparse.ArgumentParser(prog="kvray")
+    add_submit_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["submit", *(sys.argv[1:] if argv is None else argv)])
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
