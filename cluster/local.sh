@@ -20,7 +20,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 STATE="${KVRAY_LOCAL:-/tmp/kvray-local}"
 GCS_PORT="${KVRAY_GCS_PORT:-6390}"
 DASHBOARD_PORT="${KVRAY_DASHBOARD_PORT:-8275}"
-CLIENT_PORT="${KVRAY_CLIENT_PORT:-10011}"
+CLIENT_PORT="${KVRAY_CLIENT_PORT:-20011}"  # outside the worker port range 10002-19999
 AGENT_PORT="${KVRAY_AGENT_PORT:-52375}"
 ADDRESS="http://127.0.0.1:${DASHBOARD_PORT}"
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
@@ -32,7 +32,9 @@ fi
 start() {
   local gpus="${1:-0}"
   mkdir -p "$STATE"
-  ray start --head --port="$GCS_PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
+  # Logical CPUs (default 8, as `kvray render` gives a local Ray): stage actors ask for fractions of
+  # CPUs and Ray Data waits until every actor of a pool is placed.
+  ray start --head --num-cpus="${KVRAY_NUM_CPUS:-8}" --port="$GCS_PORT" --dashboard-host=127.0.0.1 --dashboard-port="$DASHBOARD_PORT" \
     --ray-client-server-port="$CLIENT_PORT" --dashboard-agent-listen-port="$AGENT_PORT" \
     --temp-dir="$STATE/ray" --num-gpus="$gpus" --disable-usage-stats
   echo "head up: submit with  kvray submit MANIFEST --out URI --address $ADDRESS"
@@ -50,17 +52,17 @@ status() {
 
 # The pids of every process whose command line names this head's temp dir, and their descendants.
 head_pids() {
-  local roots pid all="" queue
+  local -a queue found=()
+  local pid child
   # The pattern comes from a file descriptor, so this grep's own command line does not match it.
-  roots=$(grep -lsFf <(printf '%s\n' "$STATE/ray") /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3 || true)
-  queue="$roots"
-  while [[ -n "$queue" ]]; do
-    set -- $queue; pid=$1; shift; queue="$*"
-    case " $all " in *" $pid "*) continue ;; esac
-    all="$all $pid"
-    queue="$queue $(ps -o pid= --ppid "$pid" 2>/dev/null | tr '\n' ' ')"
+  mapfile -t queue < <(grep -lsFf <(printf '%s\n' "$STATE/ray") /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3)
+  while ((${#queue[@]})); do
+    pid=${queue[0]}; queue=("${queue[@]:1}")
+    [[ " ${found[*]} " == *" $pid "* ]] && continue
+    found+=("$pid")
+    for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do queue+=("$child"); done
   done
-  echo $all
+  echo "${found[*]}"
 }
 
 stop() {
@@ -68,11 +70,13 @@ stop() {
   if [[ -z "$pids" ]]; then echo "no head running in $STATE/ray"; return 0; fi
   kill -TERM $pids 2>/dev/null || true
   for _ in $(seq 20); do
-    pids=$(for p in $pids; do [[ -d /proc/$p ]] && ! grep -qs '^State:.*Z' /proc/$p/status && echo "$p"; done)
+    pids=$(for p in $pids; do
+             if [[ -d /proc/$p ]] && ! grep -qs '^State:.*Z' "/proc/$p/status"; then echo "$p"; fi
+           done)
     [[ -z "$pids" ]] && break
     sleep 0.5
   done
-  [[ -n "$pids" ]] && kill -KILL $pids 2>/dev/null || true
+  if [[ -n "$pids" ]]; then kill -KILL $pids 2>/dev/null || true; fi
   echo "stopped the head in $STATE/ray"
 }
 

@@ -1,4 +1,4 @@
-"""`kvray` command line: generate | bench | parity | layout | convert."""
+"""`kvray` command line: generate | render | submit | bench | parity | layout | convert."""
 
 from __future__ import annotations
 
@@ -249,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", help="where remote weights are cached")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, ...")
     p.set_defaults(run=_cmd_render)
+
+    from .distributed.submit import add_submit_parser
+
+    add_submit_parser(commands)
 
     bench = commands.add_parser("bench", help="benchmarks that print their figures").add_subparsers(dest="bench", required=True)
     p = bench.add_parser("generate", help="seconds per stage and per video of the in-process pipeline")

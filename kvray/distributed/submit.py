@@ -88,9 +88,13 @@ def build_runtime_env(working_dir: str | None = None, runtime_env: dict | None =
     ships that directory; a URI (s3://.../kvray.zip, https://.../archive.zip) is passed to Ray as is;
     "" ships nothing (the image holds the code). Local directories get `excludes` (DEFAULT_EXCLUDES
     plus `extra_excludes`). `pip` and `env_vars` only appear when given; `runtime_env` (a user's dict,
-    e.g. from --runtime-env-json) is applied last and wins, except that its `excludes` are added to ours.
+    e.g. from --runtime-env-json) is applied last and wins, except that its `excludes` and `env_vars`
+    are added to ours; its `working_dir` counts as the `working_dir` argument when that is None.
     """
     env: dict = {}
+    user = dict(runtime_env or {})
+    if working_dir is None and "working_dir" in user:
+        working_dir = user.pop("working_dir") or ""
     if working_dir is None:
         working_dir = str(REPO_ROOT)
         if not (REPO_ROOT / ENTRY_SCRIPT).is_file():
@@ -112,7 +116,6 @@ def build_runtime_env(working_dir: str | None = None, runtime_env: dict | None =
         env["pip"] = list(pip)
     if env_vars:
         env["env_vars"] = dict(env_vars)
-    user = dict(runtime_env or {})
     if "excludes" in user and "excludes" in env:
         user["excludes"] = [*env["excludes"], *user["excludes"]]
     if "env_vars" in user and "env_vars" in env:
@@ -201,7 +204,8 @@ def _client(address: str, headers: dict[str, str], token_source: str = ""):
 
     try:
         # Ray lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override an explicit address; here the explicit one wins.
-        with _without_env(*(("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if address else ())):
+        explicit = address not in (None, "auto")
+        with _without_env(*(("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if explicit else ())):
             return JobSubmissionClient(address, headers=headers or None)
     except AuthenticationError as err:
         sent = f"the token from {token_source} was refused" if token_source else "no token was sent"

@@ -1,0 +1,509 @@
+"""Deployment files: cluster/ configs parse and point at files that exist, jobs/render.py joins the job's
+cluster, `kvray submit` builds the right job, and the example manifest is what its docs say.
+
+Fast tests start no Ray. The one `slow` test starts its own Ray head (own temp dir and ports,
+RAY_AUTH_MODE=disabled), submits two trivial jobs with `submit()` and then ends only that head's
+processes: never `ray stop`, which would end every Ray on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import io
+import os
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from kvray.config.job import STAGES, RenderJob
+from kvray.distributed import submit as sub
+
+REPO = Path(__file__).resolve().parent.parent
+CLUSTER = REPO / "cluster"
+IMAGE_ROOT = "/home/ray/kvray"  # where cluster/Dockerfile puts the repository
+
+
+def _yaml_docs(path: Path) -> list:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def _load_render_script():
+    spec = importlib.util.spec_from_file_location("kvray_jobs_render", REPO / "jobs" / "render.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _repo_path(path: str) -> Path:
+    """A path in the image (/home/ray/kvray/...) or on a launcher node (~/kvray/...) -> the same file here."""
+    for prefix in (IMAGE_ROOT + "/", "~/kvray/"):
+        if path.startswith(prefix):
+            return REPO / path[len(prefix):]
+    return REPO / path
+
+
+# ---------------------------------------------------------------------------------------------- cluster/
+
+
+def test_every_cluster_yaml_parses():
+    files = sorted(CLUSTER.glob("*.yaml"))
+    assert {f.name for f in files} >= {"ray-cluster-gpu.yaml", "kuberay-raycluster.yaml", "kuberay-rayjob.yaml",
+                                       "job-kv11.yaml", "job-tiny.yaml"}
+    for path in files:
+        assert _yaml_docs(path), f"{path.name} is empty"
+
+
+@pytest.mark.parametrize("name", ["job-kv11.yaml", "job-tiny.yaml"])
+def test_render_jobs_validate(name):
+    job = RenderJob.from_yaml(CLUSTER / name)
+    assert job.models.preset == name.removeprefix("job-").removesuffix(".yaml")
+    for stage in STAGES:
+        assert job.deployment.stage(stage).actors >= 1
+    # Flags on top, as `kvray render MANIFEST --out URI --job FILE` applies them.
+    moved = RenderJob.from_yaml(CLUSTER / name, manifest="s3://b/m.parquet", out="s3://b/run")
+    assert (moved.manifest, moved.out) == ("s3://b/m.parquet", "s3://b/run")
+
+
+def test_kv11_job_fills_one_8_gpu_node_and_tiny_needs_no_gpu():
+    kv11 = RenderJob.from_yaml(CLUSTER / "job-kv11.yaml").deployment
+    assert sum(kv11.stage(s).actors * kv11.stage(s).gpus for s in STAGES) == 8
+    assert all(kv11.stage(s).gpus > 0 for s in STAGES)
+    tiny = RenderJob.from_yaml(CLUSTER / "job-tiny.yaml")
+    assert all(tiny.deployment.stage(s).gpus == 0 for s in STAGES)
+    assert tiny.runtime.device == "cpu"
+    assert (REPO / tiny.manifest).is_file()  # its default manifest is the bundled example
+
+
+def test_launcher_config_is_valid_for_ray_and_ships_the_repo():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((CLUSTER / "ray-cluster-gpu.yaml").read_text())
+    validate_config(prepare_config(config))  # Ray's own schema (jsonschema), no cloud calls
+    assert config["docker"]["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    assert config["provider"]["type"] == "aws"
+    nodes = config["available_node_types"]
+    head = nodes[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    workers = [n for name, n in nodes.items() if name != config["head_node_type"]]
+    assert workers and all(0 <= n["min_workers"] <= n["max_workers"] for n in workers)
+    assert config["file_mounts"]["~/kvray"] == "."
+    setup = " ".join(config["setup_commands"])
+    assert "torch==2.13.0" in setup and "-e ~/kvray" in setup
+    for token in shlex.split(setup.replace("&&", " ")):
+        if token.startswith("~/kvray/"):
+            assert _repo_path(token).exists(), token
+    start = " ".join(config["head_start_ray_commands"] + config["worker_start_ray_commands"])
+    assert start.count("RAY_AUTH_MODE=token") == 2  # every node in token mode, with the mounted token
+
+
+def _kuberay_groups(cluster_spec: dict) -> list[dict]:
+    return [cluster_spec["headGroupSpec"], *cluster_spec["workerGroupSpecs"]]
+
+
+def _check_raycluster_spec(spec: dict) -> None:
+    assert spec["rayVersion"] == "2.60.0"
+    assert spec["authOptions"] == {"mode": "token"}
+    assert spec["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    gpu_groups = spec["workerGroupSpecs"]
+    assert gpu_groups
+    for group in gpu_groups:
+        (container,) = group["template"]["spec"]["containers"]
+        limit = container["resources"]["limits"]["nvidia.com/gpu"]
+        assert group["rayStartParams"]["num-gpus"] == str(limit)  # Ray's GPU count matches the pod's
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+    for group in _kuberay_groups(spec):
+        for container in group["template"]["spec"]["containers"]:
+            assert container["image"].startswith("REGISTRY/kvray:") or "2.60.0" in container["image"]
+
+
+def test_kuberay_raycluster():
+    (doc,) = _yaml_docs(CLUSTER / "kuberay-raycluster.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayCluster")
+    _check_raycluster_spec(doc["spec"])
+
+
+def test_kuberay_rayjob_runs_files_that_exist():
+    (doc,) = _yaml_docs(CLUSTER / "kuberay-rayjob.yaml")
+    assert (doc["apiVersion"], doc["kind"]) == ("ray.io/v1", "RayJob")
+    spec = doc["spec"]
+    assert spec["shutdownAfterJobFinishes"] is True
+    _check_raycluster_spec(spec["rayClusterSpec"])
+    assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
+    args = shlex.split(spec["entrypoint"])
+    assert args[0] == "python"
+    assert _repo_path(args[1]) == REPO / "jobs" / "render.py"
+    assert (REPO / "jobs" / "render.py").is_file()
+    assert "--out" in args
+    job_file = _repo_path(args[args.index("--job") + 1])
+    assert job_file.is_file()
+    RenderJob.from_yaml(job_file)
+    _parses_as_render(args[2:])
+
+
+def _parses_as_render(args: list[str]) -> argparse.Namespace:
+    """`kvray render` accepts these arguments (what jobs/render.py hands it), without running anything."""
+    from kvray.cli import build_parser
+
+    render = _load_render_script()
+    parsed = build_parser().parse_args(["render", *render.with_address(args)])
+    assert parsed.address == "auto" or "--address" in args
+    return parsed
+
+
+def test_dockerfile_uses_the_launcher_image_and_the_image_root():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "FROM rayproject/ray:2.60.0-py311-gpu" in text
+    assert f"WORKDIR {IMAGE_ROOT}" in text
+
+
+def test_local_script_never_runs_ray_stop():
+    text = (CLUSTER / "local.sh").read_text()
+    code = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert "ray stop" not in code
+    assert "RAY_AUTH_MODE=disabled" in code and "--dashboard-host=127.0.0.1" in code
+    subprocess.run(["bash", "-n", str(CLUSTER / "local.sh")], check=True)
+
+
+def test_readme_names_every_cluster_file():
+    readme = (CLUSTER / "README.md").read_text()
+    for path in CLUSTER.iterdir():
+        if path.name != "README.md" and not path.name.endswith(".dockerignore"):
+            assert path.name in readme, path.name
+
+
+# ------------------------------------------------------------------------------------------ jobs/render.py
+
+
+def test_render_job_adds_address_auto_unless_given():
+    render = _load_render_script()
+    assert render.with_address(["m.parquet", "--out", "s3://b/o"]) == ["m.parquet", "--out", "s3://b/o", "--address", "auto"]
+    assert render.with_address(["m", "--address", "10.0.0.1:6379", "--out", "o"]) == ["m", "--address", "10.0.0.1:6379", "--out", "o"]
+    assert render.with_address(["m", "--out", "o", "--address=auto"]) == ["m", "--out", "o", "--address=auto"]
+
+
+def test_render_job_forwards_to_kvray_render(monkeypatch):
+    render = _load_render_script()
+    calls = []
+    import kvray.cli
+
+    monkeypatch.setattr(kvray.cli, "main", lambda argv: calls.append(argv) or 7)
+    assert render.main(["m.parquet", "--out", "o", "--preset", "tiny"]) == 7
+    assert calls == [["render", "m.parquet", "--out", "o", "--preset", "tiny", "--address", "auto"]]
+
+
+def test_render_job_is_a_thin_script_with_a_docstring():
+    render = _load_render_script()
+    assert render.__doc__ and "--address auto" in render.__doc__
+    result = subprocess.run([sys.executable, str(REPO / "jobs" / "render.py"), "--help"], capture_output=True,
+                            text=True, cwd=tempfile.gettempdir(), timeout=120)
+    # `kvray render --help` through the entry point, run by path from elsewhere (as Ray jobs do).
+    assert result.returncode == 0, result.stderr
+    assert "--out" in result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ submit
+
+
+def test_entrypoint_quotes_every_argument():
+    args = sub.render_args_from(preset="kv11", weights="s3://w/kv11", job="cluster/job-kv11.yaml",
+                                storage_options=["endpoint_url=http://minio:9000", "key=a b"])
+    command = sub.build_entrypoint("s3://b/my prompts.parquet", "s3://b/out", args)
+    assert command == ("python jobs/render.py 's3://b/my prompts.parquet' --out s3://b/out --preset kv11 "
+                       "--weights s3://w/kv11 --job cluster/job-kv11.yaml --storage-option "
+                       "endpoint_url=http://minio:9000 --storage-option 'key=a b'")
+    assert shlex.split(command)[2] == "s3://b/my prompts.parquet"
+    parsed = _parses_as_render(shlex.split(command)[2:])
+    assert (parsed.manifest, parsed.out, parsed.preset, parsed.job) == (
+        "s3://b/my prompts.parquet", "s3://b/out", "kv11", "cluster/job-kv11.yaml")
+    assert parsed.storage_option == ["endpoint_url=http://minio:9000", "key=a b"]
+    assert sub.build_entrypoint("m", "o") == "python jobs/render.py m --out o"
+    assert sub.render_args_from() == []
+
+
+def _submit_parser():
+    parser = argparse.ArgumentParser(prog="kvray")
+    sub.add_submit_parser(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def test_submit_parser_passes_render_options_through(monkeypatch):
+    args = _submit_parser().parse_args([
+        "submit", "examples/prompts.parquet", "--out", "s3://b/run", "--address", "http://head:8265",
+        "--preset", "tiny", "--job", "cluster/job-tiny.yaml", "--storage-option", "anon=false",
+        "--storage-option", "endpoint_url=http://x:9000", "--no-follow", "--runtime-env-json", '{"env_vars": {"A": "1"}}',
+    ])
+    seen = {}
+    monkeypatch.setattr(sub, "submit", lambda manifest, out, **kw: seen.update(manifest=manifest, out=out, **kw) or 0)
+    assert args.run(args) == 0
+    assert seen["address"] == "http://head:8265" and seen["follow"] is False
+    assert seen["runtime_env"] == {"env_vars": {"A": "1"}}
+    assert sub.build_entrypoint(seen["manifest"], seen["out"], seen["render_args"]) == (
+        "python jobs/render.py examples/prompts.parquet --out s3://b/run --preset tiny --job cluster/job-tiny.yaml "
+        "--storage-option anon=false --storage-option endpoint_url=http://x:9000")
+
+
+def test_submit_parser_rejects_bad_options(capsys):
+    for bad in (["--storage-option", "novalue"], ["--runtime-env-json", "[1]"], ["--runtime-env-json", "{"]):
+        with pytest.raises(SystemExit):
+            _submit_parser().parse_args(["submit", "m", "--out", "o", "--address", "h:8265", *bad])
+
+
+def test_runtime_env_ships_the_repo_without_venv_git_or_outputs():
+    env = sub.build_runtime_env()
+    assert env["working_dir"] == str(REPO)
+    assert {".venv/", ".git/", "__pycache__/", "out/"} <= set(env["excludes"])
+    assert "pip" not in env and "env_vars" not in env
+    env = sub.build_runtime_env(None, {"env_vars": {"A": "1"}, "excludes": ["big/"]}, pip=["einops"],
+                                env_vars={"B": "2"}, extra_excludes=["/renders-1/"])
+    assert env["pip"] == ["einops"] and env["env_vars"] == {"B": "2", "A": "1"}
+    assert env["excludes"][-2:] == ["/renders-1/", "big/"]
+    assert sub.build_runtime_env("s3://b/kvray.zip") == {"working_dir": "s3://b/kvray.zip"}
+    assert sub.build_runtime_env("") == {}  # the image holds the code
+    assert sub.build_runtime_env(None, {"working_dir": "s3://b/k.zip"})["working_dir"] == "s3://b/k.zip"
+    with pytest.raises(sub.SubmitError, match="not a directory"):
+        sub.build_runtime_env(str(REPO / "nope"))
+
+
+def test_local_output_inside_the_repo_is_not_shipped():
+    assert sub._output_exclude(str(REPO / "renders" / "a"), None) == ["/renders/a/"]
+    assert sub._output_exclude("s3://b/out", None) == []
+    assert sub._output_exclude("/elsewhere/out", None) == []
+
+
+def test_address_and_token(monkeypatch, tmp_path):
+    assert sub.normalize_address("head:8265/") == "http://head:8265"
+    assert sub.normalize_address("https://ray.example.com") == "https://ray.example.com"
+    assert sub.normalize_address("auto") == "auto" and sub.normalize_address(None) is None
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for name in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    assert sub.auth_headers() == {}
+    (tmp_path / ".ray").mkdir()
+    (tmp_path / ".ray" / "auth_token").write_text("from-file\n")
+    assert sub.auth_headers() == {"Authorization": "Bearer from-file"}
+    path = tmp_path / "tok"
+    path.write_text("from-path")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(path))
+    assert sub.find_token() == ("from-path", f"RAY_AUTH_TOKEN_PATH={path}")
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "from-env")
+    assert sub.auth_headers() == {"Authorization": "Bearer from-env"}
+    assert sub.auth_headers("explicit") == {"Authorization": "Bearer explicit"}
+    monkeypatch.delenv("RAY_AUTH_TOKEN")
+    path.write_text("")
+    with pytest.raises(sub.SubmitError, match="empty"):
+        sub.auth_headers()
+
+
+class FakeClient:
+    """Ray's JobSubmissionClient as far as submit() uses it."""
+
+    def __init__(self, status="SUCCEEDED", logs="line 1\nline 2\n"):
+        self.status, self.logs, self.submitted = status, logs, []
+
+    def submit_job(self, **kwargs):
+        self.submitted.append(kwargs)
+        return "raysubmit_test"
+
+    async def tail_job_logs(self, job_id):
+        for line in self.logs.splitlines(keepends=True):
+            yield line
+
+    def get_job_status(self, job_id):
+        return self.status
+
+    def get_job_logs(self, job_id):
+        return self.logs
+
+
+@pytest.mark.parametrize("status,code", [("SUCCEEDED", 0), ("FAILED", 1), ("STOPPED", 1)])
+def test_submit_follows_logs_and_returns_the_job_outcome(status, code, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "tok")
+    client, seen = FakeClient(status), {}
+
+    def factory(address, headers):
+        seen.update(address=address, headers=headers)
+        return client
+
+    logs = io.StringIO()
+    rc = sub.submit("examples/prompts.parquet", "s3://b/o", address="127.0.0.1:8265", render_args=["--preset", "tiny"],
+                    client_factory=factory, stream=logs)
+    assert rc == code
+    assert seen == {"address": "http://127.0.0.1:8265", "headers": {"Authorization": "Bearer tok"}}
+    (job,) = client.submitted
+    assert job["entrypoint"] == "python jobs/render.py examples/prompts.parquet --out s3://b/o --preset tiny"
+    assert job["runtime_env"]["working_dir"] == str(REPO)
+    assert job["metadata"]["kvray_out"] == "s3://b/o"
+    assert logs.getvalue() == "line 1\nline 2\n"
+    assert "raysubmit_test" in capsys.readouterr().out
+
+
+def test_submit_without_follow_returns_once_accepted(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    client = FakeClient(status="RUNNING")
+    assert sub.submit("m", "o", address="http://h:8265", follow=False, client_factory=lambda a, h: client) == 0
+
+
+def test_submit_reports_an_unreachable_address():
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(sub.SubmitError, match="cannot reach the Ray dashboard"):
+        sub.submit("m", "o", address=f"127.0.0.1:{port}", working_dir="")
+    args = _submit_parser().parse_args(["submit", "m", "--out", "o", "--address", f"127.0.0.1:{port}", "--working-dir", ""])
+    assert args.run(args) == 2
+
+
+def test_explicit_address_wins_over_ray_address_env(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")
+    seen = []
+
+    class Client:
+        def __init__(self, address, headers=None):
+            seen.append((address, os.environ.get("RAY_ADDRESS")))
+
+    import ray.job_submission
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    sub._client("http://head:8265", {})
+    assert seen == [("http://head:8265", None)]
+    assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"  # restored
+
+
+# ---------------------------------------------------------------------------------------------- examples/
+
+
+def test_example_manifest_has_the_documented_columns_and_its_image_exists():
+    table = pq.read_table(REPO / "examples" / "prompts.parquet")
+    assert table.schema.names == ["id", "prompt", "seed", "fps", "motion", "width", "height", "image"]
+    rows = table.to_pylist()
+    assert 5 <= len(rows) <= 6
+    assert len({r["id"] for r in rows}) == len(rows) and all(r["prompt"].strip() for r in rows)
+    assert all(r["fps"] in (None, "low", "medium", "high") and r["motion"] in (None, "low", "medium", "high")
+               for r in rows)
+    assert all((r[k] is None or r[k] % 64 == 0) for r in rows for k in ("width", "height"))
+    images = [r["image"] for r in rows if r["image"] is not None]
+    assert len(images) == 1
+    image = REPO / images[0]
+    assert not Path(images[0]).is_absolute() and image.is_file()
+    assert image.stat().st_size < 50_000
+    from PIL import Image
+
+    with Image.open(image) as img:
+        assert img.size == (256, 256) and img.mode == "RGB"
+
+
+def test_example_manifest_rows_become_valid_requests():
+    from kvray.config.job import RequestDefaults
+    from kvray.pipeline.manifest import plan_row
+
+    for row in pq.read_table(REPO / "examples" / "prompts.parquet").to_pylist():
+        planned = plan_row(row, RequestDefaults(), "test", (128, 128))
+        assert planned.request is not None, planned.error
+
+
+# ---------------------------------------------------------------------------------- a real head (slow)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _process_table() -> dict[int, tuple[int, list[str]]]:
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
+            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        table[int(entry)] = (ppid, cmdline)
+    return table
+
+
+def _head_processes(marker: str) -> set[int]:
+    """Processes whose command line names `marker` (this head's temp dir), and all their descendants."""
+    table = _process_table()
+    found = {pid for pid, (_, cmd) in table.items() if pid != os.getpid() and any(marker in a for a in cmd)}
+    todo = list(found)
+    while todo:
+        parent = todo.pop()
+        for pid, (ppid, _) in table.items():
+            if ppid == parent and pid not in found:
+                found.add(pid)
+                todo.append(pid)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def _stop_head(marker: str) -> None:
+    pids = _head_processes(marker)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 6  # gcs_server can sit on SIGTERM; SIGKILL after that
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in pids:
+        if _alive(pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def ray_head():
+    """A Ray head of this test's own: temp dir, ports, no token auth; its processes are ended afterwards."""
+    temp_dir = tempfile.mkdtemp(prefix="kvray-head-", dir="/tmp")  # short: Ray's socket paths have a limit
+    dashboard = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(name, None)
+    command = [
+        str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={_free_port()}",
+        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
+        f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}", "--num-cpus=1", "--num-gpus=0",
+        "--object-store-memory=100000000", "--disable-usage-stats",
+    ]
+    try:
+        started = subprocess.run(command, env=env, cwd=temp_dir, capture_output=True, text=True, timeout=120)
+        assert started.returncode == 0, started.stderr[-2000:]
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        _stop_head(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_submit_to_a_real_head(ray_head, capsys):
+    # The job joins the head's cluster (RAY_ADDRESS set by Ray), and runs in the shipped repository.
+    probe = ("import os, ray; ray.init(address='auto'); assert ray.cluster_resources()['CPU'] == 1; "
+             "assert os.path.isfile('jobs/render.py') and not os.path.exists('.venv'); print('probe ok')")
+    logs = io.StringIO()
+    assert sub.submit("m", "o", address=ray_head, entrypoint=shlex.join(["python", "-c", probe]), stream=logs) == 0
+    assert "probe ok" in logs.getvalue()
+    assert sub.submit("m", "o", address=ray_head, working_dir="", entrypoint="exit 3", stream=io.StringIO()) == 1
