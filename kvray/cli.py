@@ -185,6 +185,9 @@ def _cmd_render(args) -> int:
     except ManifestError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # storage that keeps failing once its retries are spent
+        print(f"error: storage failed: {err}", file=sys.stderr)
+        return 2
     for line in summary.lines():
         print(line)
     return 0

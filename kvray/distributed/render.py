@@ -81,6 +81,7 @@ def render(job: RenderJob) -> RenderSummary:
         planned = ray.data.read_parquet(
             files, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(manifest_fs))
         ).map_batches(plan_rows, fn_kwargs={"job_json": job_json}, batch_format="pyarrow", num_cpus=0.25).materialize()
+        planned = _refuse_duplicate_ids(planned)
         pending = planned.filter(expr=col("status") == PENDING).materialize()
         finished = planned.filter(expr=col("status") != PENDING)
         count = pending.count()
@@ -88,7 +89,7 @@ def render(job: RenderJob) -> RenderSummary:
         render_start = time.perf_counter()
         streams = [finished]
         if count:
-            streams.append(_model_stages(pending, count, job, job_json, registry_name))
+            streams.append(model_stages(pending, count, job, registry_name))
         summary.results = _write_results(streams, fs, root, summary, job.results_per_file)
         summary.seconds = time.perf_counter() - render_start
         summary.stages = ray.get(registry.report.remote())
@@ -101,7 +102,28 @@ def render(job: RenderJob) -> RenderSummary:
     return summary
 
 
-def _model_stages(pending, count: int, job: RenderJob, job_json: str, registry_name: str):
+def _refuse_duplicate_ids(planned):
+    """Rows that share an id are all errors: results are keyed by id, and no choice between them is
+    safe (explicit ids repeated, or identical rows without ids, whose derived ids coincide)."""
+    counts = planned.groupby("id").count().filter(expr=col("count()") > 1).to_pandas()
+    if counts.empty:
+        return planned
+    repeated = dict(zip(counts["id"], counts["count()"]))
+    return planned.map_batches(_mark_duplicates, fn_kwargs={"repeated": repeated}, batch_format="pandas").materialize()
+
+
+def _mark_duplicates(batch: pd.DataFrame, repeated: dict) -> pd.DataFrame:
+    hit = batch["id"].isin(list(repeated))
+    batch.loc[hit, "status"] = ERROR
+    batch.loc[hit, "uri"] = ""
+    batch.loc[hit, "error"] = [f"id {i!r} is not unique ({repeated[i]} rows): give each row its own id" for i in batch.loc[hit, "id"]]
+    return batch
+
+
+def model_stages(pending, count: int, job: RenderJob, registry_name: str, workers=WORKERS):
+    """The four actor pools over the pending rows. `workers`: the stage callables (benchmarks substitute
+    stand-ins with the same constructor arguments: job_json, registry_name, emit_rows)."""
+    job_json = job.model_dump_json()
     # Enough blocks that every actor of the widest pool gets work (a one-file manifest is one block).
     widest = max(job.deployment.stage(s).actors * job.deployment.stage(s).batch_size for s in STAGES)
     ds = pending.repartition(min(count, max(1, widest * 2)))
@@ -109,7 +131,7 @@ def _model_stages(pending, count: int, job: RenderJob, job_json: str, registry_n
         deployment = job.deployment.stage(stage)
         following = STAGES[index + 1] if index + 1 < len(STAGES) else stage
         ds = ds.map_batches(
-            WORKERS[stage],
+            workers[stage],
             fn_constructor_kwargs={"job_json": job_json, "registry_name": registry_name,
                                    "emit_rows": job.deployment.stage(following).batch_size},
             batch_format="pandas",

@@ -204,10 +204,14 @@ class DecodeAndWriteWorker(StageWorker):
         outcome = {}
         for i, request in zip(rows.index, _requests(rows)):
             row = rows.loc[i]
+            path = video_path(self.root, row["video_id"], self.job.video_format)
+            if self.fs.exists(meta_path(self.root, row["video_id"])):
+                # A retried task (its actor died after writing) or the same request twice: written once.
+                outcome[i] = {"status": OK, "uri": self.fs.unstrip_protocol(path), "payload": b""}
+                continue
             start = time.perf_counter()
             video = Video(request, self.decode(unpack_tensors(row["payload"])["latents"]), bool(row["prompt_truncated"]))
             data = video.encode(self.job.video_format)
-            path = video_path(self.root, row["video_id"], self.job.video_format)
             write_atomic(self.fs, path, data)
             timings = {s: float(row[f"seconds_{s}"]) for s in STAGE_NAMES}
             timings["decode"] = time.perf_counter() - start

@@ -1,4 +1,4 @@
-"""Text2video and image2video in one process: the four stages run back to back on one device."""
+"""Text2video, image2video, animation and mini-movies in one process: the four stages back to back on one device."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from ..io.images import load_image
 from ..io.video import clip_fps, encode_video
 from ..sampling import SamplingConfig
 from ..config.models import ModelSource
-from .request import VideoRequest
+from .request import ANIMATION_FPS, VideoRequest
 from .stages import Decode, EncodeText, Interpolate, Keyframes, Progress
 
 log = logging.getLogger(__name__)
@@ -32,8 +32,25 @@ class Video:
 
     @property
     def fps(self) -> Fraction:
-        """The official clips last about 5.5 s whatever their frame count."""
-        return clip_fps(len(self.frames))
+        """Animation: 24 fps. Otherwise each scene lasts about 5.5 s whatever its frame count, as the
+        official clips (a 3-scene movie: 16.5 s)."""
+        if self.request.mode == "animation":
+            return Fraction(ANIMATION_FPS)
+        return clip_fps(max(1, len(self.frames) // self.request.num_scenes))
+
+    @property
+    def scenes(self) -> list[dict]:
+        """Each scene's prompt and frames (first and last inclusive) and times in seconds; one entry for a
+        plain video or an animation. For the metadata JSON."""
+        per_scene = len(self.frames) // self.request.num_scenes
+        fps = self.fps
+        return [
+            {"scene": index + 1, "prompt": prompt, "first_frame": index * per_scene,
+             "last_frame": (index + 1) * per_scene - 1, "frames": per_scene,
+             "start_seconds": round(float(index * per_scene / fps), 4),
+             "end_seconds": round(float((index + 1) * per_scene / fps), 4)}
+            for index, prompt in enumerate(self.request.prompts)
+        ]
 
     def encode(self, format: str | None = None, path: str | None = None, fps: float | Fraction | None = None) -> bytes:
         return encode_video(self.frames, fps or self.fps, format, path=path)
@@ -74,9 +91,9 @@ class VideoPipeline:
             timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
             return out
 
-        texts, truncated = timed("text", self.encode_text, [r.prompt for r in requests])
+        texts, truncated = timed("text", self.encode_text, [r.prompts for r in requests])
         keyframes = timed("keyframes", self.keyframes, requests, texts, images, progress)
         latents = timed("interpolate", self.interpolate, requests, texts, keyframes, progress)
-        frames = [timed("decode", self.decode, video, progress) for video in latents]
+        frames = [timed("decode", self.decode, video, progress, request=r) for video, r in zip(latents, requests)]
         share = {stage: seconds / len(requests) for stage, seconds in timings.items()}
         return [Video(r, f, t, dict(share)) for r, f, t in zip(requests, frames, truncated)]

@@ -2,13 +2,28 @@
 
 | stage       | networks                    | in                                 | out                          |
 |-------------|-----------------------------|------------------------------------|------------------------------|
-| EncodeText  | T5 encoder + projections    | prompts                            | one TextCondition per prompt |
+| EncodeText  | T5 encoder + projections    | prompts (a scene list: its prompts)| one text per prompt (list)   |
 | Keyframes   | keyframe U-Net + image MoVQ | requests, texts, first images      | (12, 4, h, w) latents each   |
 | Interpolate | interpolation U-Net         | requests, texts, keyframe latents  | (12/45/177, 4, h, w) each    |
 | Decode      | temporal MoVQ decoder       | one video's latents                | uint8 frames (f, h, w, c)    |
 
 Every request draws its noise from its own generators, seeded from its seed and the stage, so a
 request gives the same video alone or in any batch, in one process or spread over machines.
+
+Mini-movies (`request.scenes`) and animations run through the same four stages, each stage doing all of
+a request's work in one visit:
+
+* A request's "text" is a TextCondition, or a tuple of them, one per scene (`EncodeText` given the
+  request's `prompts`); `text_tensors` / `text_from_tensors` pack either for transport.
+* Keyframes: scene 1 as a plain request; then each later scene as image2video from the previous
+  scene's LAST keyframe, decoded with the image MoVQ and re-encoded exactly as a user's image (the last
+  keyframe is the scene's last frame: interpolation keeps keyframes). Scenes run one after the other
+  (a dependency), batched across the requests of the batch. Out: the scenes' keyframes, concatenated.
+  Animation: frame 0 as text2video / image2video, then 24 redrawn keyframes (`animation.py`).
+* Interpolate: every scene on its own (no frames are made across a scene cut), all scenes of all
+  requests in one batch per shape; animation: one pass over its 25 keyframes (or the warp fill at
+  strength 0), the extra last frame dropped -> 96.
+* Decode: with `request`, each scene is chunked as its own video.
 """
 
 from __future__ import annotations
@@ -25,8 +40,9 @@ from ..sampling import GeneratorNoise, SamplingConfig, TextCondition, interpolat
 from ..sampling.loops import sample_first_frame, sample_keyframes
 from ..config.models import ModelSource
 from ..weights.bundle import load_model, load_tokenizer
+from .animation import FILL_SKIP_FRAMES, animate_keyframes, frame_poses, keyframe_poses, warp_fill
 from .frames import decode_chunks, image_to_tensor, to_uint8
-from .request import VideoRequest
+from .request import ANIMATION_FRAMES, VideoRequest
 
 # progress(stage, step_index, num_steps)
 Progress = Callable[[str, int, int], None]
@@ -54,6 +70,48 @@ def _step_callback(progress: Progress | None, stage: str):
     return None if progress is None else (lambda index, steps, _t: progress(stage, index, steps))
 
 
+# One request's encoded text: one TextCondition, or one per scene of a mini-movie.
+Text = TextCondition | tuple[TextCondition, ...]
+
+
+def scene_texts(text: Text, request: VideoRequest | None = None) -> tuple[TextCondition, ...]:
+    """The per-scene texts of one request (checked against its scene count when `request` is given)."""
+    texts = (text,) if isinstance(text, TextCondition) else tuple(text)
+    if request is not None and len(texts) != request.num_scenes:
+        raise ValueError(f"a request of {request.num_scenes} scene(s) came with {len(texts)} encoded prompt(s): "
+                         "EncodeText must be given each request's `prompts`")
+    return texts
+
+
+def text_tensors(text: Text) -> dict[str, torch.Tensor]:
+    """One request's text as named tensors (for safetensors): `context`, `mask` for the first scene (the
+    layout of a plain request), `context.1`, `mask.1`, ... for the later ones."""
+    out = {}
+    for index, scene in enumerate(scene_texts(text)):
+        suffix = f".{index}" if index else ""
+        out[f"context{suffix}"] = scene.context.contiguous()
+        out[f"mask{suffix}"] = scene.mask.contiguous()
+    return out
+
+
+def text_from_tensors(tensors: dict[str, torch.Tensor]) -> Text:
+    """The inverse of `text_tensors` (other entries, such as latents, are ignored)."""
+    scenes = [TextCondition(tensors["context"], tensors["mask"])]
+    while f"context.{len(scenes)}" in tensors:
+        scenes.append(TextCondition(tensors[f"context.{len(scenes)}"], tensors[f"mask.{len(scenes)}"]))
+    return scenes[0] if len(scenes) == 1 else tuple(scenes)
+
+
+def _scene_stage(stage: str, scene: int) -> str:
+    """The generator name of a scene's stage: the plain name for the first scene (a one-scene movie is
+    the plain request, draw for draw)."""
+    return stage if scene == 0 else f"{stage}/scene-{scene + 1}"
+
+
+def _with_steps(sampler, steps: int | None):
+    return sampler if steps is None else sampler.model_copy(update={"num_steps": steps})
+
+
 class EncodeText:
     """Each distinct prompt of a batch is encoded once; every request gets its own, uncut-by-batch context."""
 
@@ -66,8 +124,25 @@ class EncodeText:
         self.tokens_length = models.model_preset.text_encoder.tokens_length
 
     @torch.inference_mode()
-    def __call__(self, prompts: Sequence[str]) -> tuple[list[TextCondition], list[bool]]:
-        """Contexts (float32, on the CPU: they travel between stages) and, per prompt, whether it was truncated."""
+    def __call__(self, prompts: Sequence[str | Sequence[str]]) -> tuple[list[Text], list[bool]]:
+        """Contexts (float32, on the CPU: they travel between stages) and, per item, whether a prompt was
+        truncated. An item is a prompt (-> a TextCondition) or a sequence of scene prompts, such as
+        `request.prompts` (-> a tuple of TextConditions, one per scene)."""
+        flat = [p for item in prompts for p in ((item,) if isinstance(item, str) else item)]
+        texts, truncated = self._encode(flat) if flat else ([], [])
+        out, cut, start = [], [], 0
+        for item in prompts:
+            if isinstance(item, str):
+                out.append(texts[start])
+                cut.append(truncated[start])
+                start += 1
+            else:
+                out.append(tuple(texts[start:start + len(item)]))
+                cut.append(any(truncated[start:start + len(item)]))
+                start += len(item)
+        return out, cut
+
+    def _encode(self, prompts: Sequence[str]) -> tuple[list[TextCondition], list[bool]]:
         from ..models.text_encoder import tokenize
 
         unique = list(dict.fromkeys(prompts))
@@ -92,53 +167,91 @@ class Keyframes:
         self.movq = load_model(models, "image_movq", self.device, runtime.dtype("image_movq"))
         self.sampling = sampling
 
-    def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[TextCondition],
+    def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[Text],
                  images: Sequence[Image.Image | None], progress: Progress | None = None):
-        """Per request, its keyframe latents (12, 4, h, w) float32 on the CPU. `images`: the first frame of
-        each image2video request, None for text2video."""
+        """Per request, its keyframe latents float32 on the CPU: (12, 4, h, w) per scene, the scenes
+        concatenated; (25, 4, h, w) for an animation. `images`: the first frame of each image2video (or
+        animation from an image) request, None where it is drawn from the prompt."""
         latents: list[torch.Tensor | None] = [None] * len(requests)
-        for group in _groups(requests, lambda r: (r.width, r.height, r.steps)):
-            out = self._group([requests[i] for i in group], [texts[i] for i in group], [images[i] for i in group], progress)
+        texts = [scene_texts(t, r) for t, r in zip(texts, requests)]
+        animation = lambda r: r.mode == "animation"  # noqa: E731
+        key = lambda r: (animation(r), r.width, r.height, r.steps, r.denoise_strength if animation(r) else None)  # noqa: E731
+        for group in _groups(requests, key):
+            run = self._animation if animation(requests[group[0]]) else self._group
+            out = run([requests[i] for i in group], [texts[i] for i in group], [images[i] for i in group], progress)
             for i, latent in zip(group, out):
                 latents[i] = latent
         return latents
 
     @torch.inference_mode()
     def _group(self, requests, texts, images, progress):
-        request = requests[0]
-        texts = [t.to(self.device) for t in texts]
+        """Text2video / image2video requests of one size, scene after scene."""
+        texts = [[t.to(self.device) for t in scenes] for scenes in texts]
         generators = _generators(requests, "keyframes")
+        conditions = self._first_frames(requests, [t[0] for t in texts], images, generators, progress)
+        keyframes = self._keyframes(requests, [t[0] for t in texts], conditions, generators, progress)
+        scenes = [[k] for k in keyframes]
+        for scene in range(1, max(r.num_scenes for r in requests)):
+            # Each later scene is image2video from the previous scene's last frame (its last keyframe),
+            # decoded and re-encoded as a user's image would be.
+            active = [i for i, r in enumerate(requests) if r.num_scenes > scene]
+            last = [Image.fromarray(self._decode_image(scenes[i][-1][-1:])[0]) for i in active]
+            conditions = self._encode_images(last, requests[0].width, requests[0].height)
+            generators = _generators([requests[i] for i in active], _scene_stage("keyframes", scene))
+            keyframes = self._keyframes([requests[i] for i in active], [texts[i][scene] for i in active],
+                                        conditions, generators, progress)
+            for i, k in zip(active, keyframes):
+                scenes[i].append(k)
+        return [torch.cat(s).cpu() for s in scenes]
+
+    @torch.inference_mode()
+    def _animation(self, requests, texts, images, progress):
+        """Animations of one size and strength: frame 0, then the redrawn keyframes."""
+        texts = [t[0].to(self.device) for t in texts]
+        request = requests[0]
+        generators = _generators(requests, "keyframes")
+        first = self._first_frames(requests, texts, images, generators, progress)
+        keyframes = animate_keyframes(
+            self.unet, texts, first, torch.stack([keyframe_poses(r) for r in requests]), GeneratorNoise(generators),
+            size=(request.width, request.height), strength=request.denoise_strength,
+            guidance=[r.guidance for r in requests], sampler=_with_steps(self.sampling.first_frame, request.steps),
+            progress=None if progress is None else (lambda index, total: progress("animation", index, total)),
+        )
+        return keyframes.cpu()
+
+    def _first_frames(self, requests, texts, images, generators, progress) -> torch.Tensor:
+        """The first frames' latents (R, 4, h, w): the given images, or drawn in image mode (text2video)."""
+        request = requests[0]
         drawn = [i for i, image in enumerate(images) if image is None]
         if drawn:
             # text2video: the first frame at (height/4, width/4) latents, i.e. twice the video's size.
-            sampler = self.sampling.first_frame
-            if request.steps is not None:
-                sampler = sampler.model_copy(update={"num_steps": request.steps})
             latents = sample_first_frame(
                 self.unet, [texts[i] for i in drawn], (request.height // 4, request.width // 4),
                 GeneratorNoise([generators[i] for i in drawn]), guidance=[requests[i].guidance for i in drawn],
-                sampler=sampler, callback=_step_callback(progress, "first frame"),
+                sampler=_with_steps(self.sampling.first_frame, request.steps),
+                callback=_step_callback(progress, "first frame"),
             )
             images = list(images)
             for i, latent in zip(drawn, latents):
                 # One image per decode: the MoVQ attention modulates a batch with its first latent.
                 images[i] = Image.fromarray(self._decode_image(latent[None])[0])
+        return self._encode_images(images, request.width, request.height)
+
+    def _encode_images(self, images, width: int, height: int) -> torch.Tensor:
         # One image per encode too: batched convolutions round differently, and the keyframe sampling
         # amplifies a 1e-7 difference of its condition a thousandfold.
-        conditions = torch.cat([
-            self.movq.encode(image_to_tensor(image, request.width, request.height).to(self.device, self._movq_dtype()))
+        return torch.cat([
+            self.movq.encode(image_to_tensor(image, width, height).to(self.device, self._movq_dtype()))
             for image in images
         ]).float()
-        sampler = self.sampling.keyframes
-        if request.steps is not None:
-            sampler = sampler.model_copy(update={"num_steps": request.steps})
-        keyframes = sample_keyframes(
+
+    def _keyframes(self, requests, texts, conditions, generators, progress) -> torch.Tensor:
+        return sample_keyframes(
             self.unet, texts, conditions, GeneratorNoise(generators),
             motion=[r.motion for r in requests], num_frames=self.sampling.num_keyframes,
             guidance=[r.guidance for r in requests], noise_augmentation=self.sampling.noise_augmentation,
-            sampler=sampler, callback=_step_callback(progress, "keyframes"),
+            sampler=_with_steps(self.sampling.keyframes, requests[0].steps), callback=_step_callback(progress, "keyframes"),
         )
-        return keyframes.cpu()
 
     def _movq_dtype(self) -> torch.dtype:
         return next(self.movq.parameters()).dtype
@@ -148,7 +261,8 @@ class Keyframes:
 
 
 class Interpolate:
-    """0, 1 or 2 interpolation passes (fps low / medium / high): 12 -> 45 -> 177 latent frames."""
+    """0, 1 or 2 interpolation passes (fps low / medium / high): 12 -> 45 -> 177 latent frames per scene;
+    animation: 25 keyframes -> 96 frames."""
 
     networks = ("interpolation_unet",)
 
@@ -159,26 +273,57 @@ class Interpolate:
         self.sampling = sampling
 
     @torch.inference_mode()
-    def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[TextCondition],
+    def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[Text],
                  keyframes: Sequence[torch.Tensor], progress: Progress | None = None) -> list[torch.Tensor]:
         """Per request, its latent video (T, 4, h, w) float32 on the CPU."""
-        videos: list[torch.Tensor] = list(keyframes)
-        for group in _groups(requests, lambda r: (r.fps, r.width, r.height, r.interpolation_steps)):
-            request = requests[group[0]]
-            sampler = self.sampling.interpolation
-            if request.interpolation_steps is not None:
-                sampler = sampler.model_copy(update={"num_steps": request.interpolation_steps})
-            noise = GeneratorNoise(_generators([requests[i] for i in group], "interpolation"))
-            frames = torch.stack([videos[i] for i in group]).to(self.device)
-            group_texts = [texts[i].to(self.device) for i in group]
-            for skip_frames in interpolation_passes(request.fps):
-                frames = interpolate(
-                    self.unet, group_texts, frames, noise, skip_frames=skip_frames,
-                    guidance=[requests[i].guidance for i in group], sampler=sampler,
-                    callback=_step_callback(progress, "interpolation"),
-                )
-            for i, video in zip(group, frames):
-                videos[i] = video.cpu()
+        # One clip per scene (an animation is one clip): clips never mix frames across a scene cut.
+        clips = []  # (request index, scene, passes, keyframes, text)
+        parts: list[list[torch.Tensor | None]] = []
+        for index, (request, text, frames) in enumerate(zip(requests, texts, keyframes)):
+            scenes = scene_texts(text, request)
+            if request.mode == "animation":
+                parts.append([None])
+                if request.denoise_strength == 0:  # no diffusion at all: the warp fill
+                    size = (request.width, request.height)
+                    parts[index][0] = warp_fill(frames.to(self.device), frame_poses(request), size).cpu()
+                else:
+                    clips.append((index, 0, (FILL_SKIP_FRAMES,), frames, scenes[0]))
+                continue
+            if frames.shape[0] % request.num_scenes:
+                raise ValueError(f"{frames.shape[0]} keyframes for {request.num_scenes} scenes")
+            per_scene = frames.shape[0] // request.num_scenes
+            parts.append([None] * request.num_scenes)
+            for scene in range(request.num_scenes):
+                clips.append((index, scene, interpolation_passes(request.fps),
+                              frames[scene * per_scene:(scene + 1) * per_scene], scenes[scene]))
+        groups: dict[object, list[int]] = {}
+        for c, (index, _, passes, frames, _) in enumerate(clips):
+            r = requests[index]
+            groups.setdefault((passes, r.width, r.height, r.interpolation_steps, frames.shape[0]), []).append(c)
+        for group in groups.values():
+            members = [clips[c] for c in group]
+            passes = members[0][2]
+            frames = torch.stack([m[3] for m in members]).to(self.device)
+            if passes:
+                group_requests = [requests[m[0]] for m in members]
+                noise = GeneratorNoise([
+                    torch.Generator().manual_seed(stage_seed(requests[m[0]].seed, _scene_stage("interpolation", m[1])))
+                    for m in members
+                ])
+                sampler = _with_steps(self.sampling.interpolation, group_requests[0].interpolation_steps)
+                group_texts = [m[4].to(self.device) for m in members]
+                for skip_frames in passes:
+                    frames = interpolate(
+                        self.unet, group_texts, frames, noise, skip_frames=skip_frames,
+                        guidance=[r.guidance for r in group_requests], sampler=sampler,
+                        callback=_step_callback(progress, "interpolation"),
+                    )
+            for (index, scene, *_), video in zip(members, frames):
+                parts[index][scene] = video.cpu()
+        videos = []
+        for request, scenes in zip(requests, parts):
+            video = torch.cat(scenes)
+            videos.append(video[:ANIMATION_FRAMES] if request.mode == "animation" else video)
         return videos
 
 
@@ -192,11 +337,18 @@ class Decode:
         self.movq = load_model(models, "video_movq", self.device, runtime.dtype("video_movq"))
 
     @torch.inference_mode()
-    def __call__(self, latents: torch.Tensor, progress: Progress | None = None) -> np.ndarray:
-        """One video (T, 4, h, w) -> (T, H, W, 3) uint8. A chunk is one clip to the temporal layers."""
+    def __call__(self, latents: torch.Tensor, progress: Progress | None = None,
+                 request: VideoRequest | None = None) -> np.ndarray:
+        """One video (T, 4, h, w) -> (T, H, W, 3) uint8. A chunk is one clip to the temporal layers.
+        With the `request`, each scene of a mini-movie is chunked as its own video (the official chunks
+        of one scene); without, the whole video is (the same but at fps 'high', where the chunks of a
+        multi-scene movie would straddle the cuts)."""
         dtype = next(self.movq.parameters()).dtype
         frames, start = [], 0
-        sizes = decode_chunks(latents.shape[0])
+        scenes = request.num_scenes if request is not None else 1
+        if latents.shape[0] % scenes:
+            raise ValueError(f"{latents.shape[0]} latent frames for {scenes} scenes")
+        sizes = [size for _ in range(scenes) for size in decode_chunks(latents.shape[0] // scenes)]
         for index, size in enumerate(sizes):
             chunk = latents[start:start + size].to(self.device, dtype)
             frames.append(to_uint8(self.movq.decode(chunk)))

@@ -1,0 +1,431 @@
+"""The GPU planner: how many actors each stage pool gets and how much of a GPU each actor holds.
+
+The model. Stage i costs `w_i` seconds per video on a whole GPU (a cost profile: `kvray bench stages`).
+An actor holding a fraction f <= 1 of a GPU runs at f of the GPU's speed (k actors time-share it), so
+a stage's throughput is the GPUs its pool holds divided by `w_i`. On N GPUs no plan beats the bound
+N / sum(w_i), reached when every stage holds GPUs in proportion to its cost. What stands in the way
+is integrality: a pool has a whole number of actors, all of one size, and Ray places a fraction
+below one on a single GPU (the best-fitting one) and a whole number of GPUs on free GPUs. So:
+
+- a stage's actors hold 1/k of a GPU (k = 1..`max_share`; heavy stages come out at k = 1, light
+  stages share a GPU with other stages), or whole GPUs when one actor's memory needs more than one;
+- a fraction must leave room: k actors of a stage needing M GiB (plus a CUDA context) fit in one
+  GPU of G GiB, so every mix of actors Ray puts on a GPU fits in its memory;
+- fractions are multiples of 1e-4 (Ray's fixed point): 1/k is rounded down so that k of them fit;
+- the plan must be placeable by Ray in any order its actors start: the placement is replayed with
+  Ray's rules (best fit for fractions, free GPUs for whole ones) in several orders, and must fit in all.
+
+The planner maximises the predicted videos/s (the slowest stage's capacity), then takes the fewest
+actors among the plans that reach it. Pure Python: no Ray, no torch.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+
+STAGES = ("text", "keyframes", "interpolate", "decode")  # kvray.config.job.STAGES, without its imports
+UNIT = 10_000  # Ray's resource fixed point: 1e-4
+SHARES = (1, 2, 4, 8, 16)  # actors per GPU: powers of two, exact in Ray's fixed point and always placeable
+DEFAULT_MAX_SHARE = 16  # at most this many actors time-share one GPU
+DEFAULT_TOLERANCE = 0.0
+DEFAULT_CONTEXT_GIB = 0.5  # a CUDA context per actor, on top of the measured peak allocation
+DEFAULT_BATCH_SIZES = {"text": 8, "keyframes": 1, "interpolate": 1, "decode": 1}
+
+
+class CostError(ValueError):
+    """A cost profile that cannot be read; the message says what to fix."""
+
+
+class StageCost(BaseModel):
+    """One stage: seconds per video on one whole GPU (after warm-up), at `batch_size` videos per call."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    seconds: PositiveFloat
+    peak_memory_gib: float | None = Field(None, gt=0, description="peak device memory of one actor")
+    output_bytes: int | None = Field(None, ge=0, description="bytes a video carries to the next stage")
+    batch_size: int | None = Field(None, ge=1, description="videos per call when measured")
+
+
+class CostProfile(BaseModel):
+    """Seconds per video (and optionally peak memory) of each stage on one device."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    stages: dict[str, StageCost]
+    device: str = "unknown"
+    device_memory_gib: float | None = Field(None, gt=0, description="total memory of the measured device")
+    meta: dict = Field(default_factory=dict, description="how it was measured: preset, size, fps, command, ...")
+
+    @field_validator("stages")
+    @classmethod
+    def _four_stages(cls, stages: dict) -> dict:
+        missing = [s for s in STAGES if s not in stages]
+        unknown = [s for s in stages if s not in STAGES]
+        if missing or unknown:
+            raise ValueError(f"a cost profile has exactly the stages {', '.join(STAGES)}"
+                             + (f"; missing {', '.join(missing)}" if missing else "")
+                             + (f"; unknown {', '.join(unknown)}" if unknown else ""))
+        return {s: stages[s] for s in STAGES}
+
+    def seconds(self, stage: str) -> float:
+        return self.stages[stage].seconds
+
+    def memory(self, stage: str) -> float | None:
+        return self.stages[stage].peak_memory_gib
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(c.seconds for c in self.stages.values())
+
+    def bound(self, gpus: float) -> float:
+        """Videos/s no plan can beat on `gpus` GPUs: N / sum(w_i)."""
+        return gpus / self.total_seconds
+
+    def scaled(self, factor: float) -> CostProfile:
+        """Every stage `factor` times as slow (simulations at another time scale)."""
+        return self.model_copy(update={"stages": {s: c.model_copy(update={"seconds": c.seconds * factor})
+                                                  for s, c in self.stages.items()}})
+
+    def inline(self) -> str:
+        return ",".join(f"{s}={c.seconds:g}" + (f"@{c.peak_memory_gib:g}" if c.peak_memory_gib else "")
+                        for s, c in self.stages.items())
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2, exclude_none=True)
+
+
+_INLINE = re.compile(r"^\s*(\w+)\s*=\s*([0-9.eE+-]+)\s*(?:@\s*([0-9.eE+-]+)\s*)?$")
+
+
+def parse_costs(source: str | Path | CostProfile) -> CostProfile:
+    """A profile file (JSON written by `kvray bench stages`) or an inline list `stage=seconds[@GiB],...`."""
+    if isinstance(source, CostProfile):
+        return source
+    text = str(source).strip()
+    path = Path(text)
+    if text.endswith(".json") or (path.exists() and path.is_file()):
+        try:
+            return CostProfile.model_validate_json(path.read_text())
+        except OSError as err:
+            raise CostError(f"cost profile {text}: {err.strerror or err}") from None
+        except ValidationError as err:
+            raise CostError(f"cost profile {text}: {_validation_message(err)}") from None
+    stages: dict[str, dict] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        match = _INLINE.match(item)
+        if not match:
+            raise CostError(f"costs: {item!r} is not stage=seconds or stage=seconds@GiB "
+                            f"(e.g. text=0.001,keyframes=0.62,interpolate=0.08,decode=0.30), nor a profile file")
+        stage, seconds, memory = match.groups()
+        if stage in stages:
+            raise CostError(f"costs: {stage} given twice")
+        try:
+            stages[stage] = {"seconds": float(seconds), **({"peak_memory_gib": float(memory)} if memory else {})}
+        except ValueError:
+            raise CostError(f"costs: {item!r}: not a number") from None
+    try:
+        return CostProfile(stages=stages, device="given")
+    except ValidationError as err:
+        raise CostError(f"costs: {_validation_message(err)}") from None
+
+
+def _validation_message(err: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg']}" for e in err.errors())
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Plans
+
+
+class StagePlan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    actors: int
+    gpus_per_actor: float  # 1/k (rounded down to Ray's 1e-4) or a whole number
+    actors_per_gpu: int  # k: how many such actors fit on one GPU (1 for whole GPUs)
+    seconds: float  # the profile's cost per video on a whole GPU
+    seconds_per_video: float  # on one actor: cost / fraction (a whole-GPU actor: the cost)
+
+    @property
+    def gpus(self) -> float:
+        return self.actors * self.gpus_per_actor
+
+    @property
+    def videos_per_second(self) -> float:
+        return self.actors / self.seconds_per_video
+
+
+class Plan(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    gpus: int
+    gpu_memory_gib: float | None = None
+    stages: dict[str, StagePlan]
+    bound: float  # N / sum(w_i)
+    layout: list[list[str]] = Field(default_factory=list, description="per GPU, the stage of each actor on it")
+    method: Literal["planned", "equal", "fixed"] = "planned"
+    notes: list[str] = Field(default_factory=list)
+
+    @property
+    def videos_per_second(self) -> float:
+        return min(s.videos_per_second for s in self.stages.values())
+
+    @property
+    def efficiency(self) -> float:
+        return self.videos_per_second / self.bound if self.bound else 0.0
+
+    @property
+    def bottleneck(self) -> str:
+        return min(self.stages.values(), key=lambda s: s.videos_per_second).stage
+
+    @property
+    def used_gpus(self) -> float:
+        return sum(s.gpus for s in self.stages.values())
+
+    @property
+    def actors(self) -> int:
+        return sum(s.actors for s in self.stages.values())
+
+    def lines(self) -> list[str]:
+        out = [f"{self.method} plan on {self.gpus} GPU(s)"
+               + (f" of {self.gpu_memory_gib:g} GiB" if self.gpu_memory_gib else "")
+               + f": {self.actors} actors, {self.used_gpus:.4g} GPUs held"]
+        out.append(f"  {'stage':<12}{'actors':>7}{'GPU/actor':>11}{'GPUs':>8}{'s/video':>10}{'videos/s':>10}")
+        for s in self.stages.values():
+            share = f"1/{s.actors_per_gpu}" if s.actors_per_gpu > 1 else f"{s.gpus_per_actor:g}"
+            out.append(f"  {s.stage:<12}{s.actors:>7}{share:>11}{s.gpus:>8.3g}{s.seconds_per_video:>10.4g}"
+                       f"{s.videos_per_second:>10.4g}")
+        if self.layout:
+            out.append("  GPUs: " + "; ".join(f"{n}x[{c}]" for c, n in _layout_groups(self.layout)))
+        out.extend(f"  note: {n}" for n in self.notes)
+        out.append(f"predicted {self.videos_per_second:.4g} videos/s (bottleneck {self.bottleneck}), "
+                   f"bound {self.bound:.4g} videos/s = {self.gpus} GPUs / {sum(s.seconds for s in self.stages.values()):.4g} "
+                   f"GPU-s per video, efficiency {self.efficiency:.3f}")
+        return out
+
+
+def _layout_groups(layout: list[list[str]]) -> list[tuple[str, int]]:
+    groups: dict[str, int] = {}
+    for gpu in layout:
+        counts = {s: gpu.count(s) for s in STAGES if s in gpu}
+        key = " ".join(f"{n}x{s}" if n > 1 else s for s, n in counts.items()) or "idle"
+        groups[key] = groups.get(key, 0) + 1
+    return list(groups.items())
+
+
+class _Option(BaseModel):
+    """One way to run a stage: actors of `size` units (1e-4 GPU; a multiple of UNIT for whole GPUs)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    stage: str
+    k: int  # actors per GPU (1 for whole GPUs)
+    size: int  # units per actor
+    speed: float  # videos/s of one actor
+    actors: int = 0
+
+    @property
+    def usage(self) -> int:
+        return self.actors * self.size
+
+
+def _stage_kinds(stage: str, seconds: float, memory: float | None, gpu_memory: float | None,
+                 max_share: int, context_gib: float) -> list[_Option]:
+    """The actor sizes a stage may use: 1/k of a GPU for k = 1, 2, 4, ... up to `max_share` and up to
+    what fits the GPU's memory, or whole GPUs when one actor needs more than one GPU's memory."""
+    need = None if memory is None or gpu_memory is None else memory + context_gib
+    if need is not None and need > gpu_memory:
+        whole = math.ceil(need / gpu_memory)  # one actor spans several GPUs; no speed-up assumed
+        return [_Option(stage=stage, k=1, size=whole * UNIT, speed=1.0 / seconds)]
+    top = max_share if need is None else max(1, min(max_share, int(gpu_memory // need)))
+    return [_Option(stage=stage, k=k, size=UNIT // k, speed=1.0 / (k * seconds)) for k in SHARES if k <= top]
+
+
+def _place(items: list[tuple[str, int]], gpus: int) -> list[list[str]] | None:
+    """Ray's placement on one node: a fraction goes to the best-fitting GPU (least room left, lowest
+    index on ties), a whole number of GPUs to the first free ones. None if an actor finds no room."""
+    free = [UNIT] * gpus
+    held: list[list[str]] = [[] for _ in range(gpus)]
+    for stage, size in items:
+        if size >= UNIT:
+            chosen = [i for i, f in enumerate(free) if f == UNIT][: size // UNIT]
+            if len(chosen) < size // UNIT:
+                return None
+            for i in chosen:
+                free[i] = 0
+                held[i].append(stage)
+            continue
+        best = None
+        for i, f in enumerate(free):
+            if f >= size and (best is None or f - size < free[best] - size):
+                best = i
+        if best is None:
+            return None
+        free[best] -= size
+        held[best].append(stage)
+    return held
+
+
+def _with_actors(kind: _Option, target: float) -> _Option:
+    return kind.model_copy(update={"actors": max(1, math.ceil(target / kind.speed - 1e-9))})
+
+
+def _fewest_actors(kinds: list[list[_Option]], target: float, gpus: int) -> list[_Option] | None:
+    """The combination reaching `target` videos/s within `gpus` GPUs with the fewest actors (then the
+    fewest GPUs held); None if none fits. At most 5 sizes per stage: 625 combinations."""
+    per_stage = [[_with_actors(kind, target) for kind in stage_kinds] for stage_kinds in kinds]
+    fitting = [c for c in itertools.product(*per_stage) if sum(o.usage for o in c) <= gpus * UNIT]
+    if not fitting:
+        return None
+    return list(min(fitting, key=lambda c: (sum(o.actors for o in c), sum(o.usage for o in c))))
+
+
+def _fits(kinds: list[list[_Option]], target: float, gpus: int) -> bool:
+    return sum(min(_with_actors(k, target).usage for k in stage_kinds) for stage_kinds in kinds) <= gpus * UNIT
+
+
+def plan(costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = None, *,
+         max_share: int = DEFAULT_MAX_SHARE, context_gib: float = DEFAULT_CONTEXT_GIB,
+         tolerance: float = DEFAULT_TOLERANCE) -> Plan:
+    """The plan with the fewest actors among those within `tolerance` of the highest predicted videos/s
+    on `gpus` GPUs.
+
+    `gpu_memory_gib`: memory of one GPU (default: the profile's device memory); with the profile's peak
+    memory per stage, it caps how many actors of a stage share a GPU. `max_share`: at most this many
+    actors on one GPU (a power of two). `tolerance`: the throughput given up for fewer actors (each
+    actor is a process holding its own copy of the weights); 0 maximises throughput alone."""
+    costs = parse_costs(costs)
+    if gpus < 1:
+        raise ValueError(f"plan: at least one GPU is needed, got {gpus}")
+    gpu_memory = gpu_memory_gib if gpu_memory_gib is not None else costs.device_memory_gib
+    notes = []
+    if gpu_memory is None and any(costs.memory(s) for s in STAGES):
+        notes.append("no GPU memory given (--gpu-memory): sharing not checked against memory")
+    if gpu_memory is not None and not all(costs.memory(s) for s in STAGES):
+        notes.append("the profile lacks peak memory for some stages: their sharing is not checked")
+    kinds = [_stage_kinds(s, costs.seconds(s), costs.memory(s), gpu_memory, max_share, context_gib) for s in STAGES]
+    if not _fits(kinds, 0.0, gpus):
+        raise ValueError(f"plan: {gpus} GPU(s) cannot hold one actor of every stage")
+
+    # The best plan's throughput is one some stage reaches exactly (a actors of one size); whether a
+    # target fits only gets harder as it rises, so a binary search over those finds the highest.
+    candidates = sorted({a * k.speed for ks in kinds for k in ks for a in range(1, gpus * UNIT // k.size + 1)})
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _fits(kinds, candidates[middle], gpus):
+            low = middle
+        else:
+            high = middle - 1
+    best = candidates[low]
+    chosen = _fewest_actors(kinds, best * (1.0 - tolerance), gpus)
+    assert chosen is not None
+    layout = _place([(o.stage, o.size) for o in chosen for _ in range(o.actors)], gpus)
+    assert layout is not None, "power-of-two fractions always place"
+    stages = {o.stage: StagePlan(stage=o.stage, actors=o.actors, gpus_per_actor=o.size / UNIT, actors_per_gpu=o.k,
+                                 seconds=costs.seconds(o.stage), seconds_per_video=1.0 / o.speed) for o in chosen}
+    return Plan(gpus=gpus, gpu_memory_gib=gpu_memory, stages=stages, bound=costs.bound(gpus), layout=layout,
+                notes=notes)
+
+
+def equal_plan(costs: CostProfile | str, gpus: int) -> Plan:
+    """The naive baseline: every stage the same number of whole-GPU actors (a quarter of the GPUs each)."""
+    costs = parse_costs(costs)
+    per_stage = gpus // len(STAGES)
+    if per_stage < 1:
+        raise ValueError(f"equal pools need at least {len(STAGES)} GPUs, got {gpus}")
+    stages = {s: StagePlan(stage=s, actors=per_stage, gpus_per_actor=1.0, actors_per_gpu=1, seconds=costs.seconds(s),
+                           seconds_per_video=costs.seconds(s)) for s in STAGES}
+    layout = [[s] for s in STAGES for _ in range(per_stage)] + [[] for _ in range(gpus - per_stage * len(STAGES))]
+    return Plan(gpus=gpus, stages=stages, bound=costs.bound(gpus), layout=layout, method="equal")
+
+
+def plan_from_deployment(deployment, costs: CostProfile | str, gpus: int | None = None) -> Plan:
+    """What a given deployment (kvray.config.job.Deployment) would reach by the same model."""
+    costs = parse_costs(costs)
+    stages = {}
+    for s in STAGES:
+        d = deployment.stage(s)
+        fraction = d.gpus if 0 < d.gpus <= 1 else 1.0
+        k = max(1, int(round(1 / fraction))) if fraction < 1 else 1
+        stages[s] = StagePlan(stage=s, actors=d.actors, gpus_per_actor=d.gpus, actors_per_gpu=k,
+                              seconds=costs.seconds(s), seconds_per_video=costs.seconds(s) / fraction)
+    total = gpus if gpus is not None else math.ceil(sum(p.gpus for p in stages.values()))
+    return Plan(gpus=total, stages=stages, bound=costs.bound(total), method="fixed")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Deployments
+
+
+def suggest_batch_sizes(plan_: Plan, costs: CostProfile | str | None = None, *, min_task_seconds: float = 0.25,
+                        max_batch: int = 16, videos: int | None = None) -> dict[str, int]:
+    """Videos per call per stage. The profile's measured batch size where it has one (the cost and the
+    memory were measured at it); otherwise enough videos that a call lasts `min_task_seconds` on its
+    actor (Ray's per-call overhead stays small), but never so many that an actor gets fewer than about
+    four calls of `videos`."""
+    costs = parse_costs(costs) if costs is not None else None
+    sizes = {}
+    for s, stage in plan_.stages.items():
+        measured = costs.stages[s].batch_size if costs is not None else None
+        if measured:
+            sizes[s] = measured
+            continue
+        size = max(1, min(max_batch, math.ceil(min_task_seconds / stage.seconds_per_video)))
+        if videos:
+            size = max(1, min(size, videos // (4 * stage.actors) or 1))
+        sizes[s] = size
+    return sizes
+
+
+def to_deployment(plan_: Plan, batch_sizes: dict[str, int] | None = None, cpus: dict[str, float] | float | None = None,
+                  base=None):
+    """The plan as a `kvray.config.job.Deployment`: actors and GPUs from the plan; batch sizes and CPUs from
+    the arguments, else from `base` (a Deployment), else the defaults."""
+    from ..config.job import Deployment, StageDeployment
+
+    base = base or Deployment()
+    stages = {}
+    for s, stage in plan_.stages.items():
+        old = base.stage(s)
+        stage_cpus = cpus.get(s, old.cpus) if isinstance(cpus, dict) else (old.cpus if cpus is None else cpus)
+        stages[s] = StageDeployment(actors=stage.actors, gpus=stage.gpus_per_actor, cpus=stage_cpus,
+                                    batch_size=(batch_sizes or {}).get(s, old.batch_size))
+    return Deployment(**stages)
+
+
+def deployment_fixes_pools(deployment) -> bool:
+    """True if the job sets any stage's `actors` or `gpus` itself (then the planner keeps out)."""
+    return any({"actors", "gpus"} & deployment.stage(s).model_fields_set for s in STAGES)
+
+
+def plan_job_deployment(deployment, costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = None):
+    """The deployment a render uses: the job's own if it fixes the pools or there are no GPUs, else the
+    plan's pools with the job's CPUs and batch sizes (the profile's measured batch sizes if it has them)."""
+    if gpus < 1 or deployment_fixes_pools(deployment):
+        return deployment
+    costs = parse_costs(costs)
+    chosen = plan(costs, gpus, gpu_memory_gib)
+    measured = {s: c.batch_size for s, c in costs.stages.items() if c.batch_size}
+    return to_deployment(chosen, batch_sizes=measured, base=deployment)
+
+
+def plan_summary(p: Plan) -> dict:
+    """A JSON-friendly record of a plan (run records, `kvray plan --json`)."""
+    return json.loads(json.dumps({
+        "method": p.method, "gpus": p.gpus, "gpu_memory_gib": p.gpu_memory_gib,
+        "videos_per_second": p.videos_per_second, "bound": p.bound, "efficiency": p.efficiency,
+        "bottleneck": p.bottleneck, "notes": p.notes,
+        "stages": {s: {"actors": x.actors, "gpus_per_actor": x.gpus_per_actor, "actors_per_gpu": x.actors_per_gpu,
+                       "seconds": x.seconds, "videos_per_second": x.videos_per_second} for s, x in p.stages.items()},
+        "layout": p.layout,
+    }))

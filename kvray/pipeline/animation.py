@@ -1,0 +1,171 @@
+"""Camera-motion animation of a still scene, Deforum-style, with the Kandinsky Video 1.1 networks.
+
+    frame 0 (the given image, or drawn from the prompt as for text2video)
+    for k = 1 .. 24:  keyframe k = redraw(warp(keyframe k-1, camera from frame 4k-4 to frame 4k), strength)
+    fill: 3 frames between each pair of keyframes (the interpolation U-Net) -> 97 frames, the last dropped
+
+* Warps act on LATENTS (`camera.warp`: bilinear, reflection padding). The MoVQ latent is a continuous,
+  spatially local 4-channel map at 1/8 of the image size, so warping it moves the decoded picture the
+  same way; it keeps the four-stage split (Keyframes holds the keyframe U-Net, Interpolate needs no
+  MoVQ) and needs no image decode + encode per redrawn frame, whose round trips drift in colour. The cost
+  is some softness of the warped latent, which the redrawing repaints (at strength 0 nothing repaints
+  it, so a long pure warp slowly blurs).
+* `redraw` is image-to-image with the keyframe U-Net in image mode (the first frame's network and
+  2-way guidance, `key_frame_guidance_scale`): the warped latent is noised with Gaussian noise to the
+  timestep where the last `int(steps * strength)` steps of the schedule begin (diffusers' img2img
+  convention), then denoised over those steps with the prompt. strength 0 runs no step at all.
+* Frame counts: 4 s at 24 fps = 96 frames. The interpolation U-Net inserts 3 frames between 2, so 25
+  keyframes at frames 0, 4, ..., 96 give 4 * 25 - 3 = 97 frames; frame 96 (the right anchor of frames
+  93-95, one past the clip, its camera pose extrapolated at the last frame's speed) is dropped.
+* Fill: the interpolation U-Net (one pass, skip_frames 3, as the official 'medium' fps) in the
+  Interpolate stage. At strength 0 no network denoises anything: every in-between frame is the blend
+  of its two neighbouring keyframes warped to its own camera pose (`warp_fill`, weights by distance):
+  a pure camera move over the first frame, exact up to resampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from einops import rearrange, repeat
+
+from ..sampling.config import FIRST_FRAME_SAMPLER, GuidanceConfig, SamplerConfig
+from ..sampling.guidance import guide_2way
+from ..sampling.loops import (
+    LATENT_CHANNELS,
+    TextCondition,
+    _batch_inputs,
+    _check_noise,
+    _concat,
+    _context_args,
+    _model_dtype,
+    _null_embedding,
+    _per_request,
+)
+from ..sampling.noise import NoiseSource
+from ..sampling.schedulers import add_noise, make_stepper
+from .camera import extend_poses, warp_between
+from .request import ANIMATION_FRAMES, VideoRequest
+
+# The interpolation U-Net puts 3 frames between 2: every 4th frame is redrawn.
+KEYFRAME_STRIDE = 4
+ANIMATION_KEYFRAMES = ANIMATION_FRAMES // KEYFRAME_STRIDE + 1  # 25, frames 0, 4, ..., 96
+FILLED_FRAMES = KEYFRAME_STRIDE * ANIMATION_KEYFRAMES - (KEYFRAME_STRIDE - 1)  # 97, the last one dropped
+FILL_SKIP_FRAMES = 3  # the interpolation U-Net's `skip_frames` for 3 in-betweens (official first pass)
+
+
+def frame_poses(request: VideoRequest) -> torch.Tensor:
+    """Camera poses (97, 4) of frames 0 .. 96: the clip's 96 and the extrapolated anchor."""
+    return extend_poses(request.camera_poses(), FILLED_FRAMES - ANIMATION_FRAMES)
+
+
+def keyframe_poses(request: VideoRequest) -> torch.Tensor:
+    """Camera poses (25, 4) of the redrawn frames 0, 4, ..., 96."""
+    return frame_poses(request)[::KEYFRAME_STRIDE]
+
+
+def redraw_start(num_steps: int, strength: float) -> int:
+    """Index of the first timestep run by image-to-image at `strength` (== num_steps: none is run)."""
+    run = min(int(num_steps * strength), num_steps)
+    return num_steps - run
+
+
+@torch.no_grad()
+def redraw(
+    denoiser,
+    texts: Sequence[TextCondition],
+    latents: torch.Tensor,
+    noise: NoiseSource,
+    *,
+    strength: float,
+    guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
+    sampler: SamplerConfig = FIRST_FRAME_SAMPLER,
+    null_embedding: torch.Tensor | None = None,
+    model_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """Image-to-image with the keyframe U-Net in image mode: (R, 4, h, w) latents noised to the start of
+    the last `int(steps * strength)` steps, then denoised with the prompt (2-way guidance,
+    `key_frame_guidance_scale`, as `sample_first_frame`). Draws: randn(1, 4, h, w) for the noising, then
+    one per step with t > 0. strength 0: the latents unchanged, nothing drawn."""
+    count = len(texts)
+    _check_noise(noise, count)
+    stepper = make_stepper(sampler)
+    timesteps = stepper.timesteps
+    first = redraw_start(len(timesteps), strength)
+    latents = latents.to(torch.float32)
+    if first >= len(timesteps):
+        return latents
+    guidance = _per_request(guidance, count, "guidance configs")
+    dtype = _model_dtype(denoiser, texts, model_dtype)
+    device = texts[0].context.device
+    null = _null_embedding(denoiser, null_embedding)
+    uncond = [t.unconditional(null) for t in texts]
+    _, channels, height, width = latents.shape
+
+    clean = latents[:, None].to(device)  # (R, 1, C, h, w)
+    x = add_noise(clean, noise.randn(clean.shape[1:], device=device), timesteps[first])
+    blocks = _batch_inputs(texts, uncond, "cu", 1, dtype)
+    for block in blocks:  # image mode: no frame to condition on (zeros), as the official first frame
+        block["cond"] = torch.zeros(2, LATENT_CHANNELS + 1, height, width, device=device)
+    static = _concat(blocks)
+    for index in range(first, len(timesteps)):
+        t = timesteps[index]
+        x_in = torch.cat([repeat(x, "r k c h w -> (r b k) c h w", b=2), static["cond"]], dim=1).to(dtype)
+        time = torch.full((x_in.shape[0],), t, dtype=dtype, device=device)
+        out = denoiser(x_in, time, static["context"], static["context_mask"], **_context_args(static))
+        out = rearrange(out.float(), "(r b k) c h w -> r b k c h w", r=count, b=2)
+        eps = [guide_2way(o[0], o[1], g.key_frame_guidance_scale) for o, g in zip(out, guidance)]
+        x = stepper.step(torch.stack(eps), index, x, noise)
+    return x[:, 0].to(torch.float32)
+
+
+def animate_keyframes(
+    denoiser,
+    texts: Sequence[TextCondition],
+    first: torch.Tensor,
+    poses: torch.Tensor,
+    noise: NoiseSource,
+    *,
+    size: tuple[int, int],
+    strength: float,
+    guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
+    sampler: SamplerConfig = FIRST_FRAME_SAMPLER,
+    progress: Callable[[int, int], None] | None = None,
+    **kwargs,
+) -> torch.Tensor:
+    """The redrawn keyframes of R animations: `first` (R, 4, h, w) latents of frame 0, `poses` (R, K, 4)
+    camera poses of the K keyframes, `size` the video's (width, height). Keyframe k is keyframe k-1
+    warped to pose k, then `redraw`n. Returns (R, K, 4, h, w) float32."""
+    width, height = size
+    frames = [first.to(torch.float32)]
+    steps = poses.shape[1] - 1
+    for k in range(1, poses.shape[1]):
+        warped = warp_between(frames[-1], poses[:, k - 1], poses[:, k], width, height)
+        frames.append(redraw(denoiser, texts, warped, noise, strength=strength, guidance=guidance, sampler=sampler, **kwargs))
+        if progress is not None:
+            progress(k - 1, steps)
+    return torch.stack(frames, dim=1)
+
+
+def warp_fill(keyframes: torch.Tensor, poses: torch.Tensor, size: tuple[int, int], stride: int = KEYFRAME_STRIDE) -> torch.Tensor:
+    """The frames between keyframes without a network: (K, C, h, w) keyframes at frames 0, stride, ...
+    and `poses` ((K - 1) * stride + 1, 4) of every frame -> the frames (same count). Frame f between
+    keyframes k (at a) and k + 1 (at b) is (1 - w) warp(k, a -> f) + w warp(k + 1, b -> f), w = (f - a) / stride."""
+    width, height = size
+    count = keyframes.shape[0]
+    if poses.shape[0] != (count - 1) * stride + 1:
+        raise ValueError(f"{poses.shape[0]} poses for {count} keyframes {stride} frames apart")
+    out = [keyframes[0]]
+    for k in range(count - 1):
+        a, b = k * stride, (k + 1) * stride
+        between = torch.arange(a + 1, b)
+        if len(between):
+            left = warp_between(keyframes[k].expand(len(between), -1, -1, -1), poses[a].expand(len(between), -1),
+                                poses[between], width, height)
+            right = warp_between(keyframes[k + 1].expand(len(between), -1, -1, -1), poses[b].expand(len(between), -1),
+                                 poses[between], width, height)
+            weight = ((between - a).float() / stride).reshape(-1, 1, 1, 1).to(left.device)
+            out.extend((1 - weight) * left + weight * right)
+        out.append(keyframes[k + 1])
+    return torch.stack(out)

@@ -1,0 +1,219 @@
+"""Camera motion for animations: named effects, keyframed paths, and the warps they give.
+
+A camera pose is (zoom, x, y, angle), all in the first frame's view:
+
+| field | meaning | identity |
+|---|---|---|
+| `zoom`  | magnification; 2 shows the middle half of what zoom 1 shows (> 0)             | 1 |
+| `x`     | camera position to the right, in first-frame widths (content moves left)      | 0 |
+| `y`     | camera position upwards, in first-frame heights (content moves down)          | 0 |
+| `angle` | camera roll in degrees, clockwise (so the picture turns ANTICLOCKWISE on screen) | 0 |
+
+Every field describes what the CAMERA does; the named effects follow the same rule (`pan-right`: the
+camera moves right and the scene slides left; `rotate-clockwise`: the camera rolls clockwise and the
+scene turns anticlockwise on screen).
+
+A camera path is a list of keyframes `{"frame": n, "zoom": .., "x": .., "y": .., "angle": ..}` with
+increasing frame numbers; a field left out keeps the previous keyframe's value (the first keyframe's:
+the identity). Between keyframes x, y and angle are interpolated linearly and zoom geometrically
+(linearly in log zoom, so a zoom between two keyframes runs at a steady speed); before the first and
+after the last keyframe the pose holds (the camera stands still). Only changes of pose matter: frame 0
+always shows the first image, and frame t is frame t-1 warped by the change of pose from t-1 to t.
+
+A named effect is a preset path: a steady motion from the identity at frame 0 to `EFFECT_TOTALS` at the
+last frame (zoom 2x in or out, half a frame of pan, 45 degrees of roll over the clip).
+
+Warps are affine maps applied with `F.affine_grid` + `F.grid_sample` (bilinear, reflection padding: what
+comes into view at the borders is a mirror image the redrawing repaints). They act on any `b c h w`
+tensor, latents included: coordinates are normalised, so a latent and its decoded image warp alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator
+
+# Named effects: the pose reached at the end of the clip (a steady motion from the identity).
+EFFECT_TOTALS: dict[str, dict[str, float]] = {
+    "zoom-in": {"zoom": 2.0},
+    "zoom-out": {"zoom": 0.5},
+    "pan-left": {"x": -0.5},
+    "pan-right": {"x": 0.5},
+    "pan-up": {"y": 0.5},
+    "pan-down": {"y": -0.5},
+    "rotate-clockwise": {"angle": 45.0},
+    "rotate-anticlockwise": {"angle": -45.0},
+}
+EFFECT_ALIASES = {
+    "rotate-cw": "rotate-clockwise", "rotate-ccw": "rotate-anticlockwise",
+    "rotate-counterclockwise": "rotate-anticlockwise", "rotate-counter-clockwise": "rotate-anticlockwise",
+    "rotate-anti-clockwise": "rotate-anticlockwise",
+}
+EFFECTS = tuple(EFFECT_TOTALS)
+MAX_KEYFRAMES = 1000
+IDENTITY = (1.0, 0.0, 0.0, 0.0)  # zoom, x, y, angle
+
+
+class CameraKeyframe(BaseModel):
+    """One keyframe of a camera path; a field left out keeps the previous keyframe's value."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    frame: int = Field(ge=0)
+    zoom: float | None = Field(None, gt=0, allow_inf_nan=False)
+    x: float | None = Field(None, allow_inf_nan=False)
+    y: float | None = Field(None, allow_inf_nan=False)
+    angle: float | None = Field(None, allow_inf_nan=False)
+
+    @field_validator("frame", mode="before")
+    @classmethod
+    def _whole_frame(cls, value):
+        # JSON has one number type: 12.0 is frame 12, 12.5 is an error (pydantic's message says so).
+        return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+CameraPath = tuple[CameraKeyframe, ...]
+_PATH = TypeAdapter(CameraPath)
+
+
+def effect_name(name: str) -> str | None:
+    """The canonical name of an effect (case, '_' or ' ' for '-', and aliases tolerated), else None."""
+    key = "-".join(name.strip().lower().replace("_", " ").split())
+    key = EFFECT_ALIASES.get(key, key)
+    return key if key in EFFECT_TOTALS else None
+
+
+def parse_camera(value) -> str | CameraPath | None:
+    """An effect name, a camera path (keyframe dicts, or their JSON text), or None -> the canonical form.
+
+    Raises ValueError with one readable message (unknown effect, bad JSON, bad keyframe)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        text = value.strip()
+        if text[:1] in "[{":
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"camera path is not valid JSON: {err}") from None
+        else:
+            name = effect_name(text)
+            if name is None:
+                raise ValueError(f"unknown camera effect {value!r}; choose one of {', '.join(EFFECTS)}, "
+                                 "or give a camera path: a JSON list of {frame, zoom, x, y, angle} keyframes")
+            return name
+    if isinstance(value, dict) and set(value) == {"path"}:  # {"path": [...]} is accepted too
+        value = value["path"]
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, tuple) and all(isinstance(k, CameraKeyframe) for k in value):
+        path = value
+    else:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"camera must be an effect name or a list of keyframes, got {type(value).__name__}")
+        try:
+            path = _PATH.validate_python(list(value))
+        except ValidationError as err:
+            problems = "; ".join(
+                f"keyframe {e['loc'][0]}" + (f" {'.'.join(map(str, e['loc'][1:]))}" if len(e["loc"]) > 1 else "")
+                + f": {e['msg']}" for e in err.errors()
+            )
+            raise ValueError(f"camera path: {problems}") from None
+    if not path:
+        raise ValueError("camera path has no keyframes")
+    if len(path) > MAX_KEYFRAMES:
+        raise ValueError(f"camera path has {len(path)} keyframes, at most {MAX_KEYFRAMES}")
+    for before, after in zip(path, path[1:]):
+        if after.frame <= before.frame:
+            raise ValueError(f"camera path: keyframe frames must increase, got {after.frame} after {before.frame}")
+    return path
+
+
+def effect_path(name: str, num_frames: int) -> CameraPath:
+    """A named effect as a two-keyframe path: the identity at frame 0, its total at the last frame."""
+    return (CameraKeyframe(frame=0), CameraKeyframe(frame=num_frames - 1, **EFFECT_TOTALS[name]))
+
+
+def camera_poses(camera: str | CameraPath, num_frames: int) -> torch.Tensor:
+    """Per-frame poses (num_frames, 4) float64: zoom, x, y, angle (degrees)."""
+    path = effect_path(camera, num_frames) if isinstance(camera, str) else camera
+    # Fill left-out fields with the previous keyframe's values.
+    keys, current = [], IDENTITY
+    for key in path:
+        current = tuple(c if v is None else float(v) for c, v in zip(current, (key.zoom, key.x, key.y, key.angle)))
+        keys.append((key.frame, current))
+    frames = torch.tensor([f for f, _ in keys], dtype=torch.float64)
+    values = torch.tensor([v for _, v in keys], dtype=torch.float64)
+    values[:, 0] = values[:, 0].log()  # zoom interpolates in log space
+    t = torch.arange(num_frames, dtype=torch.float64)
+    poses = torch.stack([_interp(t, frames, values[:, i]) for i in range(4)], dim=1)
+    poses[:, 0] = poses[:, 0].exp()
+    return poses
+
+
+def _interp(t: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear interpolation, constant outside [xs[0], xs[-1]] (numpy.interp)."""
+    if len(xs) == 1:
+        return ys.expand_as(t).clone()
+    index = torch.searchsorted(xs, t, right=True).clamp(1, len(xs) - 1)
+    x0, x1, y0, y1 = xs[index - 1], xs[index], ys[index - 1], ys[index]
+    weight = ((t - x0) / (x1 - x0)).clamp(0, 1)
+    return y0 + weight * (y1 - y0)
+
+
+def extend_poses(poses: torch.Tensor, extra: int) -> torch.Tensor:
+    """`extra` poses past the end at the last frame's speed (log zoom, x, y, angle): the anchor of the
+    last in-between frames, never shown."""
+    if extra <= 0:
+        return poses
+    logs = poses.clone()
+    logs[:, 0] = logs[:, 0].log()
+    step = logs[-1] - logs[-2] if len(logs) > 1 else torch.zeros_like(logs[-1])
+    more = logs[-1] + step * torch.arange(1, extra + 1, dtype=logs.dtype)[:, None]
+    more[:, 0] = more[:, 0].exp()
+    return torch.cat([poses, more])
+
+
+def _screen_map(pose: Sequence[float], width: int, height: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """World point P (pixels from the first frame's centre, y down) -> screen S = z A (P - C) of a pose:
+    the linear part z A and the camera position C."""
+    zoom, x, y, angle = (float(v) for v in pose)
+    a = math.radians(angle)
+    c, s = math.cos(a), math.sin(a)
+    # A camera rolling clockwise turns the picture anticlockwise; in y-down coordinates that is [[c, s], [-s, c]].
+    rotate = torch.tensor([[c, s], [-s, c]], dtype=torch.float64)
+    position = torch.tensor([x * width, -y * height], dtype=torch.float64)  # y is upwards, pixels downwards
+    return zoom * rotate, position
+
+
+def warp_theta(source: Sequence[float], target: Sequence[float], width: int, height: int) -> torch.Tensor:
+    """The `affine_grid` matrix (2, 3) that shows the target pose's view from the source pose's frame:
+    for every pixel of the target view, where to sample the source frame (normalised coordinates)."""
+    lin_s, pos_s = _screen_map(source, width, height)
+    lin_t, pos_t = _screen_map(target, width, height)
+    # S_t = L_t (P - C_t)  =>  P = C_t + L_t^-1 S_t  =>  S_s = L_s L_t^-1 S_t + L_s (C_t - C_s)
+    matrix = lin_s @ torch.linalg.inv(lin_t)
+    shift = lin_s @ (pos_t - pos_s)
+    half = torch.tensor([width / 2, height / 2], dtype=torch.float64)  # pixels = normalised * half
+    theta = torch.cat([matrix * half[None, :] / half[:, None], (shift / half)[:, None]], dim=1)
+    return theta
+
+
+def warp(images: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
+    """`b c h w` images warped by `b 2 3` matrices of `warp_theta` (bilinear, reflection padding)."""
+    thetas = thetas.to(device=images.device, dtype=torch.float32)
+    grid = F.affine_grid(thetas, list(images.shape), align_corners=False)
+    warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    return warped.to(images.dtype)
+
+
+def warp_between(images: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Each image `b c h w`, seen at pose sources[i], re-seen at pose targets[i]. `width`, `height`: the
+    video's size (sets the aspect ratio of pans and rolls; the images may be latents)."""
+    thetas = torch.stack([warp_theta(s, t, width, height) for s, t in zip(sources, targets)])
+    return warp(images, thetas)

@@ -1,0 +1,171 @@
+"""Reliability and safety of the renderer: bad rows, untrusted ids, secrets, killed actors, flaky storage."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import signal
+import threading
+import time
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+
+from kvray.config.job import RenderJob
+
+from .faulty_proxy import FaultyProxy
+
+pytestmark = pytest.mark.slow
+
+FAST = {"width": 64, "height": 64, "steps": 2, "interpolation_steps": 2}
+SECRET = "PLANTED-SECRET-7f3a9c"
+
+
+def _manifest(path, rows: list[dict]) -> str:
+    columns = sorted({k for r in rows for k in r})
+    pq.write_table(pa.table({c: [r.get(c) for r in rows] for c in columns}), path)
+    return str(path)
+
+
+def _results(out) -> dict[str, list[dict]]:
+    rows: dict[str, list[dict]] = {}
+    for path in (out / "results").glob("*.parquet"):
+        for row in pq.read_table(path).to_pylist():
+            rows.setdefault(row["id"], []).append(row)
+    return rows
+
+
+def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
+    from kvray.distributed.render import render
+
+    (tmp_path / "not-an-image.png").write_bytes(b"hello")
+    rows = [
+        {"id": "good", "prompt": "a red car"},
+        {"id": "long", "prompt": "a very long prompt " * 20},
+        {"id": "../../escape", "prompt": "a fox"},
+        {"id": "/etc/passwd", "prompt": "a bird"},
+        {"id": "s3://other-bucket/x", "prompt": "a boat"},
+        {"id": "no-image", "prompt": "a cat", "image": str(tmp_path / "missing.png")},
+        {"id": "bad-image", "prompt": "a cat", "image": str(tmp_path / "not-an-image.png")},
+        {"id": "dup", "prompt": "one"},
+        {"id": "dup", "prompt": "two"},
+        {"id": "nan", "prompt": "a dog", "guidance_weight_image": math.nan},
+        {"id": "seed", "prompt": "a dog", "seed": -3},
+        {"id": "huge", "prompt": "a dog", "width": 4096},
+        {"id": "blank", "prompt": " "},
+    ]
+    for row in rows:
+        row.update({k: v for k, v in FAST.items() if k not in row})
+    out = tmp_path / "out"
+    job = RenderJob(manifest=_manifest(tmp_path / "m.parquet", rows), out=str(out),
+                    storage_options={"client_secret": SECRET})
+    summary = render(job)
+    results = _results(out)
+    assert sorted(results) == sorted({r["id"] for r in rows})
+    assert all(len(v) == 1 for k, v in results.items() if k != "dup") and len(results["dup"]) == 2
+    status = {k: [r["status"] for r in v] for k, v in results.items()}
+    ok = {"good", "long", "../../escape", "/etc/passwd", "s3://other-bucket/x"}
+    assert {k for k, s in status.items() if s == ["ok"]} == ok
+    reasons = {k: v[0]["error"] for k, v in results.items()}
+    assert "missing.png" in reasons["no-image"] and "not a readable image" in reasons["bad-image"]
+    assert all("not unique" in r["error"] for r in results["dup"])
+    assert "finite" in reasons["nan"] and "seed" in reasons["seed"] and "2048" in reasons["huge"]
+    assert "prompt is empty" in reasons["blank"]
+    assert summary.ok == len(ok)
+    # Over-long prompts render, truncated, and say so.
+    assert results["long"][0]["prompt_truncated"] and not results["good"][0]["prompt_truncated"]
+    meta = json.loads((out / "meta" / f"{results['long'][0]['video_id']}.json").read_text())
+    assert meta["prompt_truncated"] is True
+    # Ids never become paths: everything is under the prefix, named by hash.
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert all(p.is_relative_to(out) for p in files if p.suffix in (".mp4", ".json") and p.parent != tmp_path)
+    assert not (tmp_path.parent / "escape").exists()
+    # The planted secret is in no output and in no log line.
+    for path in out.rglob("*"):
+        if path.is_file():
+            assert SECRET.encode() not in path.read_bytes(), path
+    captured = capfd.readouterr()
+    assert SECRET not in captured.out and SECRET not in captured.err
+
+
+def test_a_killed_stage_actor_loses_and_duplicates_nothing(ray_cluster, tmp_path):
+    import ray
+
+    from kvray.distributed.render import render
+
+    rows = [{"id": f"row{i}", "prompt": f"scene number {i}", **FAST} for i in range(6)]
+    out = tmp_path / "out"
+    job = RenderJob(manifest=_manifest(tmp_path / "m.parquet", rows), out=str(out),
+                    deployment={"decode": {"actors": 1, "batch_size": 1}})
+    done: dict = {}
+    thread = threading.Thread(target=lambda: done.update(summary=render(job)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and thread.is_alive():
+        registries = [a for a in ray.util.list_named_actors() if a.startswith("kvray-registry-")]
+        written = len(list((out / "meta").iterdir())) if (out / "meta").exists() else 0
+        if registries and 0 < written < len(rows):
+            # The actor that writes the files, between two videos or in the middle of one.
+            actors = ray.get(ray.get_actor(registries[0]).report.remote())["actors"].get("decode", [])
+            if actors:
+                killed = actors[0]["pid"]
+                os.kill(killed, signal.SIGKILL)  # mid-run: one video is done, others are not
+        time.sleep(0.2)
+    thread.join(timeout=300)
+    assert killed is not None, "the run ended before an actor could be killed"
+    summary = done["summary"]
+    results = _results(out)
+    assert sorted(results) == sorted(r["id"] for r in rows)
+    assert all(len(v) == 1 and v[0]["status"] == "ok" for v in results.values())
+    videos = {p.stem for p in (out / "videos").iterdir()}
+    assert videos == {v[0]["video_id"] for v in results.values()} == {p.stem for p in (out / "meta").iterdir()}
+    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
+    assert not leftovers, leftovers  # no partial file visible
+    assert summary.ok == len(rows)
+    assert len(summary.stages["actors"]["decode"]) >= 2  # the killed actor was replaced
+
+
+@pytest.fixture
+def flaky_s3(s3_bucket):
+    def job_through(proxy: FaultyProxy, tmp_path) -> RenderJob:
+        options = {**s3_bucket.storage_options, "client_kwargs": {"endpoint_url": proxy.url},
+                   "config_kwargs": {"retries": {"max_attempts": 10, "mode": "standard"}}}
+        options.pop("endpoint_url", None)
+        fs = s3fs.S3FileSystem(**s3_bucket.storage_options)
+        sink = io.BytesIO()
+        pq.write_table(pa.table({"id": [f"r{i}" for i in range(3)], "prompt": ["a", "b", "c"],
+                                 **{k: [v] * 3 for k, v in FAST.items()}}), sink)
+        fs.pipe(f"{s3_bucket.name}/in.parquet", sink.getvalue())
+        return RenderJob(manifest=f"s3://{s3_bucket.name}/in.parquet", out=f"s3://{s3_bucket.name}/out",
+                         storage_options=options)
+    return job_through
+
+
+def test_flaky_storage_is_retried(ray_cluster, s3_bucket, flaky_s3, tmp_path):
+    from kvray.distributed.render import render
+
+    with FaultyProxy(s3_bucket.endpoint_url, fault_rate=0.05, seed=1) as proxy:
+        summary = render(flaky_s3(proxy, tmp_path))
+    assert (summary.ok, summary.error) == (3, 0)
+    assert proxy.faults > 0, "no fault was injected"
+
+
+def test_storage_that_always_fails_stops_with_a_clear_error(ray_cluster, s3_bucket, flaky_s3, tmp_path, capsys):
+    from kvray.cli import main
+
+    with FaultyProxy(s3_bucket.endpoint_url, fault_rate=0.0) as good:
+        job = flaky_s3(good, tmp_path)
+    with FaultyProxy(s3_bucket.endpoint_url, fault_rate=1.0) as proxy:
+        job = job.model_copy(update={"storage_options": {**job.storage_options, "client_kwargs": {"endpoint_url": proxy.url},
+                                                         "config_kwargs": {"retries": {"max_attempts": 2, "mode": "standard"}}}})
+        (tmp_path / "job.yaml").write_text(json.dumps(job.model_dump(mode="json")))
+        start = time.time()
+        code = main(["render", job.manifest, "--out", job.out, "--job", str(tmp_path / "job.yaml")])
+    assert code == 2 and time.time() - start < 120
+    err = capsys.readouterr().err
+    assert err.startswith("error: storage failed") and "reduce your request rate" in err
