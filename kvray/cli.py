@@ -193,6 +193,16 @@ def _cmd_render(args) -> int:
     return 0
 
 
+def _cmd_bench_soak(args) -> int:
+    from .bench.soak import soak
+
+    totals = soak(args.minutes, rows=args.rows, kill_every=args.kill_every, seed=args.seed, out=args.out)
+    print(f"rounds {totals['rounds']}, rows {totals['rows']}: ok {totals['ok']}, error {totals['error']}; "
+          f"actors killed {totals['kills']}")
+    print(f"rows lost {totals['lost']}, rows duplicated {totals['duplicated']}")
+    return 0 if totals["lost"] == totals["duplicated"] == 0 else 1
+
+
 def _validation_message(err) -> str:
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in err.errors())
 
@@ -266,6 +276,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_request_options(p)
     _add_model_options(p)
     p.set_defaults(run=_cmd_bench_generate)
+
+    p = bench.add_parser("soak", help="render for N minutes while stage actors are killed; rows lost / duplicated")
+    p.add_argument("--minutes", type=float, default=5.0)
+    p.add_argument("--rows", type=int, default=12, help="rows per round (default 12)")
+    p.add_argument("--kill-every", type=float, default=5.0, help="mean seconds between SIGKILLs (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="where rounds write (default: a temporary directory)")
+    p.set_defaults(run=_cmd_bench_soak)
 
     p = commands.add_parser("parity", help="replay the official networks' golden calls and compare")
     p.add_argument("golden_dir")

@@ -17,11 +17,18 @@ _STRING = (pa.types.is_string, pa.types.is_large_string)
 _INTEGER = (pa.types.is_integer,)
 _NUMBER = (pa.types.is_integer, pa.types.is_floating)
 _NULL = (pa.types.is_null,)
+
+
+def _is_string_list(t: pa.DataType) -> bool:
+    return (pa.types.is_list(t) or pa.types.is_large_list(t)) and any(test(t.value_type) for test in _STRING + _NULL)
+
+
 COLUMN_TYPES = {
     "prompt": _STRING, "id": _STRING + _INTEGER, "image": _STRING, "fps": _STRING, "motion": _STRING,
     "negative_prompt": _STRING, "seed": _NUMBER, "width": _NUMBER, "height": _NUMBER, "steps": _NUMBER,
     "interpolation_steps": _NUMBER, "key_frame_guidance_scale": _NUMBER, "guidance_weight_prompt": _NUMBER,
     "guidance_weight_image": _NUMBER, "interpolation_guidance_scale": _NUMBER,
+    "mode": _STRING, "camera": _STRING, "strength": _NUMBER, "scenes": _STRING + (_is_string_list,),
 }
 
 

@@ -136,13 +136,20 @@ def animate_keyframes(
 ) -> torch.Tensor:
     """The redrawn keyframes of R animations: `first` (R, 4, h, w) latents of frame 0, `poses` (R, K, 4)
     camera poses of the K keyframes, `size` the video's (width, height). Keyframe k is keyframe k-1
-    warped to pose k, then `redraw`n. Returns (R, K, 4, h, w) float32."""
+    warped to pose k, then `redraw`n (without redrawing: frame 0 warped to pose k). Returns
+    (R, K, 4, h, w) float32."""
     width, height = size
     frames = [first.to(torch.float32)]
+    # Without a redrawing step (strength 0, or int(steps * strength) == 0), every keyframe is warped
+    # straight from frame 0 rather than from a warp of a warp: resampling a latent again and again
+    # blurs it and biases where small features land.
+    redraws = redraw_start(len(make_stepper(sampler).timesteps), strength) < len(make_stepper(sampler).timesteps)
     steps = poses.shape[1] - 1
     for k in range(1, poses.shape[1]):
-        warped = warp_between(frames[-1], poses[:, k - 1], poses[:, k], width, height)
-        frames.append(redraw(denoiser, texts, warped, noise, strength=strength, guidance=guidance, sampler=sampler, **kwargs))
+        source = k - 1 if redraws else 0
+        warped = warp_between(frames[source], poses[:, source], poses[:, k], width, height)
+        frames.append(redraw(denoiser, texts, warped, noise, strength=strength, guidance=guidance, sampler=sampler, **kwargs)
+                      if redraws else warped)
         if progress is not None:
             progress(k - 1, steps)
     return torch.stack(frames, dim=1)
