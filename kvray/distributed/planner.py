@@ -32,9 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 
 STAGES = ("text", "keyframes", "interpolate", "decode")  # kvray.config.job.STAGES, without its imports
 UNIT = 10_000  # Ray's resource fixed point: 1e-4
-SHARES = (1, 2, 4, 8, 16)  # actors per GPU: powers of two, exact in Ray's fixed point and always placeable
+FAMILIES = (2, 3, 5, 7)  # actors per GPU: 1 or f x 2^j for one f per plan (see `_shares`)
 DEFAULT_MAX_SHARE = 16  # at most this many actors time-share one GPU
-DEFAULT_TOLERANCE = 0.0
+DEFAULT_TOLERANCE = 0.02  # throughput given up for fewer actors (see `plan`)
+DEFAULT_CALLS_PER_SECOND = 4.0  # per stage, for suggested batch sizes
 DEFAULT_CONTEXT_GIB = 0.5  # a CUDA context per actor, on top of the measured peak allocation
 DEFAULT_BATCH_SIZES = {"text": 8, "keyframes": 1, "interpolate": 1, "decode": 1}
 
@@ -239,15 +240,27 @@ class _Option(BaseModel):
 
 
 def _stage_kinds(stage: str, seconds: float, memory: float | None, gpu_memory: float | None,
-                 max_share: int, context_gib: float) -> list[_Option]:
-    """The actor sizes a stage may use: 1/k of a GPU for k = 1, 2, 4, ... up to `max_share` and up to
-    what fits the GPU's memory, or whole GPUs when one actor needs more than one GPU's memory."""
+                 max_share: int, context_gib: float, family: int) -> list[_Option]:
+    """The actor sizes a stage may use: 1/k of a GPU for k = 1 or k in `family` x 1, 2, 4, ... up to
+    `max_share` and up to what fits the GPU's memory; or whole GPUs when one actor needs more than one
+    GPU's memory."""
     need = None if memory is None or gpu_memory is None else memory + context_gib
     if need is not None and need > gpu_memory:
         whole = math.ceil(need / gpu_memory)  # one actor spans several GPUs; no speed-up assumed
         return [_Option(stage=stage, k=1, size=whole * UNIT, speed=1.0 / seconds)]
     top = max_share if need is None else max(1, min(max_share, int(gpu_memory // need)))
-    return [_Option(stage=stage, k=k, size=UNIT // k, speed=1.0 / (k * seconds)) for k in SHARES if k <= top]
+    return [_Option(stage=stage, k=k, size=UNIT // k, speed=(UNIT // k) / UNIT / seconds)
+            for k in _shares(family, top)]
+
+
+def _shares(family: int, top: int) -> list[int]:
+    """1 and family x 2^j up to `top`: sizes that divide one another (up to Ray's rounding), so that Ray's
+    best-fit placement fits them in any order whenever their sum fits."""
+    shares, k = [1], family
+    while k <= top:
+        shares.append(k)
+        k *= 2
+    return shares
 
 
 def _place(items: list[tuple[str, int]], gpus: int) -> list[list[str]] | None:
@@ -279,23 +292,48 @@ def _with_actors(kind: _Option, target: float) -> _Option:
     return kind.model_copy(update={"actors": max(1, math.ceil(target / kind.speed - 1e-9))})
 
 
-def _fewest_actors(kinds: list[list[_Option]], target: float, gpus: int) -> list[_Option] | None:
-    """The combination reaching `target` videos/s within `gpus` GPUs with the fewest actors (then the
-    fewest GPUs held); None if none fits. At most 5 sizes per stage: 625 combinations."""
+def _fewest_actors(kinds: list[list[_Option]], target: float, gpus: int,
+                   max_actors: int | None = None) -> list[_Option] | None:
+    """The combination reaching `target` videos/s within `gpus` GPUs (and `max_actors`) with the fewest
+    actors, then the fewest GPUs held; None if none fits. A few sizes per stage: at most some thousand
+    combinations."""
     per_stage = [[_with_actors(kind, target) for kind in stage_kinds] for stage_kinds in kinds]
-    fitting = [c for c in itertools.product(*per_stage) if sum(o.usage for o in c) <= gpus * UNIT]
-    if not fitting:
-        return None
-    return list(min(fitting, key=lambda c: (sum(o.actors for o in c), sum(o.usage for o in c))))
+    room, cap = gpus * UNIT, max_actors or math.inf
+    best, best_key = None, None
+    for combo in itertools.product(*per_stage):
+        usage = sum(o.usage for o in combo)
+        actors = sum(o.actors for o in combo)
+        if usage <= room and actors <= cap and (best_key is None or (actors, usage) < best_key):
+            best, best_key = combo, (actors, usage)
+    return list(best) if best is not None else None
 
 
-def _fits(kinds: list[list[_Option]], target: float, gpus: int) -> bool:
-    return sum(min(_with_actors(k, target).usage for k in stage_kinds) for stage_kinds in kinds) <= gpus * UNIT
+def _fits(kinds: list[list[_Option]], target: float, gpus: int, max_actors: int | None = None) -> bool:
+    if max_actors is None:  # the fewest GPUs per stage, independently
+        return sum(min(_with_actors(k, target).usage for k in ks) for ks in kinds) <= gpus * UNIT
+    return _fewest_actors(kinds, target, gpus, max_actors) is not None
+
+
+def _highest(kinds: list[list[_Option]], gpus: int, max_actors: int | None = None) -> float:
+    """The highest throughput these sizes reach on `gpus` GPUs with at most `max_actors` actors (0 if not
+    even one actor per stage fits). It is one that some stage reaches exactly (a actors of one size);
+    whether a target fits only gets harder as it rises, so a binary search over those finds it."""
+    if not _fits(kinds, 0.0, gpus, max_actors):
+        return 0.0
+    candidates = sorted({a * k.speed for ks in kinds for k in ks for a in range(1, gpus * UNIT // k.size + 1)})
+    low, high = 0, len(candidates) - 1
+    while low < high:
+        middle = (low + high + 1) // 2
+        if _fits(kinds, candidates[middle], gpus, max_actors):
+            low = middle
+        else:
+            high = middle - 1
+    return candidates[low]
 
 
 def plan(costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = None, *,
          max_share: int = DEFAULT_MAX_SHARE, context_gib: float = DEFAULT_CONTEXT_GIB,
-         tolerance: float = DEFAULT_TOLERANCE) -> Plan:
+         tolerance: float = DEFAULT_TOLERANCE, max_actors: int | None = None) -> Plan:
     """The plan with the fewest actors among those within `tolerance` of the highest predicted videos/s
     on `gpus` GPUs.
 
@@ -312,25 +350,18 @@ def plan(costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = Non
         notes.append("no GPU memory given (--gpu-memory): sharing not checked against memory")
     if gpu_memory is not None and not all(costs.memory(s) for s in STAGES):
         notes.append("the profile lacks peak memory for some stages: their sharing is not checked")
-    kinds = [_stage_kinds(s, costs.seconds(s), costs.memory(s), gpu_memory, max_share, context_gib) for s in STAGES]
-    if not _fits(kinds, 0.0, gpus):
-        raise ValueError(f"plan: {gpus} GPU(s) cannot hold one actor of every stage")
-
-    # The best plan's throughput is one some stage reaches exactly (a actors of one size); whether a
-    # target fits only gets harder as it rises, so a binary search over those finds the highest.
-    candidates = sorted({a * k.speed for ks in kinds for k in ks for a in range(1, gpus * UNIT // k.size + 1)})
-    low, high = 0, len(candidates) - 1
-    while low < high:
-        middle = (low + high + 1) // 2
-        if _fits(kinds, candidates[middle], gpus):
-            low = middle
-        else:
-            high = middle - 1
-    best = candidates[low]
-    chosen = _fewest_actors(kinds, best * (1.0 - tolerance), gpus)
-    assert chosen is not None
+    families = {f: [_stage_kinds(s, costs.seconds(s), costs.memory(s), gpu_memory, max_share, context_gib, f)
+                    for s in STAGES] for f in FAMILIES}
+    if not _fits(families[2], 0.0, gpus, max_actors):
+        raise ValueError(f"plan: {gpus} GPU(s) cannot hold one actor of every stage"
+                         + (f" with at most {max_actors} actors" if max_actors else ""))
+    # The highest throughput any family of sizes reaches, then the fewest actors within `tolerance` of it.
+    best = max(_highest(kinds, gpus, max_actors) for kinds in families.values())
+    target = best * (1.0 - tolerance)
+    options = [c for c in (_fewest_actors(kinds, target, gpus, max_actors) for kinds in families.values()) if c]
+    chosen = min(options, key=lambda c: (sum(o.actors for o in c), -min(o.actors * o.speed for o in c)))
     layout = _place([(o.stage, o.size) for o in chosen for _ in range(o.actors)], gpus)
-    assert layout is not None, "power-of-two fractions always place"
+    assert layout is not None, "sizes of one family always place"
     stages = {o.stage: StagePlan(stage=o.stage, actors=o.actors, gpus_per_actor=o.size / UNIT, actors_per_gpu=o.k,
                                  seconds=costs.seconds(o.stage), seconds_per_video=1.0 / o.speed) for o in chosen}
     return Plan(gpus=gpus, gpu_memory_gib=gpu_memory, stages=stages, bound=costs.bound(gpus), layout=layout,
@@ -367,12 +398,14 @@ def plan_from_deployment(deployment, costs: CostProfile | str, gpus: int | None 
 # Deployments
 
 
-def suggest_batch_sizes(plan_: Plan, costs: CostProfile | str | None = None, *, min_task_seconds: float = 0.25,
-                        max_batch: int = 16, videos: int | None = None) -> dict[str, int]:
-    """Videos per call per stage. The profile's measured batch size where it has one (the cost and the
-    memory were measured at it); otherwise enough videos that a call lasts `min_task_seconds` on its
-    actor (Ray's per-call overhead stays small), but never so many that an actor gets fewer than about
-    four calls of `videos`."""
+def suggest_batch_sizes(plan_: Plan, costs: CostProfile | str | None = None, *, videos: int | None = None,
+                        calls_per_second: float = DEFAULT_CALLS_PER_SECOND, max_batch: int = 16,
+                        calls_per_actor: int = 4) -> dict[str, int]:
+    """Videos per call for each stage. The profile's measured batch size where it has one (its cost and
+    memory were measured at it). Otherwise enough videos per call that no stage makes more than
+    `calls_per_second` calls at the plan's throughput (each call costs Ray some milliseconds of CPU
+    and a round trip), but no more than leave each actor `calls_per_actor` calls over `videos`, and at
+    least the job's default for the text stage (larger text batches encode repeated prompts once)."""
     costs = parse_costs(costs) if costs is not None else None
     sizes = {}
     for s, stage in plan_.stages.items():
@@ -380,10 +413,10 @@ def suggest_batch_sizes(plan_: Plan, costs: CostProfile | str | None = None, *, 
         if measured:
             sizes[s] = measured
             continue
-        size = max(1, min(max_batch, math.ceil(min_task_seconds / stage.seconds_per_video)))
+        size = math.ceil(plan_.videos_per_second / calls_per_second - 1e-9)
         if videos:
-            size = max(1, min(size, videos // (4 * stage.actors) or 1))
-        sizes[s] = size
+            size = min(size, videos // (calls_per_actor * stage.actors))
+        sizes[s] = max(1, min(max_batch, max(size, DEFAULT_BATCH_SIZES[s] if s == "text" else 1)))
     return sizes
 
 

@@ -31,11 +31,13 @@ STAGE_NAMES = ("text", "keyframes", "interpolate", "decode")
 
 class SimStageWorker:
     """A stage actor that sleeps instead of computing. Subclasses (made by `stand_in_workers`) set
-    `stage`, `seconds` (per video on a whole GPU, already time-scaled) and `payload_bytes`."""
+    `stage`, `seconds` (per video on a whole GPU, already time-scaled), `payload_bytes` and
+    `dedupe_prompts`."""
 
     stage: str
     seconds: float
     payload_bytes: int = 0
+    dedupe_prompts: bool = True
 
     def __init__(self, job_json: str, registry_name: str, emit_rows: int):
         start = time.perf_counter()
@@ -46,7 +48,6 @@ class SimStageWorker:
         self.seconds_per_video = self.seconds / gpus if 0 < gpus < 1 else self.seconds
         self.payload = b"\x01" * self.payload_bytes
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
-        self.busy = 0.0
         self.registry = ray.get_actor(registry_name)
         self.registry.register.remote(self.stage, self.gpu_ids, os.getpid(), ray.get_runtime_context().get_node_id(),
                                       time.perf_counter() - start)
@@ -57,7 +58,7 @@ class SimStageWorker:
             yield batch.iloc[start:start + self.emit_rows]
 
     def _work_units(self, rows) -> int:
-        if self.stage == "text":
+        if self.stage == "text" and self.dedupe_prompts:
             return len({json.loads(r)["prompt"] for r in rows["request"]})
         return len(rows)
 
@@ -70,116 +71,195 @@ class SimStageWorker:
         while (left := deadline - time.perf_counter()) > 0:
             time.sleep(left)
         seconds = (time.perf_counter() - start) / len(pending)
-        self.busy += seconds * len(pending)
-        self.registry.count.remote(self.stage)
-        done = time.time()
+        self.registry.count.remote(self.stage, 1, time.time(), len(pending))
+        if not batch["seconds_" + self.stage].to_numpy().flags.writeable:
+            batch = batch.copy()  # a zero-copy view of a block in the object store
         for i in pending:
             if self.stage == "decode":  # the video goes to storage; only its URI travels on
-                batch.at[i, "status"], batch.at[i, "uri"], batch.at[i, "payload"] = OK, f"sim://{batch.at[i, 'video_id']}", b""
-            else:
-                batch.at[i, "payload"] = self.payload
+                batch.at[i, "status"], batch.at[i, "uri"] = OK, f"sim://{batch.at[i, 'video_id']}"
+            batch.at[i, "payload"] = self.payload
             batch.at[i, f"seconds_{self.stage}"] = seconds
             gpus = json.loads(batch.at[i, "gpus"])
             gpus[self.stage] = self.gpu_ids
             batch.at[i, "gpus"] = json.dumps(gpus)
-            batch.at[i, f"done_{self.stage}"] = done
         return batch
 
 
-def stand_in_workers(seconds: dict[str, float], payload_bytes: dict[str, int] | None = None) -> dict[str, type]:
+def stand_in_workers(seconds: dict[str, float], payload_bytes: dict[str, int] | None = None,
+                     dedupe_prompts: bool = True) -> dict[str, type]:
     """One stand-in class per stage (Ray Data needs a class per actor pool), carrying its cost."""
     payload_bytes = payload_bytes or {}
     return {
         stage: type(f"Sim{stage.capitalize()}Worker", (SimStageWorker,),
                     {"stage": stage, "seconds": float(seconds[stage]), "payload_bytes": int(payload_bytes.get(stage, 0)),
-                     "__module__": __name__})
+                     "dedupe_prompts": dedupe_prompts})
         for stage in STAGE_NAMES
     }
 
 
 @ray.remote(num_cpus=0)
 class SimRegistry:
-    """`kvray.distributed.cluster.StageRegistry`'s interface, with the wall-clock time of each registration."""
+    """`kvray.distributed.cluster.StageRegistry`'s interface, plus when each actor started and when each
+    call ended (and on how many videos)."""
 
     def __init__(self):
         self.actors: dict[str, list[dict]] = {}
         self.model_calls: dict[str, int] = {}
+        self.done: dict[str, list[tuple[float, int]]] = {}
 
     def register(self, stage, gpu_ids, pid, node, load_seconds):
         self.actors.setdefault(stage, []).append({"gpu_ids": gpu_ids, "pid": pid, "node": node,
                                                   "load_seconds": round(load_seconds, 3), "at": time.time()})
 
-    def count(self, stage, calls=1):
+    def count(self, stage, calls=1, at=None, videos=0):
         self.model_calls[stage] = self.model_calls.get(stage, 0) + calls
+        if at is not None:
+            self.done.setdefault(stage, []).append((at, videos))
 
     def report(self):
-        return {"actors": self.actors, "model_calls": self.model_calls}
+        return {"actors": self.actors, "model_calls": self.model_calls, "done": self.done}
 
 
 # ---------------------------------------------------------------------------------------------------------
 # The benchmark
 
 
-def default_payload_bytes(preset: str = "kv11", width: int = 512, height: int = 512, frames: int = 12) -> dict[str, int]:
-    """What a video carries out of each stage in the real renderer (safetensors of float32 tensors):
-    the text context and mask; plus the keyframe latents; the video latents; nothing after decoding."""
+def default_payload_bytes(preset: str = "kv11", width: int = 512, height: int = 512, frames: int = 12,
+                          prompt_tokens: int = 24) -> dict[str, int]:
+    """What a video carries out of each stage in the real renderer (float32 tensors): the text context
+    (cut to the prompt's tokens + 1) and mask; that plus the keyframe latents; the video latents; after
+    decoding, nothing (the video is in storage, only its URI travels on)."""
     from ..config import get_preset
 
     p = get_preset(preset)
-    tokens, dim = p.text_encoder.tokens_length, p.text_encoder.context_dim
-    text = tokens * dim * 4 + tokens * 1
-    keyframes_latents = 12 * 4 * (height // 8) * (width // 8) * 4
-    video_latents = frames * 4 * (height // 8) * (width // 8) * 4
-    return {"text": text, "keyframes": text + keyframes_latents, "interpolate": video_latents, "decode": 0}
+    tokens, dim = min(prompt_tokens + 1, p.text_encoder.tokens_length), p.text_encoder.context_dim
+    text = tokens * dim * 4 + tokens
+    latents = 4 * (height // 8) * (width // 8) * 4
+    return {"text": text, "keyframes": text + 12 * latents, "interpolate": frames * latents, "decode": 0}
 
 
 @dataclass
 class SimulationResult:
+    """Times in the profile's seconds (wall seconds divided by the time scale)."""
+
     gpus: int
     videos: int
-    bound: float  # videos/s, in the profile's time
-    videos_per_second: float  # measured once the pools are up and the first video is out
-    startup_seconds: float  # from the start of the run until the pools are up and the first video is out
+    bound: float  # videos/s: gpus / sum of the stage costs
+    steady_videos_per_second: float  # once the pools are up and the pipeline is full (see `measure`)
+    after_pools_videos_per_second: float  # everything after the pools are up: fill and drain included
     pools_up_seconds: float  # until every actor of every pool has started
     first_video_seconds: float
     total_seconds: float  # the whole run, start-up included
-    spilled_bytes: int
+    spilled_bytes: int | None
     time_scale: float
     deployment: dict
+    window: tuple[float, float] = (0.0, 0.0)  # the steady window, seconds from the start
     actors: dict[str, int] = field(default_factory=dict)
     actors_started: dict[str, int] = field(default_factory=dict)
-    busy: dict[str, float] = field(default_factory=dict)  # per stage: busy share of its pool while measured
+    busy: dict[str, float] = field(default_factory=dict)  # per stage: busy share of its pool in the window
+    other_cpu: float | None = None  # cores used by processes outside this run during the window
+    run_cpu: float | None = None  # cores used by this run (driver and Ray) during the window
     ok: int = 0
     notes: list[str] = field(default_factory=list)
+    label: str = ""
 
     @property
     def efficiency(self) -> float:
-        return self.videos_per_second / self.bound if self.bound else 0.0
+        return self.steady_videos_per_second / self.bound if self.bound else 0.0
+
+    @property
+    def after_pools_efficiency(self) -> float:
+        return self.after_pools_videos_per_second / self.bound if self.bound else 0.0
 
     @property
     def whole_run_videos_per_second(self) -> float:
-        return self.videos / self.total_seconds / self.time_scale if self.total_seconds else 0.0
+        return self.videos / self.total_seconds if self.total_seconds else 0.0
 
     @property
     def whole_run_efficiency(self) -> float:
         return self.whole_run_videos_per_second / self.bound if self.bound else 0.0
 
     def lines(self) -> list[str]:
-        s = self.time_scale
-        pools = ", ".join(f"{st} {self.actors_started.get(st, 0)}/{n}" for st, n in self.actors.items())
-        out = [f"simulated {self.videos} videos on {self.gpus} logical GPUs (time scale {s:g}: reported in the profile's seconds)",
-               f"pools: {pools} actors; per stage (actors x GPU, batch): "
-               + ", ".join(f"{st} {d['actors']}x{d['gpus']:g} b{d['batch_size']}" for st, d in self.deployment.items()),
-               f"start-up: {self.startup_seconds * s:.2f} s (pools up at {self.pools_up_seconds * s:.2f} s, "
-               f"first video at {self.first_video_seconds * s:.2f} s)",
-               "busy while measured: " + ", ".join(f"{st} {b:.3f}" for st, b in self.busy.items()),
-               f"measured: {self.videos_per_second:.4g} videos/s once the pools are up; bound {self.bound:.4g} videos/s",
-               f"whole run: {self.total_seconds * s:.2f} s, {self.whole_run_videos_per_second:.4g} videos/s, "
-               f"efficiency {self.whole_run_efficiency:.3f} (start-up included)",
-               f"object store spilled: {self.spilled_bytes} bytes"]
+        pools = ", ".join(f"{s} {d['actors']}x{d['gpus']:g} GPU b{d['batch_size']}"
+                          + ("" if self.actors_started.get(s) == d["actors"] else f" ({self.actors_started.get(s, 0)} started)")
+                          for s, d in self.deployment.items())
+        cpu = "" if self.run_cpu is None else f"; CPU in the window: this run {self.run_cpu:.2f} cores, others {self.other_cpu:.2f}"
+        out = [f"simulated {self.videos} videos on {self.gpus} logical GPUs{f' ({self.label})' if self.label else ''}, "
+               f"time scale {self.time_scale:g} (figures in the profile's seconds)",
+               f"pools (actors x GPU, batch): {pools}",
+               f"start-up: pools up at {self.pools_up_seconds:.2f} s, first video out at {self.first_video_seconds:.2f} s",
+               f"steady window {self.window[0]:.2f} s to {self.window[1]:.2f} s; busy: "
+               + ", ".join(f"{s} {b:.3f}" for s, b in self.busy.items()) + cpu,
+               f"after the pools are up (fill and drain included): {self.after_pools_videos_per_second:.4g} videos/s, "
+               f"efficiency {self.after_pools_efficiency:.3f}",
+               f"whole run (start-up included): {self.total_seconds:.2f} s, {self.whole_run_videos_per_second:.4g} videos/s, "
+               f"efficiency {self.whole_run_efficiency:.3f}",
+               "object store spilled: " + ("unknown" if self.spilled_bytes is None else f"{self.spilled_bytes} bytes"),
+               f"measured {self.steady_videos_per_second:.4g} videos/s once the pools are up; bound {self.bound:.4g} videos/s"]
         out.extend(f"note: {n}" for n in self.notes)
-        out.append(f"efficiency={self.efficiency:.3f} throughput={self.videos_per_second:.4g} bound={self.bound:.4g}")
+        out.append(f"efficiency={self.efficiency:.3f} throughput={self.steady_videos_per_second:.4g} bound={self.bound:.4g}")
         return out
+
+
+def measure(arrivals: list[float], pools_up: float, low: float = 0.1, high: float = 0.9) -> tuple[float, float, float]:
+    """Steady throughput from sorted completion times: the rate between the completion of video
+    max(first one after the pools are up, `low` of them) and of video `high` of them, which leaves out
+    the pipeline's fill and drain (the whole-run figure has them). Returns (videos/s, start, end)."""
+    n = len(arrivals)
+    if n < 3:
+        return 0.0, 0.0, 0.0
+    first = next((i for i, t in enumerate(arrivals) if t >= pools_up), n - 1)
+    lo = max(first, math.ceil(low * (n - 1)))
+    hi = max(lo + 1, min(n - 1, math.floor(high * (n - 1))))
+    hi = min(hi, n - 1)
+    span = arrivals[hi] - arrivals[lo]
+    if hi <= lo or span <= 0:
+        return 0.0, arrivals[lo], arrivals[hi]
+    return (hi - lo) / span, arrivals[lo], arrivals[hi]
+
+
+def _cpu_seconds() -> dict[int, tuple[int, float]] | None:
+    """CPU seconds used so far per process, with its parent (Linux /proc; None elsewhere)."""
+    try:
+        hz = os.sysconf("SC_CLK_TCK")
+        used = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rindex(")") + 2:].split()
+            used[int(entry)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / hz)
+        return used
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _cpu_split(before: dict, after: dict, seconds: float) -> tuple[float, float]:
+    """Cores used between two snapshots by this process and its descendants (this run's Ray), and by the
+    other processes of the machine (other users' work that competes for the same cores)."""
+    me = os.getpid()
+
+    def ours(pid: int) -> bool:
+        for _ in range(64):
+            if pid == me:
+                return True
+            if pid <= 1 or pid not in after:
+                return False
+            pid = after[pid][0]
+        return False
+
+    mine = others = 0.0
+    for pid, (_, cpu) in after.items():
+        delta = cpu - before[pid][1] if pid in before else cpu
+        if ours(pid):
+            mine += delta
+        else:
+            others += delta
+    return mine / seconds, others / seconds
 
 
 def spilled_bytes_total() -> int | None:
@@ -195,7 +275,7 @@ def spilled_bytes_total() -> int | None:
 
 
 def planned_rows(videos: int, prompts: int | None = None):
-    """Rows as `plan_rows` makes them (every column, status pending), plus a completion time per stage."""
+    """Rows as `plan_rows` makes them: every column, status pending."""
     import pandas as pd
 
     prompts = prompts or videos
@@ -205,27 +285,27 @@ def planned_rows(videos: int, prompts: int | None = None):
                               "fps": "low", "motion": "medium", "seed": i, "steps": None, "interpolation_steps": None})
         rows.append({"id": f"sim-{i:06d}", "video_id": f"{i:064x}", "status": PENDING, "uri": "", "error": "",
                      "seed": i, "prompt_truncated": False, "request": request,
-                     **{f"seconds_{s}": 0.0 for s in STAGE_NAMES}, "gpus": "{}", "payload": b"",
-                     **{f"done_{s}": 0.0 for s in STAGE_NAMES}})
+                     **{f"seconds_{s}": 0.0 for s in STAGE_NAMES}, "gpus": "{}", "payload": b""})
     return pd.DataFrame(rows)
 
 
 def simulate(costs, gpus: int, videos: int, *, deployment=None, plan=None, time_scale: float = 1.0,
-             payload_bytes: dict[str, int] | None = None, prompts: int | None = None,
-             object_store_memory: int | None = None, stages_fn=None) -> SimulationResult:
+             payload_bytes: dict[str, int] | None = None, prompts: int | None = None, dedupe_prompts: bool = True,
+             object_store_memory: int | None = None, stages_fn=None, label: str = "") -> SimulationResult:
     """Runs `videos` simulated videos through the renderer's stage pools on a local Ray with `gpus`
-    logical GPUs (or the running Ray, which must have at least `gpus`).
+    logical GPUs, or on the running Ray (which must have at least `gpus`; it is left running).
 
     `deployment` (kvray.config.job.Deployment): the pools; default: `plan` (a planner Plan; default:
-    the planner's choice) with suggested batch sizes. `time_scale`: sleep this many seconds per profiled
-    second (results are reported in the profile's seconds). `payload_bytes`: bytes per video out of each
-    stage (default: the profile's, else none). `prompts`: distinct prompts among the videos (default: all
-    distinct). `stages_fn`: replaces `kvray.distributed.render.model_stages` (experiments)."""
+    the planner's choice) with the suggested batch sizes. `time_scale`: sleep this many seconds per
+    profiled second (figures are reported in the profile's seconds). `payload_bytes`: bytes per video
+    out of each stage (default: the profile's, else none). `prompts`: distinct prompts among the videos
+    (default: all distinct); `dedupe_prompts`: the text stand-in works once per distinct prompt of a
+    batch, as EncodeText does. `stages_fn`: the function that builds the pools, with the signature of
+    `kvray.distributed.render.model_stages` (the default)."""
     from ..config.job import RenderJob
     from .planner import parse_costs
     from .planner import plan as make_plan
     from .planner import suggest_batch_sizes, to_deployment
-    from .render import model_stages
 
     costs = parse_costs(costs)
     if deployment is None:
@@ -233,7 +313,8 @@ def simulate(costs, gpus: int, videos: int, *, deployment=None, plan=None, time_
         deployment = to_deployment(plan, batch_sizes=suggest_batch_sizes(plan, costs, videos=videos))
     if payload_bytes is None:
         payload_bytes = {s: c.output_bytes or 0 for s, c in costs.stages.items()}
-    stages_fn = stages_fn or model_stages
+    if stages_fn is None:
+        from .render import model_stages as stages_fn
 
     started_ray = False
     if not ray.is_initialized():
@@ -241,66 +322,90 @@ def simulate(costs, gpus: int, videos: int, *, deployment=None, plan=None, time_
         ray.init(num_cpus=max(8, math.ceil(cpus_needed) + 4), num_gpus=gpus, include_dashboard=False,
                  log_to_driver=False, object_store_memory=object_store_memory or 1_000_000_000)
         started_ray = True
-    available = ray.cluster_resources().get("GPU", 0)
-    if available < gpus:
-        raise ValueError(f"the running Ray has {available:g} GPUs; the simulation needs {gpus}")
+    try:
+        available = ray.cluster_resources().get("GPU", 0)
+        if available < gpus:
+            raise ValueError(f"the running Ray has {available:g} GPUs; the simulation needs {gpus}")
+        return _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, dedupe_prompts, stages_fn,
+                    label, RenderJob)
+    finally:
+        if started_ray:
+            ray.shutdown()
 
+
+def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, dedupe_prompts, stages_fn, label,
+         RenderJob) -> SimulationResult:
     job = RenderJob(manifest="simulated", out="simulated", deployment=deployment)
-    workers = stand_in_workers({s: costs.seconds(s) * time_scale for s in STAGE_NAMES}, payload_bytes)
+    workers = stand_in_workers({s: costs.seconds(s) * time_scale for s in STAGE_NAMES}, payload_bytes, dedupe_prompts)
     registry_name = f"kvray-sim-registry-{os.getpid()}-{time.time_ns()}"
     registry = SimRegistry.options(name=registry_name).remote()
     ray.get(registry.report.remote())
     spilled_before = spilled_bytes_total()
+    rows = planned_rows(videos, prompts)
+    context = ray.data.DataContext.get_current()
+    progress, context.enable_progress_bars = context.enable_progress_bars, False  # output only, not the plan
     try:
-        pending = ray.data.from_pandas(planned_rows(videos, prompts))
+        pending = ray.data.from_pandas(rows)
         start_wall, start = time.time(), time.perf_counter()
         dataset = stages_fn(pending, videos, job, registry_name, workers=workers)
-        arrivals: list[tuple[float, int]] = []
-        done_rows = []
-        ok = 0
+        arrivals: list[float] = []
+        cpu_marks: list[tuple[int, float, tuple[float, float] | None]] = []
+        next_mark, ok = 0, 0
         for batch in dataset.iter_batches(batch_format="pandas", batch_size=None):
-            arrivals.append((time.perf_counter() - start, len(batch)))
+            now = time.perf_counter() - start
+            arrivals.extend([now] * len(batch))
             ok += int((batch["status"] == OK).sum())
-            done_rows.append(batch[[f"done_{s}" for s in STAGE_NAMES]])
+            if len(arrivals) >= next_mark:  # CPU accounting every 5% of the videos
+                cpu_marks.append((len(arrivals), now, _cpu_seconds()))
+                next_mark = len(arrivals) + max(1, videos // 20)
         total = time.perf_counter() - start
         report = ray.get(registry.report.remote())
     finally:
+        context.enable_progress_bars = progress
         ray.kill(registry)
     spilled_after = spilled_bytes_total()
-    spilled = -1 if spilled_before is None or spilled_after is None else spilled_after - spilled_before
-    if started_ray:
-        ray.shutdown()
-
-    import pandas as pd
+    spilled = None if spilled_before is None or spilled_after is None else spilled_after - spilled_before
 
     expected = {s: deployment.stage(s).actors for s in STAGE_NAMES}
     registered = {s: report["actors"].get(s, []) for s in STAGE_NAMES}
     notes = []
     if any(len(registered[s]) < n for s, n in expected.items()):
         notes.append("not every actor started: the pools were never all up")
-    up_times = [a["at"] for s in STAGE_NAMES for a in registered[s]]
-    pools_up = (max(up_times) - start_wall) if up_times else total
-    first = arrivals[0][0] if arrivals else total
-    measured_from = max(pools_up, first)
-    after = sum(n for t, n in arrivals if t > measured_from)
-    last = arrivals[-1][0] if arrivals else total
-    window = last - measured_from
-    rate = after / window / time_scale if window > 0 and after else 0.0
-    if after < videos / 2:
-        notes.append(f"only {after} of {videos} videos finished after the pools were up: too few to measure")
-    done = pd.concat(done_rows) if done_rows else pd.DataFrame()
+    up_times = [a["at"] - start_wall for s in STAGE_NAMES for a in registered[s]]
+    pools_up = max(up_times) if up_times else total
+    steady, window_start, window_end = measure(arrivals, pools_up)
+    after = [t for t in arrivals if t > pools_up]
+    after_rate = len(after) / (after[-1] - pools_up) if after and after[-1] > pools_up else 0.0
+    if len(after) < videos / 2:
+        notes.append(f"only {len(after)} of {videos} videos finished after the pools were up: too few to measure")
+    if ok < videos:
+        notes.append(f"{videos - ok} video(s) did not finish ok")
+
+    window = max(window_end - window_start, 1e-9)
     busy = {}
     for s in STAGE_NAMES:
-        # Busy share of each pool within the measured window (capacity = actors x window).
         d = deployment.stage(s)
-        seconds_per_video = costs.seconds(s) * time_scale / (d.gpus if 0 < d.gpus < 1 else 1.0)
-        in_window = ((done[f"done_{s}"] - start_wall > measured_from) & (done[f"done_{s}"] - start_wall <= last)).sum() \
-            if len(done) else 0
-        units = in_window if s != "text" else in_window * (prompts or videos) / videos
-        busy[s] = units * seconds_per_video / (d.actors * window) if window > 0 else 0.0
+        per_video = costs.seconds(s) * time_scale / (d.gpus if 0 < d.gpus < 1 else 1.0)
+        done = report.get("done", {}).get(s, [])
+        busy[s] = 0.0
+        if done:
+            finished = sum(n for t, n in done if window_start < t - start_wall <= window_end)
+            busy[s] = finished * per_video / (d.actors * window)
+    run_cpu = other_cpu = None
+    inside = [(t, c) for n, t, c in cpu_marks if c is not None and window_start <= t <= window_end]
+    if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
+        (t0, before), (t1, after_) = inside[0], inside[-1]
+        run_cpu, other_cpu = _cpu_split(before, after_, t1 - t0)
+        if other_cpu > 0.25:
+            notes.append(f"other processes used {other_cpu:.2f} cores during the measurement: expect lower figures")
+    scale = time_scale
     return SimulationResult(
-        gpus=gpus, videos=videos, bound=costs.bound(gpus), videos_per_second=rate, startup_seconds=measured_from,
-        pools_up_seconds=pools_up, first_video_seconds=first, total_seconds=total, spilled_bytes=spilled,
-        time_scale=time_scale, deployment={s: deployment.stage(s).model_dump() for s in STAGE_NAMES},
-        actors=expected, actors_started={s: len(registered[s]) for s in STAGE_NAMES}, busy=busy, ok=ok, notes=notes,
+        gpus=gpus, videos=videos, bound=costs.bound(gpus), steady_videos_per_second=steady * scale,
+        after_pools_videos_per_second=after_rate * scale, pools_up_seconds=pools_up / scale,
+        first_video_seconds=(arrivals[0] if arrivals else total) / scale, total_seconds=total / scale,
+        spilled_bytes=spilled, time_scale=time_scale,
+        deployment={s: deployment.stage(s).model_dump() for s in STAGE_NAMES},
+        window=(window_start / scale, window_end / scale), actors=expected,
+        actors_started={s: len(registered[s]) for s in STAGE_NAMES}, busy=busy, other_cpu=other_cpu, run_cpu=run_cpu,
+        ok=ok, notes=notes, label=label,
     )

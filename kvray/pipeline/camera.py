@@ -23,8 +23,9 @@ always shows the first image, and frame t is frame t-1 warped by the change of p
 A named effect is a preset path: a steady motion from the identity at frame 0 to `EFFECT_TOTALS` at the
 last frame (zoom 2x in or out, half a frame of pan, 45 degrees of roll over the clip).
 
-Warps are affine maps applied with `F.affine_grid` + `F.grid_sample` (bilinear, reflection padding: what
-comes into view at the borders is a mirror image the redrawing repaints). They act on any `b c h w`
+Warps are affine maps applied with `F.affine_grid` + `F.grid_sample` (bilinear; what comes into view
+beyond the borders repeats the border, Deforum's default "replicate", for the redrawing to repaint:
+reflection would bring mirrored copies of the scene's objects into view). They act on any `b c h w`
 tensor, latents included: coordinates are normalised, so a latent and its decoded image warp alike.
 """
 
@@ -96,7 +97,7 @@ def parse_camera(value) -> str | CameraPath | None:
         return None
     if isinstance(value, str):
         text = value.strip()
-        if text[:1] in "[{":
+        if text.startswith(("[", "{")):
             try:
                 value = json.loads(text)
             except json.JSONDecodeError as err:
@@ -205,14 +206,15 @@ def warp_theta(source: Sequence[float], target: Sequence[float], width: int, hei
 
 
 def warp(images: torch.Tensor, thetas: torch.Tensor) -> torch.Tensor:
-    """`b c h w` images warped by `b 2 3` matrices of `warp_theta` (bilinear, reflection padding)."""
+    """`b c h w` images warped by `b 2 3` matrices of `warp_theta` (bilinear, border pixels repeated outside)."""
     thetas = thetas.to(device=images.device, dtype=torch.float32)
     grid = F.affine_grid(thetas, list(images.shape), align_corners=False)
-    warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    warped = F.grid_sample(images.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
     return warped.to(images.dtype)
 
 
-def warp_between(images: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def warp_between(images: torch.Tensor, sources: torch.Tensor, targets: torch.Tensor, width: int,
+                 height: int) -> torch.Tensor:
     """Each image `b c h w`, seen at pose sources[i], re-seen at pose targets[i]. `width`, `height`: the
     video's size (sets the aspect ratio of pans and rolls; the images may be latents)."""
     thetas = torch.stack([warp_theta(s, t, width, height) for s, t in zip(sources, targets)])

@@ -72,8 +72,9 @@ class VideoRequest(BaseModel):
     camera: str | CameraPath | None = Field(
         None, description="animation: an effect name (zoom-in, pan-left, ...) or a path of {frame, zoom, x, y, angle} "
                           "keyframes (a list, or its JSON text)")
-    strength: float | None = Field(None, ge=0, le=1, allow_inf_nan=False,
-                                   description=f"animation: re-noising of each redrawn frame (default {DEFAULT_STRENGTH})")
+    strength: float | None = Field(
+        None, ge=0, le=1, allow_inf_nan=False,
+        description=f"animation: re-noising of each redrawn frame, 0 to 1 (default {DEFAULT_STRENGTH})")
     scenes: tuple[str, ...] | None = Field(None, description=f"every scene's prompt (2 to {MAX_SCENES}); "
                                                              "`prompt` is the first's")
 
@@ -196,11 +197,14 @@ class VideoRequest(BaseModel):
 
     def identity(self) -> dict:
         """What makes the video what it is (hashed into `video_id`): the request without the fields a
-        text2video or image2video request leaves at their defaults, so those keep the ids they had before
-        animation and scenes existed."""
+        text2video or image2video request leaves at their defaults (so those keep the ids they had before
+        animations and scenes existed), nor the ones an animation ignores."""
         data = self.model_dump(mode="json")
         if self.mode != "animation":
             data.pop("mode")  # implied by the image
+        else:
+            data.pop("fps")  # an animation has neither
+            data.pop("motion")
         for name in ("camera", "strength", "scenes"):
             if data[name] is None:
                 data.pop(name)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -58,7 +59,7 @@ def _generators(requests: Sequence[VideoRequest], stage: str) -> list[torch.Gene
     return [torch.Generator().manual_seed(stage_seed(r.seed, stage)) for r in requests]
 
 
-def _groups(requests: Sequence[VideoRequest], key: Callable[[VideoRequest], object]) -> list[list[int]]:
+def _groups(requests: Sequence, key: Callable[[object], object]) -> list[list[int]]:
     """Indices of requests that can share U-Net calls (same latent size, same step counts, ...)."""
     groups: dict[object, list[int]] = {}
     for index, request in enumerate(requests):
@@ -155,8 +156,16 @@ class EncodeText:
         return [by_prompt[p][0] for p in prompts], [by_prompt[p][1] for p in prompts]
 
 
+def _keyframe_group(request: VideoRequest) -> tuple:
+    """What requests must share to share the Keyframes stage's U-Net calls."""
+    if request.mode == "animation":
+        return ("animation", request.width, request.height, request.steps, request.denoise_strength)
+    return ("video", request.width, request.height, request.steps)
+
+
 class Keyframes:
-    """The first frame (drawn in image mode at twice the size, or the user's image) and 12 keyframes."""
+    """The first frame (drawn in image mode at twice the size, or the user's image) and 12 keyframes per
+    scene; for an animation, the first frame and its redrawn keyframes."""
 
     networks = ("keyframe_unet", "image_movq")
 
@@ -174,10 +183,8 @@ class Keyframes:
         animation from an image) request, None where it is drawn from the prompt."""
         latents: list[torch.Tensor | None] = [None] * len(requests)
         texts = [scene_texts(t, r) for t, r in zip(texts, requests)]
-        animation = lambda r: r.mode == "animation"  # noqa: E731
-        key = lambda r: (animation(r), r.width, r.height, r.steps, r.denoise_strength if animation(r) else None)  # noqa: E731
-        for group in _groups(requests, key):
-            run = self._animation if animation(requests[group[0]]) else self._group
+        for group in _groups(requests, _keyframe_group):
+            run = self._animation if requests[group[0]].mode == "animation" else self._group
             out = run([requests[i] for i in group], [texts[i] for i in group], [images[i] for i in group], progress)
             for i, latent in zip(group, out):
                 latents[i] = latent
@@ -250,7 +257,8 @@ class Keyframes:
             self.unet, texts, conditions, GeneratorNoise(generators),
             motion=[r.motion for r in requests], num_frames=self.sampling.num_keyframes,
             guidance=[r.guidance for r in requests], noise_augmentation=self.sampling.noise_augmentation,
-            sampler=_with_steps(self.sampling.keyframes, requests[0].steps), callback=_step_callback(progress, "keyframes"),
+            sampler=_with_steps(self.sampling.keyframes, requests[0].steps),
+            callback=_step_callback(progress, "keyframes"),
         )
 
     def _movq_dtype(self) -> torch.dtype:
@@ -276,55 +284,60 @@ class Interpolate:
     def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[Text],
                  keyframes: Sequence[torch.Tensor], progress: Progress | None = None) -> list[torch.Tensor]:
         """Per request, its latent video (T, 4, h, w) float32 on the CPU."""
-        # One clip per scene (an animation is one clip): clips never mix frames across a scene cut.
-        clips = []  # (request index, scene, passes, keyframes, text)
+        # One clip per scene (an animation is one clip): no frame is made across a scene cut.
+        clips: list[_Clip] = []
         parts: list[list[torch.Tensor | None]] = []
         for index, (request, text, frames) in enumerate(zip(requests, texts, keyframes)):
             scenes = scene_texts(text, request)
-            if request.mode == "animation":
-                parts.append([None])
-                if request.denoise_strength == 0:  # no diffusion at all: the warp fill
-                    size = (request.width, request.height)
-                    parts[index][0] = warp_fill(frames.to(self.device), frame_poses(request), size).cpu()
-                else:
-                    clips.append((index, 0, (FILL_SKIP_FRAMES,), frames, scenes[0]))
-                continue
-            if frames.shape[0] % request.num_scenes:
-                raise ValueError(f"{frames.shape[0]} keyframes for {request.num_scenes} scenes")
-            per_scene = frames.shape[0] // request.num_scenes
             parts.append([None] * request.num_scenes)
-            for scene in range(request.num_scenes):
-                clips.append((index, scene, interpolation_passes(request.fps),
-                              frames[scene * per_scene:(scene + 1) * per_scene], scenes[scene]))
-        groups: dict[object, list[int]] = {}
-        for c, (index, _, passes, frames, _) in enumerate(clips):
-            r = requests[index]
-            groups.setdefault((passes, r.width, r.height, r.interpolation_steps, frames.shape[0]), []).append(c)
-        for group in groups.values():
+            if request.mode == "animation" and request.denoise_strength == 0:
+                # No diffusion at all: the frames between keyframes are warps of them.
+                size = (request.width, request.height)
+                parts[index][0] = warp_fill(frames.to(self.device), frame_poses(request), size).cpu()
+            elif request.mode == "animation":
+                clips.append(_Clip(index, 0, (FILL_SKIP_FRAMES,), frames, scenes[0]))
+            else:
+                if frames.shape[0] % request.num_scenes:
+                    raise ValueError(f"{frames.shape[0]} keyframes for {request.num_scenes} scenes")
+                for scene, clip in enumerate(frames.chunk(request.num_scenes)):
+                    clips.append(_Clip(index, scene, interpolation_passes(request.fps), clip, scenes[scene]))
+
+        def key(clip: _Clip):
+            r = requests[clip.request]
+            return clip.passes, r.width, r.height, r.interpolation_steps, clip.frames.shape[0]
+
+        for group in _groups(clips, key):
             members = [clips[c] for c in group]
-            passes = members[0][2]
-            frames = torch.stack([m[3] for m in members]).to(self.device)
-            if passes:
-                group_requests = [requests[m[0]] for m in members]
+            frames = torch.stack([m.frames for m in members]).to(self.device)
+            owners = [requests[m.request] for m in members]
+            if members[0].passes:
                 noise = GeneratorNoise([
-                    torch.Generator().manual_seed(stage_seed(requests[m[0]].seed, _scene_stage("interpolation", m[1])))
-                    for m in members
+                    torch.Generator().manual_seed(stage_seed(r.seed, _scene_stage("interpolation", m.scene)))
+                    for r, m in zip(owners, members)
                 ])
-                sampler = _with_steps(self.sampling.interpolation, group_requests[0].interpolation_steps)
-                group_texts = [m[4].to(self.device) for m in members]
-                for skip_frames in passes:
+                sampler = _with_steps(self.sampling.interpolation, owners[0].interpolation_steps)
+                clip_texts = [m.text.to(self.device) for m in members]
+                for skip_frames in members[0].passes:
                     frames = interpolate(
-                        self.unet, group_texts, frames, noise, skip_frames=skip_frames,
-                        guidance=[r.guidance for r in group_requests], sampler=sampler,
+                        self.unet, clip_texts, frames, noise, skip_frames=skip_frames,
+                        guidance=[r.guidance for r in owners], sampler=sampler,
                         callback=_step_callback(progress, "interpolation"),
                     )
-            for (index, scene, *_), video in zip(members, frames):
-                parts[index][scene] = video.cpu()
-        videos = []
-        for request, scenes in zip(requests, parts):
-            video = torch.cat(scenes)
-            videos.append(video[:ANIMATION_FRAMES] if request.mode == "animation" else video)
-        return videos
+            for member, video in zip(members, frames):
+                parts[member.request][member.scene] = video.cpu()
+        videos = [torch.cat(scenes) for scenes in parts]
+        # Animation: 4 * 25 - 3 = 97 frames, the last one (past the clip) dropped.
+        return [v[:ANIMATION_FRAMES] if r.mode == "animation" else v for r, v in zip(requests, videos)]
+
+
+class _Clip(NamedTuple):
+    """What one interpolation run gets: a scene of a request (or an animation)."""
+
+    request: int  # index in the batch
+    scene: int
+    passes: tuple[int, ...]  # skip_frames of each pass
+    frames: torch.Tensor  # keyframes (N, 4, h, w)
+    text: TextCondition
 
 
 class Decode:
