@@ -84,14 +84,27 @@ def _model_source(args):
     return ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir)
 
 
+def _camera(value: str | None) -> str | None:
+    """--camera: an effect name, a JSON camera path, or @FILE holding the JSON."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        with open(value[1:]) as f:
+            return f.read()
+    except OSError as err:
+        raise ValueError(f"cannot read the camera path {value[1:]!r}: {err}") from err
+
+
 def _request(args):
     from .config import get_preset
-    from .pipeline import VideoRequest
+    from .pipeline.request import VideoRequest, default_size
 
     preset = get_preset(args.preset)
-    width, height = args.width or preset.default_width, args.height or preset.default_height
-    fields = dict(prompt=args.prompt, image=args.image, width=width, height=height, fps=args.fps,
-                  motion=args.motion, seed=args.seed, steps=args.steps, interpolation_steps=args.interpolation_steps)
+    width, height = default_size(args.mode, (preset.default_width, preset.default_height))
+    fields = dict(prompt=args.prompt, image=args.image, width=args.width or width, height=args.height or height,
+                  fps=args.fps, motion=args.motion, seed=args.seed, steps=args.steps,
+                  interpolation_steps=args.interpolation_steps, mode=args.mode, camera=_camera(args.camera),
+                  strength=args.strength, scenes=[args.prompt, *args.scene] if args.scene else None)
     return VideoRequest(**{k: v for k, v in fields.items() if v is not None})
 
 
@@ -231,6 +244,15 @@ def _add_request_options(p) -> None:
     p.add_argument("--seed", type=int, help="default: random, printed")
     p.add_argument("--steps", type=int, help="first-frame and keyframe denoising steps (default 50)")
     p.add_argument("--interpolation-steps", type=int, help="interpolation denoising steps (default 10)")
+    p.add_argument("--mode", choices=["text2video", "image2video", "animation"],
+                   help="default: image2video with --image, else text2video")
+    p.add_argument("--camera", help="animation: zoom-in, zoom-out, pan-left, pan-right, pan-up, pan-down, "
+                   "rotate-clockwise, rotate-anticlockwise; or a camera path as JSON, e.g. "
+                   "'[{\"frame\": 0}, {\"frame\": 95, \"zoom\": 1.5, \"x\": 0.2, \"angle\": 10}]', or @FILE with it")
+    p.add_argument("--strength", type=float,
+                   help="animation: re-noising of each redrawn frame, 0 (the camera move alone) to 1 (default 0.4)")
+    p.add_argument("--scene", action="append", metavar="PROMPT",
+                   help="mini-movie: the prompt of the next scene (repeatable; up to 3 scenes with the first prompt)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -242,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--out", required=True, help="output file (.mp4, .gif, .webp; local path or fsspec URL)")
     p.add_argument("--format", choices=["mp4", "gif", "webp"], help="default: from the --out extension")
-    p.add_argument("--video-fps", type=float, help="frame rate of the file (default: the clip lasts about 5.5 s)")
+    p.add_argument("--video-fps", type=float,
+                   help="frame rate of the file (default: 24 for an animation, else each scene lasts about 5.5 s)")
     _add_request_options(p)
     _add_model_options(p)
     p.set_defaults(run=_cmd_generate)

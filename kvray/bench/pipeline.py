@@ -94,8 +94,20 @@ def frames_bytes(width: int = 512, height: int = 512, frames: int = 12) -> int:
     return frames * height * width * 3
 
 
+def auto_time_scale(bound: float, cores: int | None = None, videos_per_core: float = 2.5) -> float:
+    """Slow the simulation down so that at most `videos_per_core` simulated videos per second per CPU
+    core flow through Ray: each video costs Ray tens of milliseconds of CPU per stage (scheduling,
+    Arrow/pandas conversions, object transfers), which a real cluster spreads over many cores and this
+    machine must fit in a few, beside one idle-polling process per actor."""
+    import os
+
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1.0, round(bound / (videos_per_core * cores), 2))
+
+
 def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers(), stages: str = "proposed",
-                       time_scale: float = 1.0, tolerance: float | None = None, max_share: int | None = None,
+                       time_scale: float | str = "auto", tolerance: float | None = None, max_share: int | None = None,
                        max_actors: int | None = None, prompts: int | None = None,
                        payload_bytes: dict[str, int] | None = None, batch_sizes: dict[str, int] | None = None,
                        calls_per_second: float | None = None, label: str = ""):
@@ -112,9 +124,13 @@ def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers
         if not levers.shared_gpus:
             options["max_share"] = 1
         chosen = planner.plan(costs, gpus, **options)
+    if time_scale == "auto":
+        time_scale = auto_time_scale(costs.bound(gpus))
     if levers.batch_sizes:
-        extra = {} if calls_per_second is None else {"calls_per_second": calls_per_second}
-        sizes = {**planner.suggest_batch_sizes(chosen, costs, videos=videos, **extra), **(batch_sizes or {})}
+        # Calls per profiled second: the harness's wall-clock limit times the time scale.
+        rate = (calls_per_second or planner.DEFAULT_CALLS_PER_SECOND) * time_scale
+        sizes = {**planner.suggest_batch_sizes(chosen, costs, videos=videos, calls_per_second=rate),
+                 **(batch_sizes or {})}
     else:
         sizes = JOB_DEFAULT_BATCH
     deployment = planner.to_deployment(chosen, batch_sizes=sizes)
@@ -202,6 +218,18 @@ def _lever(text: str) -> str:
     return name
 
 
+def _time_scale(text: str) -> float | str:
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if value <= 0:
+        raise argparse.ArgumentTypeError("--time-scale: a positive number or auto")
+    return value
+
+
 def _batch_sizes(text: str) -> dict[str, int]:
     sizes = {}
     for item in filter(None, text.split(",")):
@@ -226,8 +254,9 @@ def add_pipeline_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--costs", default="text=0.001,keyframes=0.62,interpolate=0.08,decode=0.30",
                    help="cost profile: a JSON file from `kvray bench stages`, or stage=seconds,... (default: %(default)s)")
     p.add_argument("--videos", type=int, default=400, help="videos (default 400; 8 without --simulate)")
-    p.add_argument("--time-scale", type=float, default=1.0,
-                   help="wall seconds slept per profiled second (default 1); figures stay in profiled seconds")
+    p.add_argument("--time-scale", type=_time_scale, default="auto",
+                   help="wall seconds slept per profiled second; figures stay in profiled seconds (default auto: "
+                        "slow enough that at most 2.5 simulated videos per second per CPU core pass through Ray)")
     p.add_argument("--pools", choices=["planned", "equal", "both"], default="planned",
                    help="planner's pools, naive equal pools, or both one after the other (default planned)")
     p.add_argument("--lever", action="append", type=_lever, default=[], metavar="NAME=off",
@@ -237,8 +266,8 @@ def add_pipeline_parser(bench_subparsers) -> argparse.ArgumentParser:
                    help="the stage plan: this module's (levers switchable) or kvray.distributed.render.model_stages")
     p.add_argument("--prompts", type=int, help="distinct prompts among the videos (default: all distinct)")
     p.add_argument("--batch-sizes", type=_batch_sizes, metavar="STAGE=N,...", help="videos per call for some stages")
-    p.add_argument("--calls-per-second", type=float, help="planner: most calls per second per stage when it "
-                   "suggests batch sizes (default 4)")
+    p.add_argument("--calls-per-second", type=float, help="most calls per wall second per stage when the "
+                   "planner suggests batch sizes (default 8)")
     p.add_argument("--tolerance", type=float, help="planner: throughput given up for fewer actors")
     p.add_argument("--max-share", type=int, help="planner: most actors on one GPU")
     p.add_argument("--max-actors", type=int, help="planner: most actors in all")

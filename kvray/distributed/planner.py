@@ -35,7 +35,7 @@ UNIT = 10_000  # Ray's resource fixed point: 1e-4
 FAMILIES = (2, 3, 5, 7)  # actors per GPU: 1 or f x 2^j for one f per plan (see `_shares`)
 DEFAULT_MAX_SHARE = 16  # at most this many actors time-share one GPU
 DEFAULT_TOLERANCE = 0.02  # throughput given up for fewer actors (see `plan`)
-DEFAULT_CALLS_PER_SECOND = 4.0  # per stage, for suggested batch sizes
+DEFAULT_CALLS_PER_SECOND = 8.0  # per stage, for suggested batch sizes
 DEFAULT_CONTEXT_GIB = 0.5  # a CUDA context per actor, on top of the measured peak allocation
 DEFAULT_BATCH_SIZES = {"text": 8, "keyframes": 1, "interpolate": 1, "decode": 1}
 

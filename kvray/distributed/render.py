@@ -91,6 +91,7 @@ def render(job: RenderJob) -> RenderSummary:
         if count:
             streams.append(model_stages(pending, count, job, registry_name))
         summary.results = _write_results(streams, fs, root, summary, job.results_per_file)
+        _remove_temporaries(fs, root)
         summary.seconds = time.perf_counter() - render_start
         summary.stages = ray.get(registry.report.remote())
     finally:
@@ -174,6 +175,18 @@ def _write_results(streams, fs, root: str, summary: RenderSummary, rows_per_file
         if not old.rsplit("/", 1)[-1].startswith(summary.run_id):
             fs.rm(old)
     return written
+
+
+def _remove_temporaries(fs, root: str) -> None:
+    """Temporary files of writers that were killed mid-write (their batch was retried and written
+    whole since). One run per output prefix at a time: another run's in-flight files would go too."""
+    for folder in ("videos", "meta", "results"):
+        if not fs.isdir(f"{root}/{folder}"):
+            continue
+        for path in fs.ls(f"{root}/{folder}", detail=False):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith(".") and name.endswith(".tmp"):
+                fs.rm(path)
 
 
 def _tally(batch: pd.DataFrame, summary: RenderSummary) -> None:

@@ -140,20 +140,22 @@ def default_payload_bytes(preset: str = "kv11", width: int = 512, height: int = 
 
 @dataclass
 class SimulationResult:
-    """Times in the profile's seconds (wall seconds divided by the time scale)."""
+    """Wall-clock times from the start of the run. Rates are in videos per profiled second: the stand-ins
+    sleep `time_scale` wall seconds per profiled second, so a wall rate is multiplied by it. Actor
+    start-up is Ray's own (process start, imports), not simulated: it counts at its wall duration."""
 
     gpus: int
     videos: int
     bound: float  # videos/s: gpus / sum of the stage costs
     steady_videos_per_second: float  # once the pools are up and the pipeline is full (see `measure`)
-    after_pools_videos_per_second: float  # everything after the pools are up: fill and drain included
-    pools_up_seconds: float  # until every actor of every pool has started
-    first_video_seconds: float
-    total_seconds: float  # the whole run, start-up included
+    after_pools_videos_per_second: float  # every video after the pools are up: fill and drain included
+    pools_up_seconds: float  # wall: until every actor of every pool has started
+    first_video_seconds: float  # wall
+    last_video_seconds: float  # wall
     spilled_bytes: int | None
     time_scale: float
     deployment: dict
-    window: tuple[float, float] = (0.0, 0.0)  # the steady window, seconds from the start
+    window: tuple[float, float] = (0.0, 0.0)  # wall: the steady window
     actors: dict[str, int] = field(default_factory=dict)
     actors_started: dict[str, int] = field(default_factory=dict)
     busy: dict[str, float] = field(default_factory=dict)  # per stage: busy share of its pool in the window
@@ -172,8 +174,14 @@ class SimulationResult:
         return self.after_pools_videos_per_second / self.bound if self.bound else 0.0
 
     @property
+    def total_seconds(self) -> float:
+        """The whole run in profiled seconds: actor start-up at its wall duration, the rest scaled."""
+        up = min(self.pools_up_seconds, self.last_video_seconds)
+        return up + (self.last_video_seconds - up) / self.time_scale
+
+    @property
     def whole_run_videos_per_second(self) -> float:
-        return self.videos / self.total_seconds if self.total_seconds else 0.0
+        return self.ok / self.total_seconds if self.total_seconds > 0 else 0.0
 
     @property
     def whole_run_efficiency(self) -> float:
@@ -183,16 +191,18 @@ class SimulationResult:
         pools = ", ".join(f"{s} {d['actors']}x{d['gpus']:g} GPU b{d['batch_size']}"
                           + ("" if self.actors_started.get(s) == d["actors"] else f" ({self.actors_started.get(s, 0)} started)")
                           for s, d in self.deployment.items())
-        cpu = "" if self.run_cpu is None else f"; CPU in the window: this run {self.run_cpu:.2f} cores, others {self.other_cpu:.2f}"
-        out = [f"simulated {self.videos} videos on {self.gpus} logical GPUs{f' ({self.label})' if self.label else ''}, "
-               f"time scale {self.time_scale:g} (figures in the profile's seconds)",
+        cpu = "" if self.run_cpu is None else f"; CPU: this run {self.run_cpu:.2f} cores, other processes {self.other_cpu:.2f}"
+        scale = "" if self.time_scale == 1 else f", time scale {self.time_scale:g} (rates in videos per profiled second)"
+        out = [f"simulated {self.videos} videos on {self.gpus} logical GPUs"
+               + (f" ({self.label})" if self.label else "") + scale,
                f"pools (actors x GPU, batch): {pools}",
-               f"start-up: pools up at {self.pools_up_seconds:.2f} s, first video out at {self.first_video_seconds:.2f} s",
-               f"steady window {self.window[0]:.2f} s to {self.window[1]:.2f} s; busy: "
+               f"start-up: {self.pools_up_seconds:.1f} s until every actor was up (Ray's process start, not scaled); "
+               f"first video out at {self.first_video_seconds:.1f} s wall",
+               f"measured in the wall window {self.window[0]:.1f} s to {self.window[1]:.1f} s; pools busy: "
                + ", ".join(f"{s} {b:.3f}" for s, b in self.busy.items()) + cpu,
-               f"after the pools are up (fill and drain included): {self.after_pools_videos_per_second:.4g} videos/s, "
+               f"after the pools are up, fill and drain included: {self.after_pools_videos_per_second:.4g} videos/s, "
                f"efficiency {self.after_pools_efficiency:.3f}",
-               f"whole run (start-up included): {self.total_seconds:.2f} s, {self.whole_run_videos_per_second:.4g} videos/s, "
+               f"whole run, start-up included: {self.total_seconds:.1f} s, {self.whole_run_videos_per_second:.4g} videos/s, "
                f"efficiency {self.whole_run_efficiency:.3f}",
                "object store spilled: " + ("unknown" if self.spilled_bytes is None else f"{self.spilled_bytes} bytes"),
                f"measured {self.steady_videos_per_second:.4g} videos/s once the pools are up; bound {self.bound:.4g} videos/s"]
@@ -398,14 +408,13 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
         run_cpu, other_cpu = _cpu_split(before, after_, t1 - t0)
         if other_cpu > 0.25:
             notes.append(f"other processes used {other_cpu:.2f} cores during the measurement: expect lower figures")
-    scale = time_scale
     return SimulationResult(
-        gpus=gpus, videos=videos, bound=costs.bound(gpus), steady_videos_per_second=steady * scale,
-        after_pools_videos_per_second=after_rate * scale, pools_up_seconds=pools_up / scale,
-        first_video_seconds=(arrivals[0] if arrivals else total) / scale, total_seconds=total / scale,
+        gpus=gpus, videos=videos, bound=costs.bound(gpus), steady_videos_per_second=steady * time_scale,
+        after_pools_videos_per_second=after_rate * time_scale, pools_up_seconds=pools_up,
+        first_video_seconds=arrivals[0] if arrivals else total, last_video_seconds=arrivals[-1] if arrivals else total,
         spilled_bytes=spilled, time_scale=time_scale,
         deployment={s: deployment.stage(s).model_dump() for s in STAGE_NAMES},
-        window=(window_start / scale, window_end / scale), actors=expected,
+        window=(window_start, window_end), actors=expected,
         actors_started={s: len(registered[s]) for s in STAGE_NAMES}, busy=busy, other_cpu=other_cpu, run_cpu=run_cpu,
         ok=ok, notes=notes, label=label,
     )

@@ -25,7 +25,7 @@ from ..config.runtime import RuntimeConfig
 from ..io.storage import open_fs, write_atomic, write_json
 from ..pipeline import VideoRequest, load_first_frames
 from ..pipeline.manifest import plan_row
-from ..pipeline.stages import Decode, EncodeText, Interpolate, Keyframes
+from ..pipeline.stages import Decode, EncodeText, Interpolate, Keyframes, text_from_tensors, text_tensors
 from ..sampling import TextCondition
 
 log = logging.getLogger(__name__)
@@ -133,9 +133,9 @@ def _requests(rows: pd.DataFrame) -> list[VideoRequest]:
     return [VideoRequest.model_validate_json(r) for r in rows["request"]]
 
 
-def _texts(rows: pd.DataFrame) -> list[TextCondition]:
-    payloads = [unpack_tensors(p) for p in rows["payload"]]
-    return [TextCondition(p["context"], p["mask"]) for p in payloads]
+def _texts(rows: pd.DataFrame) -> list[TextCondition | tuple[TextCondition, ...]]:
+    """Each row's text: a TextCondition, or one per scene of a mini-movie (`text_tensors` layout)."""
+    return [text_from_tensors(unpack_tensors(p)) for p in rows["payload"]]
 
 
 class EncodeTextWorker(StageWorker):
@@ -145,10 +145,9 @@ class EncodeTextWorker(StageWorker):
         self.encode = EncodeText(self.job.models, runtime)
 
     def process(self, rows):
-        texts, truncated = self.encode([r.prompt for r in _requests(rows)])
+        texts, truncated = self.encode([r.prompts for r in _requests(rows)])
         return {
-            i: {"payload": pack_tensors({"context": t.context.contiguous(), "mask": t.mask.contiguous()}),
-                "prompt_truncated": cut}
+            i: {"payload": pack_tensors(text_tensors(t)), "prompt_truncated": cut}
             for i, t, cut in zip(rows.index, texts, truncated)
         }
 
@@ -173,7 +172,7 @@ class KeyframesWorker(StageWorker):
             latents = self.keyframes([requests[k] for k in keep], [texts[k] for k in keep], images)
             for i, k, latent in zip(good, keep, latents):
                 t = texts[k]
-                outcome[i] = {"payload": pack_tensors({"context": t.context, "mask": t.mask, "latents": latent.contiguous()})}
+                outcome[i] = {"payload": pack_tensors({**text_tensors(t), "latents": latent.contiguous()})}
         return outcome
 
 
@@ -185,7 +184,7 @@ class InterpolateWorker(StageWorker):
 
     def process(self, rows):
         payloads = [unpack_tensors(p) for p in rows["payload"]]
-        texts = [TextCondition(p["context"], p["mask"]) for p in payloads]
+        texts = [text_from_tensors(p) for p in payloads]
         videos = self.interpolate(_requests(rows), texts, [p["latents"] for p in payloads])
         # The text is not needed any more: only the latents travel on.
         return {i: {"payload": pack_tensors({"latents": v.contiguous()})} for i, v in zip(rows.index, videos)}
@@ -210,7 +209,8 @@ class DecodeAndWriteWorker(StageWorker):
                 outcome[i] = {"status": OK, "uri": self.fs.unstrip_protocol(path), "payload": b""}
                 continue
             start = time.perf_counter()
-            video = Video(request, self.decode(unpack_tensors(row["payload"])["latents"]), bool(row["prompt_truncated"]))
+            latents = unpack_tensors(row["payload"])["latents"]
+            video = Video(request, self.decode(latents, request=request), bool(row["prompt_truncated"]))
             data = video.encode(self.job.video_format)
             write_atomic(self.fs, path, data)
             timings = {s: float(row[f"seconds_{s}"]) for s in STAGE_NAMES}
@@ -221,7 +221,8 @@ class DecodeAndWriteWorker(StageWorker):
                 "id": row["id"], "video_id": row["video_id"], "request": request.model_dump(mode="json"),
                 "seed": request.seed, "mode": request.mode, "model_version": self.job.models.version,
                 "frames": int(video.frames.shape[0]), "width": request.width, "height": request.height,
-                "fps": str(video.fps), "format": self.job.video_format, "prompt_truncated": video.prompt_truncated,
+                "fps": str(video.fps), "scenes": video.scenes, "format": self.job.video_format,
+                "prompt_truncated": video.prompt_truncated,
                 "seconds": timings, "gpu_ids": gpus, "uri": self.fs.unstrip_protocol(path),
             })
             outcome[i] = {"status": OK, "uri": self.fs.unstrip_protocol(path), "payload": b""}

@@ -1,0 +1,240 @@
+"""`kvray bench stages`: each stage's seconds per video and peak device memory, as a cost profile.
+
+The stages run one after another on the current device, each alone (its networks loaded, warmed up,
+timed, then freed), fed by the previous stage's outputs, exactly as the renderer's stage actors run
+them. The profile (JSON, `kvray.distributed.planner.CostProfile`) is what `kvray plan`, the renderer
+and `kvray bench pipeline --simulate` read. Random weights are fine for timing: the compute is the same.
+
+Per stage: seconds per video (a timed call's wall time over its videos, after `warmup` calls), peak
+device memory (CUDA: `torch.cuda.max_memory_allocated` from loading the stage to its last call; the
+CUDA context is not included), and the bytes a video carries to the next stage in the renderer (the
+packed tensors; nothing after decoding). The decode stage includes encoding the video file, as the
+renderer's decode actor does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import resource
+import shlex
+import sys
+import time
+
+log = logging.getLogger(__name__)
+
+NETWORKS = ("text_encoder", "keyframe_unet", "interpolation_unet", "image_movq", "video_movq")
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device) -> None:
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak_gib(device) -> float | None:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return None
+
+
+def _compile(stage, names: tuple[str, ...]) -> None:
+    import torch
+
+    for name in names:
+        setattr(stage, name, torch.compile(getattr(stage, name)))
+
+
+def bench_stages(models, runtime, request, *, batch: int = 1, warmup: int = 1, repeats: int = 2,
+                 compile: bool = False, video_format: str = "mp4", progress=None) -> dict:
+    """Times the four stages on `runtime`'s device for `batch` copies of `request` (distinct prompts and
+    seeds). Returns {"stages": {stage: {...}}, "device": ..., "device_memory_gib": ..., "meta": {...}}."""
+    import torch
+    from safetensors.torch import save as pack_tensors
+
+    from ..pipeline.pipeline import Video
+    from ..pipeline.stages import Decode, EncodeText, Interpolate, Keyframes
+
+    device = runtime.torch_device()
+    say = progress or (lambda message: None)
+    requests = [request.model_copy(update={"prompt": f"{request.prompt} #{i}", "seed": (request.seed or 0) + i})
+                for i in range(batch)]
+    warm = [request.model_copy(update={"prompt": f"{request.prompt} (warm-up {i})", "seed": 10_000 + i})
+            for i in range(batch)]
+    results: dict[str, dict] = {}
+
+    def timed(stage: str, build, call, networks: tuple[str, ...]):
+        _reset_peak(device)
+        start = time.perf_counter()
+        worker = build()
+        if compile:
+            _compile(worker, networks)
+        _sync(device)
+        load = time.perf_counter() - start
+        say(f"{stage}: loaded in {load:.1f} s; {warmup} warm-up and {repeats} timed call(s) of {batch} video(s)")
+        for _ in range(warmup):
+            call(worker, warm)
+            _sync(device)
+        seconds, out = [], None
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = call(worker, requests)
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+        results[stage] = {"seconds": min(seconds) / batch, "seconds_all": [s / batch for s in seconds],
+                          "peak_memory_gib": _peak_gib(device), "load_seconds": load, "batch_size": batch}
+        del worker
+        _reset_peak(device)
+        return out
+
+    texts = timed("text", lambda: EncodeText(models, runtime),
+                  lambda w, rs: w([r.prompt for r in rs])[0], ("encoder",))
+    results["text"]["output_bytes"] = _mean(len(pack_tensors({"context": t.context.contiguous(), "mask": t.mask.contiguous()}))
+                                            for t in texts)
+    keyframes = timed("keyframes", lambda: Keyframes(models, runtime),
+                      lambda w, rs: w(rs, texts, [None] * len(rs)), ("unet", "movq"))
+    results["keyframes"]["output_bytes"] = _mean(
+        len(pack_tensors({"context": t.context.contiguous(), "mask": t.mask.contiguous(), "latents": k.contiguous()}))
+        for t, k in zip(texts, keyframes))
+    videos = timed("interpolate", lambda: Interpolate(models, runtime),
+                   lambda w, rs: w(rs, texts, keyframes), ("unet",))
+    results["interpolate"]["output_bytes"] = _mean(len(pack_tensors({"latents": v.contiguous()})) for v in videos)
+
+    def decode(w, rs):
+        return [Video(r, w(v)).encode(video_format) for r, v in zip(rs, videos)]
+
+    timed("decode", lambda: Decode(models, runtime), decode, ("movq",))
+    results["decode"]["output_bytes"] = 0  # the video goes to storage; only its URI travels on
+
+    device_memory = None
+    if device.type == "cuda":
+        device_memory = torch.cuda.get_device_properties(device).total_memory / 2**30
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    return {
+        "stages": results, "device": name, "device_memory_gib": device_memory,
+        "meta": {"preset": models.preset, "weights": models.resolved_weights, "width": request.width,
+                 "height": request.height, "fps": request.fps, "frames": request.num_frames, "steps": request.steps,
+                 "interpolation_steps": request.interpolation_steps, "batch_size": batch, "warmup": warmup,
+                 "repeats": repeats, "compile": compile, "torch": torch.__version__,
+                 "dtypes": {n: str(runtime.dtype(n)).removeprefix("torch.") for n in NETWORKS},
+                 "host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
+    }
+
+
+def _mean(values) -> int:
+    values = list(values)
+    return round(sum(values) / len(values)) if values else 0
+
+
+def to_profile(result: dict, command: str | None = None):
+    """The benchmark's result as a planner `CostProfile`."""
+    from ..distributed.planner import CostProfile, StageCost
+
+    stages = {s: StageCost(seconds=r["seconds"], peak_memory_gib=r["peak_memory_gib"] or None,
+                           output_bytes=r["output_bytes"], batch_size=r["batch_size"])
+              for s, r in result["stages"].items()}
+    meta = dict(result["meta"])
+    meta["seconds_all"] = {s: r["seconds_all"] for s, r in result["stages"].items()}
+    meta["load_seconds"] = {s: r["load_seconds"] for s, r in result["stages"].items()}
+    if command:
+        meta["command"] = command
+    return CostProfile(stages=stages, device=result["device"], device_memory_gib=result["device_memory_gib"], meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _dtypes(text: str) -> dict[str, str]:
+    out = {}
+    for item in filter(None, text.split(",")):
+        name, _, dtype = item.partition("=")
+        if name not in NETWORKS or dtype not in ("auto", "float32", "float16", "bfloat16"):
+            raise argparse.ArgumentTypeError(
+                f"--dtype: {item!r} is not NETWORK=DTYPE with NETWORK one of {', '.join(NETWORKS)} and DTYPE one of "
+                "auto, float32, float16, bfloat16")
+        out[name] = dtype
+    return out
+
+
+def add_stages_parser(bench_subparsers) -> argparse.ArgumentParser:
+    """Registers `kvray bench stages` on `kvray bench`'s subparsers."""
+    p = bench_subparsers.add_parser(
+        "stages", help="seconds per video and peak memory of each stage: a cost profile for the planner",
+        description="Times each stage alone on the current device (after warm-up) at the given size, as the "
+                    "renderer's stage actors run them, and writes the cost profile (JSON) that `kvray plan`, "
+                    "`kvray render --costs` and `kvray bench pipeline --simulate --costs` read.")
+    p.add_argument("--out", help="write the profile here (JSON); default: print it only")
+    p.add_argument("--preset", default="tiny", choices=["tiny", "kv11"], help="network sizes (default tiny)")
+    p.add_argument("--weights", default="random",
+                   help="weights source (default random: the compute is the same as with real weights)")
+    p.add_argument("--t5", help="T5 encoder checkpoint for official weights")
+    p.add_argument("--cache-dir", help="where remote weights are cached")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--dtype", type=_dtypes, default={}, metavar="NETWORK=DTYPE,...",
+                   help=f"per-network dtype ({', '.join(NETWORKS)}); default auto: the official dtypes on a GPU "
+                        "(U-Nets fp16, text encoder and MoVQs fp32), fp32 on the CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile each stage's networks (warm-up compiles)")
+    p.add_argument("--prompt", default="a red car drifting on a mountain road")
+    p.add_argument("--width", type=int, help="multiple of 64 (default: the preset's)")
+    p.add_argument("--height", type=int, help="multiple of 64 (default: the preset's)")
+    p.add_argument("--fps", default="low", choices=["low", "medium", "high"])
+    p.add_argument("--motion", default="medium", choices=["low", "medium", "high"])
+    p.add_argument("--steps", type=int, help="first-frame and keyframe steps (default: the official 50)")
+    p.add_argument("--interpolation-steps", type=int, help="interpolation steps (default: the official 10)")
+    p.add_argument("--batch", type=int, default=1, help="videos per call (default 1)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
+    p.add_argument("--repeats", type=int, default=2, help="timed calls; the fastest counts (default 2)")
+    p.set_defaults(run=run_stages_command)
+    return p
+
+
+def run_stages_command(args) -> int:
+    from pydantic import ValidationError
+
+    from ..config import RuntimeConfig, get_preset
+    from ..config.models import ModelSource
+    from ..pipeline import VideoRequest
+
+    try:
+        preset = get_preset(args.preset)
+        request = VideoRequest(prompt=args.prompt, width=args.width or preset.default_width,
+                               height=args.height or preset.default_height, fps=args.fps, motion=args.motion, seed=0,
+                               **{k: v for k, v in (("steps", args.steps),
+                                                    ("interpolation_steps", args.interpolation_steps)) if v is not None})
+        models = ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir)
+        runtime = RuntimeConfig(device=args.device, **{f"{n}_dtype": d for n, d in args.dtype.items()})
+    except ValidationError as err:
+        print("error: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()), file=sys.stderr)
+        return 2
+    result = bench_stages(models, runtime, request, batch=args.batch, warmup=args.warmup, repeats=args.repeats,
+                          compile=args.compile, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    profile = to_profile(result, command="kvray " + shlex.join(sys.argv[1:]) if sys.argv[1:] else None)
+    print(f"device {profile.device}; preset {args.preset}, {request.width}x{request.height}, fps {request.fps} "
+          f"({request.num_frames} frames), batch {args.batch}, dtypes {result['meta']['dtypes']}")
+    print(f"  {'stage':<12}{'s/video':>10}{'peak GiB':>10}{'out bytes':>12}{'load s':>8}")
+    for stage, cost in profile.stages.items():
+        r = result["stages"][stage]
+        peak = f"{cost.peak_memory_gib:.2f}" if cost.peak_memory_gib else "n/a"
+        print(f"  {stage:<12}{cost.seconds:>10.4g}{peak:>10}{cost.output_bytes:>12}{r['load_seconds']:>8.1f}")
+    print(f"total {profile.total_seconds:.4g} s/video on one device; inline: {profile.inline()}")
+    if args.out:
+        from ..io.storage import open_fs, write_atomic
+
+        fs, path = open_fs(args.out)
+        write_atomic(fs, path, profile.to_json().encode())
+        print(f"wrote {args.out}")
+    return 0
