@@ -1,4 +1,4 @@
-"""`kvray` command line: generate | render | submit | bench | parity | layout | convert."""
+"""`kvray` command line: generate | render | submit | plan | bench | parity | layout | convert."""
 
 from __future__ import annotations
 
@@ -175,6 +175,10 @@ def _render_job(args):
         overrides["storage_options"] = parse_storage_options(args.storage_option)
     if args.device:
         overrides["runtime"] = {"device": args.device}
+    if args.costs:
+        overrides["costs"] = args.costs
+    if args.gpu_memory:
+        overrides["gpu_memory_gib"] = args.gpu_memory
     if args.job:
         return RenderJob.from_yaml(args.job, **overrides)
     return RenderJob.model_validate(overrides)
@@ -284,6 +288,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
     p.add_argument("--cache-dir", help="where remote weights are cached")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, ...")
+    p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages`, or stage=seconds,...): "
+                   "sizes the pools when the job fixes none (default for kv11: the full-size networks' profile)")
+    p.add_argument("--gpu-memory", type=float, help="GiB of one GPU, for the planner (default: the profile's, else 80)")
     p.set_defaults(run=_cmd_render)
 
     from .distributed.submit import add_submit_parser
@@ -307,6 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="where rounds write (default: a temporary directory)")
     p.set_defaults(run=_cmd_bench_soak)
+
+    from .bench.pipeline import add_pipeline_parser
+    from .bench.stages import add_stages_parser
+    from .distributed.planner import add_plan_parser
+
+    add_stages_parser(bench)
+    add_pipeline_parser(bench)
+    add_plan_parser(commands)
 
     p = commands.add_parser("parity", help="replay the official networks' golden calls and compare")
     p.add_argument("golden_dir")

@@ -75,10 +75,17 @@ def test_render_jobs_validate(name):
     assert (moved.manifest, moved.out) == ("s3://b/m.parquet", "s3://b/run")
 
 
-def test_kv11_job_fills_one_8_gpu_node_and_tiny_needs_no_gpu():
-    kv11 = RenderJob.from_yaml(CLUSTER / "job-kv11.yaml").deployment
-    assert sum(kv11.stage(s).actors * kv11.stage(s).gpus for s in STAGES) == 8
-    assert all(kv11.stage(s).gpus > 0 for s in STAGES)
+def test_kv11_job_is_planned_for_the_cluster_and_tiny_needs_no_gpu():
+    from kvray.distributed.planner import plan_job
+
+    job = RenderJob.from_yaml(CLUSTER / "job-kv11.yaml")
+    for gpus in (8, 16):
+        planned, chosen = plan_job(job, gpus)
+        kv11 = planned.deployment
+        assert chosen is not None and chosen.gpu_memory_gib == 80
+        assert 0.9 * gpus <= sum(kv11.stage(s).actors * kv11.stage(s).gpus for s in STAGES) <= gpus
+        assert all(kv11.stage(s).gpus > 0 for s in STAGES)
+        assert kv11.text.batch_size == 16 and kv11.decode.cpus == 8  # the job's own, kept
     tiny = RenderJob.from_yaml(CLUSTER / "job-tiny.yaml")
     assert all(tiny.deployment.stage(s).gpus == 0 for s in STAGES)
     assert tiny.runtime.device == "cpu"
@@ -229,6 +236,9 @@ def test_entrypoint_quotes_every_argument():
     assert parsed.storage_option == ["endpoint_url=http://minio:9000", "key=a b"]
     assert sub.build_entrypoint("m", "o") == "python jobs/render.py m --out o"
     assert sub.render_args_from() == []
+    planned = _parses_as_render(["m", "--out", "o", *sub.render_args_from(costs="text=1,keyframes=2,interpolate=1,decode=1",
+                                                                          gpu_memory=40.0)])
+    assert (planned.costs, planned.gpu_memory) == ("text=1,keyframes=2,interpolate=1,decode=1", 40.0)
 
 
 def _submit_parser():

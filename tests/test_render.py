@@ -97,3 +97,20 @@ def test_render_to_s3_then_resume(ray_cluster, s3_bucket, manifest_job):
     rerun = _results(fs, s3_bucket.name)
     assert {k: r["status"] for k, r in rerun.items() if r["status"] != "error"} == {"car": "skipped", "lake": "skipped", "tower": "skipped"}
     assert all(rerun[k]["uri"] == results[k]["uri"] for k in ("car", "lake", "tower"))
+
+
+def test_render_sizes_the_pools_with_the_planner(ray_cluster, tmp_path):
+    """A job that fixes no pool is planned for the cluster's 8 GPUs: with 150 GiB per actor on 80 GiB
+    GPUs, every stage gets one actor of two whole GPUs."""
+    from kvray.distributed.render import render
+
+    pq.write_table(pa.table({"prompt": ["a red car", "a quiet lake"], "steps": [2, 2], "width": [64, 64],
+                             "height": [64, 64]}), tmp_path / "m.parquet")
+    job = RenderJob(manifest=str(tmp_path / "m.parquet"), out=str(tmp_path / "out"), gpu_memory_gib=80,
+                    costs="text=1@150,keyframes=1@150,interpolate=1@150,decode=1@150")
+    summary = render(job)
+    assert summary.ok == 2
+    plan = json.loads((tmp_path / "out" / "run.json").read_text())["plan"]
+    assert {s: (p["actors"], p["gpus_per_actor"]) for s, p in plan["stages"].items()} == {
+        s: (1, 2.0) for s in ("text", "keyframes", "interpolate", "decode")}
+    assert all(len(actor["gpu_ids"]) == 2 for actors in summary.stages["actors"].values() for actor in actors)

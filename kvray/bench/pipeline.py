@@ -1,11 +1,9 @@
 """`kvray bench pipeline`: how close the renderer's Ray Data plan comes to the throughput bound.
 
-`--simulate`: the renderer's plan (operators, pools, batch sizes, logical-GPU requests) with stand-in
-stage actors that sleep the profiled cost (kvray.distributed.simulate), on a local Ray with N logical
-GPUs. `stage_pools` is the renderer's `model_stages` with each throughput lever switchable, so that
-each can be measured on its own (`--lever NAME=off`, or `--each-lever`). With every lever on it is the
-plan proposed for `kvray.distributed.render.model_stages`; `--stages renderer` runs the renderer's
-own function instead.
+`--simulate`: the renderer's own stage pools (`kvray.distributed.render.model_stages`: operators,
+pools, batch sizes, logical-GPU requests) with stand-in stage actors that sleep the profiled cost
+(kvray.distributed.simulate), on a local Ray with N logical GPUs. Each throughput lever can be turned
+off to measure what it is worth (`--lever NAME=off`, or `--each-lever`).
 
 Without `--simulate`: the real Ray renderer against an in-process loop over the same requests (tiny
 preset on the CPU by default).
@@ -58,36 +56,12 @@ LEVERS = tuple(asdict(Levers()))
 JOB_DEFAULT_BATCH = {"text": 8, "keyframes": 1, "interpolate": 1, "decode": 1}
 
 
-def stage_pools(pending, count: int, job, registry_name: str, workers, levers: Levers = Levers()):
-    """`kvray.distributed.render.model_stages` with switchable levers; all on is the proposed plan."""
-    import ray
+def pool_options(levers: Levers, tasks_per_actor: int = 2):
+    """The renderer's `PoolOptions` with these levers."""
+    from ..distributed.render import PoolOptions
 
-    job_json = job.model_dump_json()
-    widest = max(job.deployment.stage(s).actors * job.deployment.stage(s).batch_size for s in STAGES)
-    ds = pending.repartition(min(count, max(1, widest * 2)))
-    for index, stage in enumerate(STAGES):
-        deployment = job.deployment.stage(stage)
-        following = job.deployment.stage(STAGES[index + 1]) if index + 1 < len(STAGES) else deployment
-        in_flight = 2 if levers.prefetch else 1
-        if levers.full_pools:
-            compute = ray.data.ActorPoolStrategy(size=deployment.actors, max_tasks_in_flight_per_actor=in_flight)
-        else:
-            compute = ray.data.ActorPoolStrategy(min_size=1, max_size=deployment.actors,
-                                                 max_tasks_in_flight_per_actor=in_flight)
-        ds = ds.map_batches(
-            workers[stage],
-            fn_constructor_kwargs={"job_json": job_json, "registry_name": registry_name,
-                                   "emit_rows": following.batch_size},
-            batch_format="pandas",
-            batch_size=deployment.batch_size,
-            compute=compute,
-            num_gpus=deployment.gpus,
-            num_cpus=deployment.cpus,
-        )
-        if levers.split_blocks and index + 1 < len(STAGES) and deployment.batch_size > following.batch_size:
-            # A call's output is one block: cut it so that every actor of the next pool gets work.
-            ds = ds.repartition(target_num_rows_per_block=following.batch_size)
-    return ds
+    return PoolOptions(full_pools=levers.full_pools, tasks_per_actor=tasks_per_actor if levers.prefetch else 1,
+                       split_blocks=levers.split_blocks)
 
 
 def frames_bytes(width: int = 512, height: int = 512, frames: int = 12) -> int:
@@ -95,22 +69,23 @@ def frames_bytes(width: int = 512, height: int = 512, frames: int = 12) -> int:
 
 
 def auto_time_scale(bound: float, cores: int | None = None, videos_per_core: float = 2.5) -> float:
-    """Slow the simulation down so that at most `videos_per_core` simulated videos per second per CPU
-    core flow through Ray: each video costs Ray tens of milliseconds of CPU per stage (scheduling,
-    Arrow/pandas conversions, object transfers), which a real cluster spreads over many cores and this
-    machine must fit in a few, beside one idle-polling process per actor."""
+    """The time scale at which `videos_per_core` simulated videos per second per CPU core flow through
+    Ray: each video costs Ray tens of milliseconds of CPU per stage (scheduling, Arrow/pandas
+    conversions, object transfers), which a real cluster spreads over many cores and this machine must
+    fit in a few, beside one idle-polling process per actor. Slow profiles are sped up the same way, so
+    that a run of a few hundred videos takes minutes whatever the profile's unit."""
     import os
 
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1.0, round(bound / (videos_per_core * cores), 2))
+    return float(f"{bound / (videos_per_core * cores):.3g}")
 
 
-def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers(), stages: str = "proposed",
+def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers(),
                        time_scale: float | str = "auto", tolerance: float | None = None, max_share: int | None = None,
                        max_actors: int | None = None, prompts: int | None = None,
                        payload_bytes: dict[str, int] | None = None, batch_sizes: dict[str, int] | None = None,
-                       calls_per_second: float | None = None, label: str = ""):
+                       calls_per_second: float | None = None, tasks_per_actor: int = 2, label: str = ""):
     """One simulated run with the given levers; returns a `SimulationResult`."""
     from ..distributed import planner
     from ..distributed.simulate import default_payload_bytes, simulate
@@ -139,14 +114,9 @@ def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers
         payload_bytes = measured if len(measured) == len(STAGES) else default_payload_bytes()
     if not levers.frames_stay_out:
         payload_bytes = {**payload_bytes, "decode": frames_bytes()}
-    if stages == "renderer":
-        stages_fn = None  # kvray.distributed.render.model_stages
-    else:
-        import functools
-
-        stages_fn = functools.partial(stage_pools, levers=levers)
     return simulate(costs, gpus, videos, deployment=deployment, time_scale=time_scale, payload_bytes=payload_bytes,
-                    prompts=prompts, dedupe_prompts=levers.text_once_per_prompt, stages_fn=stages_fn,
+                    prompts=prompts, dedupe_prompts=levers.text_once_per_prompt,
+                    pool_options=pool_options(levers, tasks_per_actor),
                     label=label or ("equal pools" if not levers.planner else "planned pools"))
 
 
@@ -262,9 +232,9 @@ def add_pipeline_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--lever", action="append", type=_lever, default=[], metavar="NAME=off",
                    help=f"turn a lever off (repeatable): {', '.join(LEVERS)}")
     p.add_argument("--each-lever", action="store_true", help="run all levers on, then each one off in turn")
-    p.add_argument("--stages", choices=["proposed", "renderer"], default="proposed",
-                   help="the stage plan: this module's (levers switchable) or kvray.distributed.render.model_stages")
     p.add_argument("--prompts", type=int, help="distinct prompts among the videos (default: all distinct)")
+    p.add_argument("--tasks-per-actor", type=int, default=2, help="calls queued per actor with prefetch (default 2)")
+    p.add_argument("--timeline", help="write the run's raw timeline (JSON: completions, actor starts, calls) here")
     p.add_argument("--batch-sizes", type=_batch_sizes, metavar="STAGE=N,...", help="videos per call for some stages")
     p.add_argument("--calls-per-second", type=float, help="most calls per wall second per stage when the "
                    "planner suggests batch sizes (default 8)")
@@ -304,11 +274,18 @@ def run_pipeline_command(args) -> int:
                      base.off("planner") if args.pools == "equal" else base)]
         results = []
         for label, levers in runs:
-            result = simulated_pipeline(args.costs, args.gpus, args.videos, levers=levers, stages=args.stages,
+            result = simulated_pipeline(args.costs, args.gpus, args.videos, levers=levers,
                                         time_scale=args.time_scale, tolerance=args.tolerance, max_share=args.max_share,
                                         max_actors=args.max_actors, prompts=args.prompts, batch_sizes=args.batch_sizes,
-                                        calls_per_second=args.calls_per_second, label=label)
+                                        calls_per_second=args.calls_per_second, tasks_per_actor=args.tasks_per_actor,
+                                        label=label)
             results.append((label, result))
+            if args.timeline:
+                import json
+
+                path = args.timeline if len(runs) == 1 else f"{args.timeline}.{len(results)}"
+                with open(path, "w") as f:
+                    json.dump({"label": label, "lines": result.lines(), **(result.timeline or {})}, f)
             if len(runs) > 1:
                 print(f"== {label}")
             for line in result.lines():

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..sampling.config import GuidanceConfig
+from .costs import STAGES, CostError, parse_costs
 from .models import ModelSource
 from .runtime import RuntimeConfig
 
-STAGES = ("text", "keyframes", "interpolate", "decode")
 
 
 class _Strict(BaseModel):
@@ -81,6 +81,22 @@ class RenderJob(_Strict):
     storage_options: dict = Field(default_factory=dict, description="fsspec options for the manifest and outputs")
     results_per_file: int = Field(10_000, ge=1, description="rows per results/*.parquet file")
     video_format: Literal["mp4", "gif", "webp"] = "mp4"
+    # The planner sizes the pools when `deployment` fixes no stage's actors or gpus and the cluster has GPUs.
+    costs: str | None = Field(None, description="cost profile for the planner: a JSON file of `kvray bench stages` "
+                              "or stage=seconds[@GiB],...; default: the full-size networks' profile for kv11, none "
+                              "(the deployment as given) for other presets")
+    gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU for the planner "
+                                         "(default: the profile's device, else 80)")
+
+    @field_validator("costs")
+    @classmethod
+    def _readable_costs(cls, costs: str | None) -> str | None:
+        if costs is not None:
+            try:
+                parse_costs(costs)
+            except CostError as err:
+                raise ValueError(str(err)) from None
+        return costs
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> RenderJob:

@@ -16,7 +16,7 @@ below one on a single GPU (the best-fitting one) and a whole number of GPUs on f
   Ray's rules (best fit for fractions, free GPUs for whole ones) in several orders, and must fit in all.
 
 The planner maximises the predicted videos/s (the slowest stage's capacity), then takes the fewest
-actors among the plans that reach it. Pure Python: no Ray, no torch.
+actors among the plans that reach it. No Ray: the plan is arithmetic on the profile.
 """
 
 from __future__ import annotations
@@ -24,122 +24,21 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import re
-from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-STAGES = ("text", "keyframes", "interpolate", "decode")  # kvray.config.job.STAGES, without its imports
+from ..config.costs import FULL_SIZE_COSTS, CostError, CostProfile, StageCost, parse_costs  # noqa: F401 (inputs)
+from ..config.job import STAGES
+
 UNIT = 10_000  # Ray's resource fixed point: 1e-4
 FAMILIES = (2, 3, 5, 7)  # actors per GPU: 1 or f x 2^j for one f per plan (see `_shares`)
 DEFAULT_MAX_SHARE = 16  # at most this many actors time-share one GPU
 DEFAULT_TOLERANCE = 0.02  # throughput given up for fewer actors (see `plan`)
 DEFAULT_CALLS_PER_SECOND = 8.0  # per stage, for suggested batch sizes
+DEFAULT_GPU_MEMORY_GIB = 80.0  # a GPU of the size the official model was made for (A100/H100 80 GB)
 DEFAULT_CONTEXT_GIB = 0.5  # a CUDA context per actor, on top of the measured peak allocation
 DEFAULT_BATCH_SIZES = {"text": 8, "keyframes": 1, "interpolate": 1, "decode": 1}
-
-
-class CostError(ValueError):
-    """A cost profile that cannot be read; the message says what to fix."""
-
-
-class StageCost(BaseModel):
-    """One stage: seconds per video on one whole GPU (after warm-up), at `batch_size` videos per call."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    seconds: PositiveFloat
-    peak_memory_gib: float | None = Field(None, gt=0, description="peak device memory of one actor")
-    output_bytes: int | None = Field(None, ge=0, description="bytes a video carries to the next stage")
-    batch_size: int | None = Field(None, ge=1, description="videos per call when measured")
-
-
-class CostProfile(BaseModel):
-    """Seconds per video (and optionally peak memory) of each stage on one device."""
-
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    stages: dict[str, StageCost]
-    device: str = "unknown"
-    device_memory_gib: float | None = Field(None, gt=0, description="total memory of the measured device")
-    meta: dict = Field(default_factory=dict, description="how it was measured: preset, size, fps, command, ...")
-
-    @field_validator("stages")
-    @classmethod
-    def _four_stages(cls, stages: dict) -> dict:
-        missing = [s for s in STAGES if s not in stages]
-        unknown = [s for s in stages if s not in STAGES]
-        if missing or unknown:
-            raise ValueError(f"a cost profile has exactly the stages {', '.join(STAGES)}"
-                             + (f"; missing {', '.join(missing)}" if missing else "")
-                             + (f"; unknown {', '.join(unknown)}" if unknown else ""))
-        return {s: stages[s] for s in STAGES}
-
-    def seconds(self, stage: str) -> float:
-        return self.stages[stage].seconds
-
-    def memory(self, stage: str) -> float | None:
-        return self.stages[stage].peak_memory_gib
-
-    @property
-    def total_seconds(self) -> float:
-        return sum(c.seconds for c in self.stages.values())
-
-    def bound(self, gpus: float) -> float:
-        """Videos/s no plan can beat on `gpus` GPUs: N / sum(w_i)."""
-        return gpus / self.total_seconds
-
-    def scaled(self, factor: float) -> CostProfile:
-        """Every stage `factor` times as slow (simulations at another time scale)."""
-        return self.model_copy(update={"stages": {s: c.model_copy(update={"seconds": c.seconds * factor})
-                                                  for s, c in self.stages.items()}})
-
-    def inline(self) -> str:
-        return ",".join(f"{s}={c.seconds:g}" + (f"@{c.peak_memory_gib:g}" if c.peak_memory_gib else "")
-                        for s, c in self.stages.items())
-
-    def to_json(self) -> str:
-        return self.model_dump_json(indent=2, exclude_none=True)
-
-
-_INLINE = re.compile(r"^\s*(\w+)\s*=\s*([0-9.eE+-]+)\s*(?:@\s*([0-9.eE+-]+)\s*)?$")
-
-
-def parse_costs(source: str | Path | CostProfile) -> CostProfile:
-    """A profile file (JSON written by `kvray bench stages`) or an inline list `stage=seconds[@GiB],...`."""
-    if isinstance(source, CostProfile):
-        return source
-    text = str(source).strip()
-    path = Path(text)
-    if text.endswith(".json") or (path.exists() and path.is_file()):
-        try:
-            return CostProfile.model_validate_json(path.read_text())
-        except OSError as err:
-            raise CostError(f"cost profile {text}: {err.strerror or err}") from None
-        except ValidationError as err:
-            raise CostError(f"cost profile {text}: {_validation_message(err)}") from None
-    stages: dict[str, dict] = {}
-    for item in filter(None, (p.strip() for p in text.split(","))):
-        match = _INLINE.match(item)
-        if not match:
-            raise CostError(f"costs: {item!r} is not stage=seconds or stage=seconds@GiB "
-                            f"(e.g. text=0.001,keyframes=0.62,interpolate=0.08,decode=0.30), nor a profile file")
-        stage, seconds, memory = match.groups()
-        if stage in stages:
-            raise CostError(f"costs: {stage} given twice")
-        try:
-            stages[stage] = {"seconds": float(seconds), **({"peak_memory_gib": float(memory)} if memory else {})}
-        except ValueError:
-            raise CostError(f"costs: {item!r}: not a number") from None
-    try:
-        return CostProfile(stages=stages, device="given")
-    except ValidationError as err:
-        raise CostError(f"costs: {_validation_message(err)}") from None
-
-
-def _validation_message(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg']}" for e in err.errors())
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -400,12 +299,14 @@ def plan_from_deployment(deployment, costs: CostProfile | str, gpus: int | None 
 
 def suggest_batch_sizes(plan_: Plan, costs: CostProfile | str | None = None, *, videos: int | None = None,
                         calls_per_second: float = DEFAULT_CALLS_PER_SECOND, max_batch: int = 16,
-                        calls_per_actor: int = 4) -> dict[str, int]:
+                        calls_per_actor: int = 8) -> dict[str, int]:
     """Videos per call for each stage. The profile's measured batch size where it has one (its cost and
     memory were measured at it). Otherwise enough videos per call that no stage makes more than
-    `calls_per_second` calls at the plan's throughput (each call costs Ray some milliseconds of CPU
-    and a round trip), but no more than leave each actor `calls_per_actor` calls over `videos`, and at
-    least the job's default for the text stage (larger text batches encode repeated prompts once)."""
+    `calls_per_second` calls at the plan's throughput (each call costs Ray some milliseconds of CPU and a
+    round trip), at least the job's default for the text stage (larger text batches encode repeated
+    prompts once), but no more than leave each actor `calls_per_actor` calls over `videos`: the actors
+    of a pool start together, and a few long calls each would move in lockstep, in bursts that starve
+    the next pool."""
     costs = parse_costs(costs) if costs is not None else None
     sizes = {}
     for s, stage in plan_.stages.items():
@@ -413,10 +314,10 @@ def suggest_batch_sizes(plan_: Plan, costs: CostProfile | str | None = None, *, 
         if measured:
             sizes[s] = measured
             continue
-        size = math.ceil(plan_.videos_per_second / calls_per_second - 1e-9)
+        size = max(math.ceil(plan_.videos_per_second / calls_per_second - 1e-9), DEFAULT_BATCH_SIZES[s])
         if videos:
             size = min(size, videos // (calls_per_actor * stage.actors))
-        sizes[s] = max(1, min(max_batch, max(size, DEFAULT_BATCH_SIZES[s] if s == "text" else 1)))
+        sizes[s] = max(1, min(max_batch, size))
     return sizes
 
 
@@ -441,15 +342,20 @@ def deployment_fixes_pools(deployment) -> bool:
     return any({"actors", "gpus"} & deployment.stage(s).model_fields_set for s in STAGES)
 
 
-def plan_job_deployment(deployment, costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = None):
-    """The deployment a render uses: the job's own if it fixes the pools or there are no GPUs, else the
-    plan's pools with the job's CPUs and batch sizes (the profile's measured batch sizes if it has them)."""
-    if gpus < 1 or deployment_fixes_pools(deployment):
-        return deployment
+def plan_job(job, gpus: int):
+    """The job a render runs, and the plan behind its pools (None: the job's own deployment). The planner
+    sizes the pools when the job fixes none of them, the cluster has GPUs and there is a cost profile:
+    the job's `costs`, or for the kv11 preset the full-size networks' profile. Batch sizes: the job's
+    where it sets them, else the profile's measured ones (its costs were measured at them)."""
+    costs = job.costs or (FULL_SIZE_COSTS if job.models.preset == "kv11" else None)
+    if costs is None or gpus < 1 or deployment_fixes_pools(job.deployment):
+        return job, None
     costs = parse_costs(costs)
-    chosen = plan(costs, gpus, gpu_memory_gib)
-    measured = {s: c.batch_size for s, c in costs.stages.items() if c.batch_size}
-    return to_deployment(chosen, batch_sizes=measured, base=deployment)
+    memory = job.gpu_memory_gib or costs.device_memory_gib or DEFAULT_GPU_MEMORY_GIB
+    chosen = plan(costs, gpus, memory)
+    measured = {s: c.batch_size for s, c in costs.stages.items()
+                if c.batch_size and "batch_size" not in job.deployment.stage(s).model_fields_set}
+    return job.model_copy(update={"deployment": to_deployment(chosen, batch_sizes=measured, base=job.deployment)}), chosen
 
 
 def plan_summary(p: Plan) -> dict:
@@ -462,3 +368,58 @@ def plan_summary(p: Plan) -> dict:
                        "seconds": x.seconds, "videos_per_second": x.videos_per_second} for s, x in p.stages.items()},
         "layout": p.layout,
     }))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line: `kvray plan`
+
+
+def add_plan_parser(subparsers):
+    """Registers `kvray plan` on the CLI's subparsers."""
+    import argparse
+
+    p = subparsers.add_parser(
+        "plan", help="pool size and GPUs per actor for each stage, from measured stage costs",
+        description="Chooses each stage's actors and GPUs per actor (whole GPUs for heavy stages, 1/k of a GPU "
+                    "for light ones, never beyond a GPU's memory), and prints the plan, its predicted videos/s "
+                    "and the bound N / sum(costs).", formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gpus", type=int, required=True, help="GPUs to plan for")
+    p.add_argument("--costs", required=True, help="cost profile (JSON from `kvray bench stages`) or stage=seconds[@GiB],...")
+    p.add_argument("--gpu-memory", type=float, help="GiB of one GPU (default: the profile's device)")
+    p.add_argument("--max-share", type=int, default=DEFAULT_MAX_SHARE, help=f"most actors on one GPU (default {DEFAULT_MAX_SHARE})")
+    p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                   help=f"throughput given up for fewer actors (default {DEFAULT_TOLERANCE}; 0: throughput alone)")
+    p.add_argument("--max-actors", type=int, help="most actors in all (default: no limit)")
+    p.add_argument("--videos", type=int, help="videos in the run (caps the suggested batch sizes)")
+    p.add_argument("--equal", action="store_true", help="also show naive equal pools")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(run=run_plan_command)
+    return p
+
+
+def run_plan_command(args) -> int:
+    import sys
+
+    try:
+        costs = parse_costs(args.costs)
+        chosen = plan(costs, args.gpus, args.gpu_memory, max_share=args.max_share, tolerance=args.tolerance,
+                      max_actors=args.max_actors)
+    except (CostError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    sizes = suggest_batch_sizes(chosen, costs, videos=args.videos)
+    if args.json:
+        print(json.dumps({**plan_summary(chosen), "batch_sizes": sizes}, indent=2))
+        return 0
+    for line in chosen.lines():
+        print(line)
+    print("job deployment (YAML):")
+    print("deployment:")
+    for s, stage in chosen.stages.items():
+        print(f"  {s}: {{actors: {stage.actors}, gpus: {stage.gpus_per_actor:g}, batch_size: {sizes[s]}}}")
+    if args.equal:
+        try:
+            print("\n".join(equal_plan(costs, args.gpus).lines()))
+        except ValueError as err:
+            print(f"equal pools: {err}")
+    return 0

@@ -25,6 +25,7 @@ from ..config.job import STAGES, RenderJob
 from ..io.manifest import manifest_files
 from ..io.storage import open_fs, redact_storage_options, write_atomic, write_json
 from .cluster import StageRegistry, connect
+from .planner import plan_job, plan_summary
 from .workers import ERROR, OK, PENDING, RESULT_COLUMNS, SKIPPED, STAGE_NAMES, WORKERS, plan_rows
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,11 @@ def render(job: RenderJob) -> RenderSummary:
 
     start = time.perf_counter()
     started_ray = connect(job.ray)
+    job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
+    if chosen is not None:
+        for line in chosen.lines():
+            log.info("%s", line)
+        record["plan"] = plan_summary(chosen)
     registry_name = f"kvray-registry-{summary.run_id}"
     registry = StageRegistry.options(name=registry_name).remote()
     try:
@@ -121,7 +127,22 @@ def _mark_duplicates(batch: pd.DataFrame, repeated: dict) -> pd.DataFrame:
     return batch
 
 
-def model_stages(pending, count: int, job: RenderJob, registry_name: str, workers=WORKERS):
+@dataclass(frozen=True)
+class PoolOptions:
+    """How the stage pools run. The defaults are the renderer's; `kvray bench pipeline` turns each off to
+    measure what it is worth."""
+
+    # Every pool at its full size from the start; off: pools grow from one actor as work queues up.
+    full_pools: bool = True
+    # Calls queued on each actor: with 2, the next batch reaches the actor while the current one computes.
+    tasks_per_actor: int = 2
+    # After a stage with larger batches than the next, its output blocks are cut to the next stage's
+    # batch size (streaming): a call's output is one block, which would go to one actor of the next pool.
+    split_blocks: bool = True
+
+
+def model_stages(pending, count: int, job: RenderJob, registry_name: str, workers=WORKERS,
+                 options: PoolOptions = PoolOptions()):
     """The four actor pools over the pending rows. `workers`: the stage callables (benchmarks substitute
     stand-ins with the same constructor arguments: job_json, registry_name, emit_rows)."""
     job_json = job.model_dump_json()
@@ -130,17 +151,23 @@ def model_stages(pending, count: int, job: RenderJob, registry_name: str, worker
     ds = pending.repartition(min(count, max(1, widest * 2)))
     for index, stage in enumerate(STAGES):
         deployment = job.deployment.stage(stage)
-        following = STAGES[index + 1] if index + 1 < len(STAGES) else stage
+        following = job.deployment.stage(STAGES[index + 1]) if index + 1 < len(STAGES) else deployment
+        if options.full_pools:
+            pool = {"size": deployment.actors}
+        else:
+            pool = {"min_size": 1, "max_size": deployment.actors}
         ds = ds.map_batches(
             workers[stage],
             fn_constructor_kwargs={"job_json": job_json, "registry_name": registry_name,
-                                   "emit_rows": job.deployment.stage(following).batch_size},
+                                   "emit_rows": following.batch_size},
             batch_format="pandas",
             batch_size=deployment.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=deployment.actors),
+            compute=ray.data.ActorPoolStrategy(**pool, max_tasks_in_flight_per_actor=options.tasks_per_actor),
             num_gpus=deployment.gpus,
             num_cpus=deployment.cpus,
         )
+        if options.split_blocks and index + 1 < len(STAGES) and deployment.batch_size > following.batch_size:
+            ds = ds.repartition(target_num_rows_per_block=following.batch_size)
     return ds
 
 

@@ -71,7 +71,8 @@ class SimStageWorker:
         while (left := deadline - time.perf_counter()) > 0:
             time.sleep(left)
         seconds = (time.perf_counter() - start) / len(pending)
-        self.registry.count.remote(self.stage, 1, time.time(), len(pending))
+        self.registry.count.remote(self.stage, 1, (time.time() - (time.perf_counter() - start), time.time(), os.getpid()),
+                                   len(pending))
         if not batch["seconds_" + self.stage].to_numpy().flags.writeable:
             batch = batch.copy()  # a zero-copy view of a block in the object store
         for i in pending:
@@ -111,10 +112,11 @@ class SimRegistry:
         self.actors.setdefault(stage, []).append({"gpu_ids": gpu_ids, "pid": pid, "node": node,
                                                   "load_seconds": round(load_seconds, 3), "at": time.time()})
 
-    def count(self, stage, calls=1, at=None, videos=0):
+    def count(self, stage, calls=1, call=None, videos=0):
+        """`call`: (start, end, pid) of the call, wall-clock."""
         self.model_calls[stage] = self.model_calls.get(stage, 0) + calls
-        if at is not None:
-            self.done.setdefault(stage, []).append((at, videos))
+        if call is not None:
+            self.done.setdefault(stage, []).append((*call, videos))
 
     def report(self):
         return {"actors": self.actors, "model_calls": self.model_calls, "done": self.done}
@@ -164,6 +166,7 @@ class SimulationResult:
     ok: int = 0
     notes: list[str] = field(default_factory=list)
     label: str = ""
+    timeline: dict | None = field(default=None, repr=False)  # raw: arrivals, actor starts, calls (wall, from 0)
 
     @property
     def efficiency(self) -> float:
@@ -301,7 +304,7 @@ def planned_rows(videos: int, prompts: int | None = None):
 
 def simulate(costs, gpus: int, videos: int, *, deployment=None, plan=None, time_scale: float = 1.0,
              payload_bytes: dict[str, int] | None = None, prompts: int | None = None, dedupe_prompts: bool = True,
-             object_store_memory: int | None = None, stages_fn=None, label: str = "") -> SimulationResult:
+             object_store_memory: int | None = None, pool_options=None, label: str = "") -> SimulationResult:
     """Runs `videos` simulated videos through the renderer's stage pools on a local Ray with `gpus`
     logical GPUs, or on the running Ray (which must have at least `gpus`; it is left running).
 
@@ -310,12 +313,11 @@ def simulate(costs, gpus: int, videos: int, *, deployment=None, plan=None, time_
     profiled second (figures are reported in the profile's seconds). `payload_bytes`: bytes per video
     out of each stage (default: the profile's, else none). `prompts`: distinct prompts among the videos
     (default: all distinct); `dedupe_prompts`: the text stand-in works once per distinct prompt of a
-    batch, as EncodeText does. `stages_fn`: the function that builds the pools, with the signature of
-    `kvray.distributed.render.model_stages` (the default)."""
-    from ..config.job import RenderJob
+    batch, as EncodeText does. `pool_options`: the renderer's `PoolOptions` (default: its defaults)."""
     from .planner import parse_costs
     from .planner import plan as make_plan
     from .planner import suggest_batch_sizes, to_deployment
+    from .render import PoolOptions
 
     costs = parse_costs(costs)
     if deployment is None:
@@ -323,8 +325,7 @@ def simulate(costs, gpus: int, videos: int, *, deployment=None, plan=None, time_
         deployment = to_deployment(plan, batch_sizes=suggest_batch_sizes(plan, costs, videos=videos))
     if payload_bytes is None:
         payload_bytes = {s: c.output_bytes or 0 for s, c in costs.stages.items()}
-    if stages_fn is None:
-        from .render import model_stages as stages_fn
+    pool_options = pool_options or PoolOptions()
 
     started_ray = False
     if not ray.is_initialized():
@@ -336,15 +337,18 @@ def simulate(costs, gpus: int, videos: int, *, deployment=None, plan=None, time_
         available = ray.cluster_resources().get("GPU", 0)
         if available < gpus:
             raise ValueError(f"the running Ray has {available:g} GPUs; the simulation needs {gpus}")
-        return _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, dedupe_prompts, stages_fn,
-                    label, RenderJob)
+        return _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, dedupe_prompts, pool_options,
+                    label)
     finally:
         if started_ray:
             ray.shutdown()
 
 
-def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, dedupe_prompts, stages_fn, label,
-         RenderJob) -> SimulationResult:
+def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, dedupe_prompts, pool_options,
+         label) -> SimulationResult:
+    from ..config.job import RenderJob
+    from .render import model_stages
+
     job = RenderJob(manifest="simulated", out="simulated", deployment=deployment)
     workers = stand_in_workers({s: costs.seconds(s) * time_scale for s in STAGE_NAMES}, payload_bytes, dedupe_prompts)
     registry_name = f"kvray-sim-registry-{os.getpid()}-{time.time_ns()}"
@@ -357,7 +361,7 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
     try:
         pending = ray.data.from_pandas(rows)
         start_wall, start = time.time(), time.perf_counter()
-        dataset = stages_fn(pending, videos, job, registry_name, workers=workers)
+        dataset = model_stages(pending, videos, job, registry_name, workers=workers, options=pool_options)
         arrivals: list[float] = []
         cpu_marks: list[tuple[int, float, tuple[float, float] | None]] = []
         next_mark, ok = 0, 0
@@ -399,7 +403,7 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
         done = report.get("done", {}).get(s, [])
         busy[s] = 0.0
         if done:
-            finished = sum(n for t, n in done if window_start < t - start_wall <= window_end)
+            finished = sum(n for _, t, _, n in done if window_start < t - start_wall <= window_end)
             busy[s] = finished * per_video / (d.actors * window)
     run_cpu = other_cpu = None
     inside = [(t, c) for n, t, c in cpu_marks if c is not None and window_start <= t <= window_end]
@@ -417,4 +421,8 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
         window=(window_start, window_end), actors=expected,
         actors_started={s: len(registered[s]) for s in STAGE_NAMES}, busy=busy, other_cpu=other_cpu, run_cpu=run_cpu,
         ok=ok, notes=notes, label=label,
+        timeline={"arrivals": arrivals,
+                  "actors": {s: [a["at"] - start_wall for a in registered[s]] for s in STAGE_NAMES},
+                  "calls": {s: [(a - start_wall, b - start_wall, pid, n) for a, b, pid, n in report.get("done", {}).get(s, [])]
+                            for s in STAGE_NAMES}},
     )

@@ -64,12 +64,14 @@ def build_entrypoint(manifest: str, out: str, render_args: list[str] | tuple[str
 
 
 def render_args_from(*, preset: str | None = None, weights: str | None = None, job: str | None = None,
+                     costs: str | None = None, gpu_memory: float | None = None,
                      storage_options: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The `kvray render` options a submit passes through, in a fixed order; None is left out."""
     args: list[str] = []
-    for flag, value in (("--preset", preset), ("--weights", weights), ("--job", job)):
+    for flag, value in (("--preset", preset), ("--weights", weights), ("--job", job), ("--costs", costs),
+                        ("--gpu-memory", gpu_memory)):
         if value is not None:
-            args += [flag, value]
+            args += [flag, str(value)]
     for option in storage_options:
         args += ["--storage-option", option]
     return args
@@ -336,8 +338,8 @@ def _runtime_env_json(text: str) -> dict:
 
 
 def _cmd_submit(args) -> int:
-    render_args = render_args_from(preset=args.preset, weights=args.weights, job=args.job,
-                                   storage_options=args.storage_option or [])
+    render_args = render_args_from(preset=args.preset, weights=args.weights, job=args.job, costs=args.costs,
+                                   gpu_memory=args.gpu_memory, storage_options=args.storage_option or [])
     env_vars = dict(kv.split("=", 1) for kv in args.env or [])
     try:
         return submit(args.manifest, args.out, address=args.address, render_args=render_args,
@@ -380,6 +382,9 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     render.add_argument("--job", help="RenderJob YAML, as the cluster sees it (e.g. cluster/job-kv11.yaml)")
     render.add_argument("--storage-option", action="append", type=_key_value, metavar="KEY=VALUE",
                         help="fsspec option for the manifest and outputs (repeatable)")
+    render.add_argument("--costs", help="cost profile for the planner: stage=seconds,... or a JSON file as the "
+                        "cluster sees it (in the working dir)")
+    render.add_argument("--gpu-memory", type=float, help="GiB of one GPU, for the planner")
     p.set_defaults(run=_cmd_submit)
     return p
 
