@@ -9,7 +9,7 @@ import pytest
 
 from kvray.bench import pipeline as B
 from kvray.distributed import planner as P
-from kvray.distributed.simulate import SimulationResult, measure, planned_rows
+from kvray.distributed.simulate import SimulationResult, measure, planned_rows, saturated_rate
 
 SMALL = "text=0.01,keyframes=0.5,interpolate=0.125,decode=0.25"
 
@@ -24,6 +24,18 @@ def test_measure_leaves_out_fill_and_drain():
     rate, start, _ = measure(arrivals, pools_up=8.0)
     assert start >= 8.0 and rate == pytest.approx(10.0)
     assert measure([1.0, 2.0], pools_up=0.0)[0] == 0.0
+
+
+def test_saturated_rate_is_the_bottlenecks_rate_while_every_actor_has_work():
+    # Two actors, 1 video per 2 s each; actor 2 starts at 3 s; actor 1 runs dry at 13 s, actor 2 at 15 s.
+    calls = [(1 + 2 * i, 3 + 2 * i, 1, 1) for i in range(6)] + [(3 + 2 * i, 5 + 2 * i, 2, 1) for i in range(6)]
+    rate, start, end = saturated_rate(calls, actors=2, pools_up=2.0)
+    assert (start, end) == (3.0, 13.0) and rate == pytest.approx(1.0)
+    # A gap (starvation) inside the window lowers the rate.
+    starved = [c if c[2] == 1 or c[0] < 7 else (c[0] + 1, c[1] + 1, 2, 1) for c in calls]
+    assert saturated_rate(starved, actors=2, pools_up=2.0)[0] < 1.0
+    # An actor that never worked: the pool was never saturated.
+    assert saturated_rate(calls, actors=3, pools_up=0.0)[0] == 0.0
 
 
 def test_result_lines_end_with_the_figures():
@@ -59,9 +71,15 @@ def test_levers():
 
 
 def test_auto_time_scale():
-    assert B.auto_time_scale(5.0, cores=2) == 1.0
-    assert B.auto_time_scale(16.0, cores=2) == pytest.approx(3.2)
-    assert B.auto_time_scale(0.65, cores=2) == pytest.approx(0.13)
+    plan = P.plan(P.parse_costs("text=0.001,keyframes=0.62,interpolate=0.08,decode=0.30"), 16)
+    per_video = plan.stages[plan.bottleneck].seconds_per_video
+    # A video on a bottleneck actor takes 20 s of wall time ...
+    assert B.auto_time_scale(plan, 400, cores=2) * per_video == pytest.approx(20.0, rel=1e-2)
+    # ... unless the run would sleep for more than 5 minutes ...
+    scale = B.auto_time_scale(plan, 4000, cores=16)
+    assert 4000 / plan.videos_per_second * scale == pytest.approx(300.0, rel=1e-2)
+    # ... but never more than 2.5 videos per second per core.
+    assert B.auto_time_scale(plan, 4000, cores=1) == pytest.approx(plan.bound / 2.5, rel=1e-2)
 
 
 def test_command_line_options():
@@ -78,14 +96,25 @@ def test_command_line_options():
 
 @pytest.mark.slow
 def test_simulated_pipeline_reaches_the_bound(ray_cluster):
-    """The proposed stage plan on 4 of the session's 8 logical GPUs keeps the bottleneck busy."""
-    result = B.simulated_pipeline(SMALL, 4, 48, time_scale=1.0, max_actors=12)
+    """The renderer's stage pools on 4 of the session's 8 logical GPUs keep the bottleneck busy. A short
+    run at a short time scale: the time between calls weighs more than in the benchmark."""
+    result = B.simulated_pipeline(SMALL, 4, 48, time_scale=2.0, max_actors=12)
     assert result.ok == 48
     assert result.spilled_bytes == 0
     assert all(result.actors_started[s] == result.deployment[s]["actors"] for s in P.STAGES)
-    assert result.efficiency >= 0.85, result.lines()
+    assert result.efficiency >= 0.8, result.lines()
     assert result.lines()[-1].startswith("efficiency=")
     # The session's Ray is still up for the tests after this one.
     assert ray_cluster.is_initialized()
 
 
+
+
+def test_calls_are_queued_on_actors_only_where_work_waits():
+    from kvray.distributed.render import PoolOptions, queued_calls
+
+    assert queued_calls() == {"text": 2, "keyframes": 1, "interpolate": 1, "decode": 1} == PoolOptions().tasks_per_actor
+    plan = P.plan(P.parse_costs("text=0.001,keyframes=0.62,interpolate=0.08,decode=0.30"), 16)
+    calls = queued_calls(plan)
+    # The keyframes pool is fed by a text pool five times as fast; the next two pools by about their own pace.
+    assert calls == {"text": 2, "keyframes": 2, "interpolate": 1, "decode": 1}

@@ -198,8 +198,9 @@ def test_max_actors_is_respected():
 # Optimality
 
 
-def _brute_force(costs: P.CostProfile, gpus: int, max_share: int, max_actors: int | None = None):
-    """Every plan the planner may choose from (one family of sizes per plan, any number of actors)."""
+def _brute_force(costs: P.CostProfile, gpus: int, max_share: int, max_actors: int | None = None, slack: float = 0.0):
+    """Every plan the planner may choose from (one family of sizes per plan, any number of actors), each
+    with its throughput as the planner counts it (`slack_rate`) and its actors."""
     best_rate, plans = 0.0, []
     for family in P.FAMILIES:
         kinds = [P._shares(family, max_share) for _ in P.STAGES]
@@ -217,30 +218,35 @@ def _brute_force(costs: P.CostProfile, gpus: int, max_share: int, max_actors: in
             actors = sum(a for a, _, _ in combo)
             if max_actors is not None and actors > max_actors:
                 continue
-            rate = min(r for _, _, r in combo)
+            rate = P.slack_rate([r for _, _, r in combo], slack)
             plans.append((rate, actors))
             best_rate = max(best_rate, rate)
     return best_rate, plans
 
 
+def _credited(plan: P.Plan, slack: float) -> float:
+    return P.slack_rate([s.videos_per_second for s in plan.stages.values()], slack)
+
+
+@pytest.mark.parametrize("slack", [0.0, P.DEFAULT_SLACK])
 @pytest.mark.parametrize("gpus, max_share", [(1, 4), (2, 4), (3, 2), (2, 8)])
-def test_optimal_on_small_cases(gpus, max_share):
-    for costs in random_profiles(12, seed=10 * gpus + max_share, spread=50):
-        best, plans = _brute_force(costs, gpus, max_share)
-        plan = P.plan(costs, gpus, max_share=max_share, tolerance=0.0)
-        assert plan.videos_per_second == pytest.approx(best, rel=1e-9), plan.lines()
+def test_optimal_on_small_cases(gpus, max_share, slack):
+    for costs in random_profiles(6, seed=10 * gpus + max_share, spread=50):
+        best, plans = _brute_force(costs, gpus, max_share, slack=slack)
+        plan = P.plan(costs, gpus, max_share=max_share, tolerance=0.0, slack=slack)
+        assert _credited(plan, slack) == pytest.approx(best, rel=1e-9), plan.lines()
         # No plan as fast has fewer actors.
         assert plan.actors == min(a for r, a in plans if r >= best * (1 - 1e-9))
         # With a tolerance: the fewest actors within it.
-        relaxed = P.plan(costs, gpus, max_share=max_share, tolerance=0.1)
-        assert relaxed.videos_per_second >= best * 0.9 * (1 - 1e-9)
+        relaxed = P.plan(costs, gpus, max_share=max_share, tolerance=0.1, slack=slack)
+        assert _credited(relaxed, slack) >= best * 0.9 * (1 - 1e-9)
         assert relaxed.actors == min(a for r, a in plans if r >= best * 0.9 * (1 - 1e-9))
 
 
 def test_optimal_with_an_actor_limit():
     for costs in random_profiles(8, seed=5, spread=50):
         best, _ = _brute_force(costs, 2, 4, max_actors=5)
-        plan = P.plan(costs, 2, max_share=4, tolerance=0.0, max_actors=5)
+        plan = P.plan(costs, 2, max_share=4, tolerance=0.0, slack=0.0, max_actors=5)
         assert plan.videos_per_second == pytest.approx(best, rel=1e-9)
 
 
@@ -255,8 +261,8 @@ def test_the_planner_beats_equal_pools():
 def test_close_to_the_bound_on_many_gpus():
     """With up to 500x between stage costs, the plan's prediction comes within a few percent of N/sum(w)."""
     for costs in random_profiles(60, seed=7):
-        assert P.plan(costs, 16).efficiency >= 0.95
-        assert P.plan(costs, 32).efficiency >= 0.95
+        assert P.plan(costs, 16).efficiency >= 0.955
+        assert P.plan(costs, 32).efficiency >= 0.955
     assert P.plan(P.parse_costs(EXAMPLE), 16).efficiency >= 0.97
 
 

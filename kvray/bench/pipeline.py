@@ -34,7 +34,9 @@ class Levers:
     batch_sizes: bool = True
     # Pools at full size from the start (min = max = initial size); off: autoscale up from one actor.
     full_pools: bool = True
-    # Two calls queued per actor: the next batch is fetched while the current one computes; off: one.
+    # Two calls queued per actor where work waits in front of a pool (the first pool, and pools fed much
+    # faster than they work: `kvray.distributed.render.queued_calls`), so that the next batch is fetched
+    # while the current one computes; off: one call per actor everywhere.
     prefetch: bool = True
     # Blocks cut to the next stage's batch size after a stage with larger batches (a streaming
     # repartition); off: a call's output is one block, so one actor of the next pool gets a whole
@@ -56,36 +58,46 @@ LEVERS = tuple(asdict(Levers()))
 JOB_DEFAULT_BATCH = {"text": 8, "keyframes": 1, "interpolate": 1, "decode": 1}
 
 
-def pool_options(levers: Levers, tasks_per_actor: int = 2):
-    """The renderer's `PoolOptions` with these levers."""
-    from ..distributed.render import PoolOptions
+def pool_options(levers: Levers, plan):
+    """The renderer's `PoolOptions` for `plan` with these levers."""
+    from ..distributed.render import PoolOptions, queued_calls
 
-    return PoolOptions(full_pools=levers.full_pools, tasks_per_actor=tasks_per_actor if levers.prefetch else 1,
-                       split_blocks=levers.split_blocks)
+    calls = queued_calls(plan) if levers.prefetch else {s: 1 for s in STAGES}
+    return PoolOptions(full_pools=levers.full_pools, tasks_per_actor=calls, split_blocks=levers.split_blocks)
 
 
 def frames_bytes(width: int = 512, height: int = 512, frames: int = 12) -> int:
     return frames * height * width * 3
 
 
-def auto_time_scale(bound: float, cores: int | None = None, videos_per_core: float = 2.5) -> float:
-    """The time scale at which `videos_per_core` simulated videos per second per CPU core flow through
-    Ray: each video costs Ray tens of milliseconds of CPU per stage (scheduling, Arrow/pandas
-    conversions, object transfers), which a real cluster spreads over many cores and this machine must
-    fit in a few, beside one idle-polling process per actor. Slow profiles are sped up the same way, so
-    that a run of a few hundred videos takes minutes whatever the profile's unit."""
+def auto_time_scale(plan, videos: int, cores: int | None = None, *, videos_per_core: float = 2.5,
+                    call_seconds: float = 20.0, max_seconds: float = 300.0) -> float:
+    """Wall seconds per profiled second for a simulated run of `videos` videos with `plan` (a planner
+    Plan), from three rules:
+
+    - a video on an actor of the bottleneck pool takes `call_seconds` of wall time. From one call's
+      end to the next call's start Ray takes about 0.2 s on 2 busy cores; real models' calls last
+      seconds to minutes, so that time must be a small share of a call here too;
+    - but the run sleeps for at most about `max_seconds`;
+    - and whatever those say, at most `videos_per_core` videos per second per CPU core flow through
+      Ray: each costs it tens of milliseconds of CPU per stage, which a real cluster spreads over many
+      cores and this machine must fit in a few, beside one idle-polling process per actor."""
     import os
 
     if cores is None:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return float(f"{bound / (videos_per_core * cores):.3g}")
+    by_cpu = plan.bound / (videos_per_core * cores)
+    by_call = call_seconds / plan.stages[plan.bottleneck].seconds_per_video
+    by_length = max_seconds * plan.videos_per_second / videos
+    return float(f"{max(by_cpu, min(by_call, by_length)):.3g}")
 
 
 def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers(),
-                       time_scale: float | str = "auto", tolerance: float | None = None, max_share: int | None = None,
+                       time_scale: float | str = "auto", tolerance: float | None = None, slack: float | None = None,
+                       max_share: int | None = None,
                        max_actors: int | None = None, prompts: int | None = None,
                        payload_bytes: dict[str, int] | None = None, batch_sizes: dict[str, int] | None = None,
-                       calls_per_second: float | None = None, tasks_per_actor: int = 2, label: str = ""):
+                       calls_per_second: float | None = None, label: str = ""):
     """One simulated run with the given levers; returns a `SimulationResult`."""
     from ..distributed import planner
     from ..distributed.simulate import default_payload_bytes, simulate
@@ -94,13 +106,13 @@ def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers
     if not levers.planner:
         chosen = planner.equal_plan(costs, gpus)
     else:
-        options = {k: v for k, v in (("tolerance", tolerance), ("max_share", max_share), ("max_actors", max_actors))
-                   if v is not None}
+        options = {k: v for k, v in (("tolerance", tolerance), ("slack", slack), ("max_share", max_share),
+                                     ("max_actors", max_actors)) if v is not None}
         if not levers.shared_gpus:
             options["max_share"] = 1
         chosen = planner.plan(costs, gpus, **options)
     if time_scale == "auto":
-        time_scale = auto_time_scale(costs.bound(gpus))
+        time_scale = auto_time_scale(chosen, videos)
     if levers.batch_sizes:
         # Calls per profiled second: the harness's wall-clock limit times the time scale.
         rate = (calls_per_second or planner.DEFAULT_CALLS_PER_SECOND) * time_scale
@@ -116,7 +128,7 @@ def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers
         payload_bytes = {**payload_bytes, "decode": frames_bytes()}
     return simulate(costs, gpus, videos, deployment=deployment, time_scale=time_scale, payload_bytes=payload_bytes,
                     prompts=prompts, dedupe_prompts=levers.text_once_per_prompt,
-                    pool_options=pool_options(levers, tasks_per_actor),
+                    pool_options=pool_options(levers, chosen),
                     label=label or ("equal pools" if not levers.planner else "planned pools"))
 
 
@@ -225,20 +237,21 @@ def add_pipeline_parser(bench_subparsers) -> argparse.ArgumentParser:
                    help="cost profile: a JSON file from `kvray bench stages`, or stage=seconds,... (default: %(default)s)")
     p.add_argument("--videos", type=int, default=400, help="videos (default 400; 8 without --simulate)")
     p.add_argument("--time-scale", type=_time_scale, default="auto",
-                   help="wall seconds slept per profiled second; figures stay in profiled seconds (default auto: "
-                        "slow enough that at most 2.5 simulated videos per second per CPU core pass through Ray)")
+                   help="wall seconds slept per profiled second; figures stay in profiled seconds (default auto: a "
+                        "video takes 20 s on a bottleneck actor, the run sleeps at most about 5 minutes, and at most "
+                        "2.5 videos per second per CPU core pass through Ray)")
     p.add_argument("--pools", choices=["planned", "equal", "both"], default="planned",
                    help="planner's pools, naive equal pools, or both one after the other (default planned)")
     p.add_argument("--lever", action="append", type=_lever, default=[], metavar="NAME=off",
                    help=f"turn a lever off (repeatable): {', '.join(LEVERS)}")
     p.add_argument("--each-lever", action="store_true", help="run all levers on, then each one off in turn")
     p.add_argument("--prompts", type=int, help="distinct prompts among the videos (default: all distinct)")
-    p.add_argument("--tasks-per-actor", type=int, default=2, help="calls queued per actor with prefetch (default 2)")
     p.add_argument("--timeline", help="write the run's raw timeline (JSON: completions, actor starts, calls) here")
     p.add_argument("--batch-sizes", type=_batch_sizes, metavar="STAGE=N,...", help="videos per call for some stages")
     p.add_argument("--calls-per-second", type=float, help="most calls per wall second per stage when the "
                    "planner suggests batch sizes (default 8)")
     p.add_argument("--tolerance", type=float, help="planner: throughput given up for fewer actors")
+    p.add_argument("--slack", type=float, help="planner: extra capacity of every stage but the bottleneck")
     p.add_argument("--max-share", type=int, help="planner: most actors on one GPU")
     p.add_argument("--max-actors", type=int, help="planner: most actors in all")
     p.add_argument("--preset", default="tiny", help="without --simulate: model preset (default tiny)")
@@ -275,9 +288,10 @@ def run_pipeline_command(args) -> int:
         results = []
         for label, levers in runs:
             result = simulated_pipeline(args.costs, args.gpus, args.videos, levers=levers,
-                                        time_scale=args.time_scale, tolerance=args.tolerance, max_share=args.max_share,
+                                        time_scale=args.time_scale, tolerance=args.tolerance, slack=args.slack,
+                                        max_share=args.max_share,
                                         max_actors=args.max_actors, prompts=args.prompts, batch_sizes=args.batch_sizes,
-                                        calls_per_second=args.calls_per_second, tasks_per_actor=args.tasks_per_actor,
+                                        calls_per_second=args.calls_per_second,
                                         label=label)
             results.append((label, result))
             if args.timeline:

@@ -15,8 +15,9 @@ below one on a single GPU (the best-fitting one) and a whole number of GPUs on f
 - the plan must be placeable by Ray in any order its actors start: the placement is replayed with
   Ray's rules (best fit for fractions, free GPUs for whole ones) in several orders, and must fit in all.
 
-The planner maximises the predicted videos/s (the slowest stage's capacity), then takes the fewest
-actors among the plans that reach it. No Ray: the plan is arithmetic on the profile.
+The planner maximises the predicted videos/s (the slowest stage's capacity, with every other stage
+given a few percent to spare: see `plan`'s `slack`), then takes the fewest actors among the plans
+within `tolerance` of it. No Ray: the plan is arithmetic on the profile.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ UNIT = 10_000  # Ray's resource fixed point: 1e-4
 FAMILIES = (2, 3, 5, 7)  # actors per GPU: 1 or f x 2^j for one f per plan (see `_shares`)
 DEFAULT_MAX_SHARE = 16  # at most this many actors time-share one GPU
 DEFAULT_TOLERANCE = 0.02  # throughput given up for fewer actors (see `plan`)
+DEFAULT_SLACK = 0.03  # extra capacity of every stage but the bottleneck (see `plan`)
 DEFAULT_CALLS_PER_SECOND = 8.0  # per stage, for suggested batch sizes
 DEFAULT_GPU_MEMORY_GIB = 80.0  # a GPU of the size the official model was made for (A100/H100 80 GB)
 DEFAULT_CONTEXT_GIB = 0.5  # a CUDA context per actor, on top of the measured peak allocation
@@ -230,16 +232,35 @@ def _highest(kinds: list[list[_Option]], gpus: int, max_actors: int | None = Non
     return candidates[low]
 
 
+def _with_slack(kinds: list[list[_Option]], bottleneck: int, slack: float) -> list[list[_Option]]:
+    """The sizes with every stage but `bottleneck` (1 + `slack`) times as slow: a plan that reaches a
+    throughput T with them gives those stages T (1 + slack) in truth."""
+    return [ks if i == bottleneck else [k.model_copy(update={"speed": k.speed / (1.0 + slack)}) for k in ks]
+            for i, ks in enumerate(kinds)]
+
+
+def slack_rate(capacities: list[float], slack: float) -> float:
+    """The throughput a plan is credited with: its slowest stage's videos/s, but no more than the second
+    slowest's over (1 + slack)."""
+    low, second = sorted(capacities)[:2]
+    return min(low, second / (1.0 + slack))
+
+
 def plan(costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = None, *,
          max_share: int = DEFAULT_MAX_SHARE, context_gib: float = DEFAULT_CONTEXT_GIB,
-         tolerance: float = DEFAULT_TOLERANCE, max_actors: int | None = None) -> Plan:
-    """The plan with the fewest actors among those within `tolerance` of the highest predicted videos/s
-    on `gpus` GPUs.
+         tolerance: float = DEFAULT_TOLERANCE, slack: float = DEFAULT_SLACK, max_actors: int | None = None) -> Plan:
+    """The plan with the fewest actors among those within `tolerance` of the highest throughput on
+    `gpus` GPUs, a plan's throughput counted as in `slack_rate`.
 
     `gpu_memory_gib`: memory of one GPU (default: the profile's device memory); with the profile's peak
     memory per stage, it caps how many actors of a stage share a GPU. `max_share`: at most this many
     actors on one GPU (a power of two). `tolerance`: the throughput given up for fewer actors (each
-    actor is a process holding its own copy of the weights); 0 maximises throughput alone."""
+    actor is a process holding its own copy of the weights); 0 maximises throughput alone. `slack`:
+    the extra capacity every stage but the bottleneck gets. A stage that ties with the bottleneck
+    hands it work just in time, never ahead: no queue forms in front of it, and a video handed to a
+    busy actor (Ray Data queues two calls per actor) waits there while another actor runs dry. `kvray
+    bench pipeline --simulate` measured 3% of the bound lost so on a tied profile; with a few percent
+    to spare a queue forms and the loss is gone. 0: the highest throughput predicted by the model alone."""
     costs = parse_costs(costs)
     if gpus < 1:
         raise ValueError(f"plan: at least one GPU is needed, got {gpus}")
@@ -249,20 +270,26 @@ def plan(costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = Non
         notes.append("no GPU memory given (--gpu-memory): sharing not checked against memory")
     if gpu_memory is not None and not all(costs.memory(s) for s in STAGES):
         notes.append("the profile lacks peak memory for some stages: their sharing is not checked")
-    families = {f: [_stage_kinds(s, costs.seconds(s), costs.memory(s), gpu_memory, max_share, context_gib, f)
-                    for s in STAGES] for f in FAMILIES}
-    if not _fits(families[2], 0.0, gpus, max_actors):
+    families = [[_stage_kinds(s, costs.seconds(s), costs.memory(s), gpu_memory, max_share, context_gib, f)
+                 for s in STAGES] for f in FAMILIES]
+    if not _fits(families[0], 0.0, gpus, max_actors):
         raise ValueError(f"plan: {gpus} GPU(s) cannot hold one actor of every stage"
                          + (f" with at most {max_actors} actors" if max_actors else ""))
-    # The highest throughput any family of sizes reaches, then the fewest actors within `tolerance` of it.
-    best = max(_highest(kinds, gpus, max_actors) for kinds in families.values())
+    # Every family of sizes with every stage as the bottleneck: the highest throughput any reaches,
+    # then the fewest actors within `tolerance` of it.
+    searches = [_with_slack(kinds, b, slack) for kinds in families for b in range(len(STAGES))]
+    best = max(_highest(kinds, gpus, max_actors) for kinds in searches)
     target = best * (1.0 - tolerance)
-    options = [c for c in (_fewest_actors(kinds, target, gpus, max_actors) for kinds in families.values()) if c]
+    options = [c for c in (_fewest_actors(kinds, target, gpus, max_actors) for kinds in searches) if c]
     chosen = min(options, key=lambda c: (sum(o.actors for o in c), -min(o.actors * o.speed for o in c)))
     layout = _place([(o.stage, o.size) for o in chosen for _ in range(o.actors)], gpus)
     assert layout is not None, "sizes of one family always place"
-    stages = {o.stage: StagePlan(stage=o.stage, actors=o.actors, gpus_per_actor=o.size / UNIT, actors_per_gpu=o.k,
-                                 seconds=costs.seconds(o.stage), seconds_per_video=1.0 / o.speed) for o in chosen}
+    stages = {}
+    for o in chosen:
+        fraction = o.size / UNIT  # whole GPUs (memory-bound actors) give no speed-up
+        stages[o.stage] = StagePlan(stage=o.stage, actors=o.actors, gpus_per_actor=fraction, actors_per_gpu=o.k,
+                                    seconds=costs.seconds(o.stage),
+                                    seconds_per_video=costs.seconds(o.stage) / min(1.0, fraction))
     return Plan(gpus=gpus, gpu_memory_gib=gpu_memory, stages=stages, bound=costs.bound(gpus), layout=layout,
                 notes=notes)
 
@@ -389,6 +416,8 @@ def add_plan_parser(subparsers):
     p.add_argument("--max-share", type=int, default=DEFAULT_MAX_SHARE, help=f"most actors on one GPU (default {DEFAULT_MAX_SHARE})")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"throughput given up for fewer actors (default {DEFAULT_TOLERANCE}; 0: throughput alone)")
+    p.add_argument("--slack", type=float, default=DEFAULT_SLACK,
+                   help=f"extra capacity of every stage but the bottleneck (default {DEFAULT_SLACK}; 0: none)")
     p.add_argument("--max-actors", type=int, help="most actors in all (default: no limit)")
     p.add_argument("--videos", type=int, help="videos in the run (caps the suggested batch sizes)")
     p.add_argument("--equal", action="store_true", help="also show naive equal pools")
@@ -403,7 +432,7 @@ def run_plan_command(args) -> int:
     try:
         costs = parse_costs(args.costs)
         chosen = plan(costs, args.gpus, args.gpu_memory, max_share=args.max_share, tolerance=args.tolerance,
-                      max_actors=args.max_actors)
+                      slack=args.slack, max_actors=args.max_actors)
     except (CostError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -149,7 +149,7 @@ class SimulationResult:
     gpus: int
     videos: int
     bound: float  # videos/s: gpus / sum of the stage costs
-    steady_videos_per_second: float  # once the pools are up and the pipeline is full (see `measure`)
+    steady_videos_per_second: float  # the bottleneck pool's rate while it is saturated (see `saturated_rate`)
     after_pools_videos_per_second: float  # every video after the pools are up: fill and drain included
     pools_up_seconds: float  # wall: until every actor of every pool has started
     first_video_seconds: float  # wall
@@ -158,6 +158,8 @@ class SimulationResult:
     time_scale: float
     deployment: dict
     window: tuple[float, float] = (0.0, 0.0)  # wall: the steady window
+    bottleneck: str = ""  # the pool of least capacity, where the steady rate is measured
+    output_videos_per_second: float = 0.0  # at the output, between 10% and 90% of the videos (see `measure`)
     actors: dict[str, int] = field(default_factory=dict)
     actors_started: dict[str, int] = field(default_factory=dict)
     busy: dict[str, float] = field(default_factory=dict)  # per stage: busy share of its pool in the window
@@ -201,8 +203,10 @@ class SimulationResult:
                f"pools (actors x GPU, batch): {pools}",
                f"start-up: {self.pools_up_seconds:.1f} s until every actor was up (Ray's process start, not scaled); "
                f"first video out at {self.first_video_seconds:.1f} s wall",
-               f"measured in the wall window {self.window[0]:.1f} s to {self.window[1]:.1f} s; pools busy: "
-               + ", ".join(f"{s} {b:.3f}" for s, b in self.busy.items()) + cpu,
+               f"steady window (the {self.bottleneck} pool saturated): {self.window[0]:.1f} s to {self.window[1]:.1f} s wall; "
+               "pools busy: " + ", ".join(f"{s} {b:.3f}" for s, b in self.busy.items()) + cpu,
+               f"at the output, from 10% to 90% of the videos: {self.output_videos_per_second:.4g} videos/s, efficiency "
+               f"{self.output_videos_per_second / self.bound if self.bound else 0.0:.3f} (a short run's fill and drain weigh on it)",
                f"after the pools are up, fill and drain included: {self.after_pools_videos_per_second:.4g} videos/s, "
                f"efficiency {self.after_pools_efficiency:.3f}",
                f"whole run, start-up included: {self.total_seconds:.1f} s, {self.whole_run_videos_per_second:.4g} videos/s, "
@@ -229,6 +233,27 @@ def measure(arrivals: list[float], pools_up: float, low: float = 0.1, high: floa
     if hi <= lo or span <= 0:
         return 0.0, arrivals[lo], arrivals[hi]
     return (hi - lo) / span, arrivals[lo], arrivals[hi]
+
+
+def saturated_rate(calls: list[tuple[float, float, int, int]], actors: int, pools_up: float) -> tuple[float, float, float]:
+    """A pool's rate while it is saturated, from its calls (start, end, actor pid, videos; wall): from
+    the moment every one of its `actors` has started work (and every pool is up) to the moment the
+    first of them finishes its last call (its input has run out: the pipeline drains). Measured at the
+    bottleneck pool, this is the pipeline's steady throughput: starvation shows as gaps between calls,
+    and a stage behind it that cannot keep up would hold it back. Returns (videos/s, start, end)."""
+    first: dict[int, float] = {}
+    last: dict[int, float] = {}
+    for start, end, pid, _ in calls:
+        first[pid] = min(first.get(pid, math.inf), start)
+        last[pid] = max(last.get(pid, -math.inf), end)
+    if len(first) < actors:
+        return 0.0, 0.0, 0.0
+    window_start, window_end = max(pools_up, max(first.values())), min(last.values())
+    if window_end <= window_start:
+        return 0.0, window_start, window_end
+    done = sum(videos * max(0.0, min(end, window_end) - max(start, window_start)) / (end - start)
+               for start, end, _, videos in calls if end > start)
+    return done / (window_end - window_start), window_start, window_end
 
 
 def _cpu_seconds() -> dict[int, tuple[int, float]] | None:
@@ -387,7 +412,16 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
         notes.append("not every actor started: the pools were never all up")
     up_times = [a["at"] - start_wall for s in STAGE_NAMES for a in registered[s]]
     pools_up = max(up_times) if up_times else total
-    steady, window_start, window_end = measure(arrivals, pools_up)
+    output_rate = measure(arrivals, pools_up)[0]
+    capacity = {s: deployment.stage(s).actors * min(1.0, deployment.stage(s).gpus or 1.0) / costs.seconds(s)
+                for s in STAGE_NAMES}
+    bottleneck = min(capacity, key=capacity.get)
+    calls = {s: [(a - start_wall, b - start_wall, pid, n) for a, b, pid, n in report.get("done", {}).get(s, [])]
+             for s in STAGE_NAMES}
+    steady, window_start, window_end = saturated_rate(calls[bottleneck], expected[bottleneck], pools_up)
+    if steady == 0.0:
+        notes.append(f"the {bottleneck} pool was never saturated: the steady rate is the output's")
+        steady, window_start, window_end = measure(arrivals, pools_up)
     after = [t for t in arrivals if t > pools_up]
     after_rate = len(after) / (after[-1] - pools_up) if after and after[-1] > pools_up else 0.0
     if len(after) < videos / 2:
@@ -396,15 +430,10 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
         notes.append(f"{videos - ok} video(s) did not finish ok")
 
     window = max(window_end - window_start, 1e-9)
-    busy = {}
+    busy = {}  # the share of the window its actors spent in calls
     for s in STAGE_NAMES:
-        d = deployment.stage(s)
-        per_video = costs.seconds(s) * time_scale / (d.gpus if 0 < d.gpus < 1 else 1.0)
-        done = report.get("done", {}).get(s, [])
-        busy[s] = 0.0
-        if done:
-            finished = sum(n for _, t, _, n in done if window_start < t - start_wall <= window_end)
-            busy[s] = finished * per_video / (d.actors * window)
+        inside = sum(max(0.0, min(b, window_end) - max(a, window_start)) for a, b, _, _ in calls[s])
+        busy[s] = inside / (deployment.stage(s).actors * window)
     run_cpu = other_cpu = None
     inside = [(t, c) for n, t, c in cpu_marks if c is not None and window_start <= t <= window_end]
     if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
@@ -418,11 +447,11 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
         first_video_seconds=arrivals[0] if arrivals else total, last_video_seconds=arrivals[-1] if arrivals else total,
         spilled_bytes=spilled, time_scale=time_scale,
         deployment={s: deployment.stage(s).model_dump() for s in STAGE_NAMES},
-        window=(window_start, window_end), actors=expected,
+        window=(window_start, window_end), bottleneck=bottleneck, output_videos_per_second=output_rate * time_scale,
+        actors=expected,
         actors_started={s: len(registered[s]) for s in STAGE_NAMES}, busy=busy, other_cpu=other_cpu, run_cpu=run_cpu,
         ok=ok, notes=notes, label=label,
         timeline={"arrivals": arrivals,
                   "actors": {s: [a["at"] - start_wall for a in registered[s]] for s in STAGE_NAMES},
-                  "calls": {s: [(a - start_wall, b - start_wall, pid, n) for a, b, pid, n in report.get("done", {}).get(s, [])]
-                            for s in STAGE_NAMES}},
+                  "calls": calls},
     )
