@@ -135,10 +135,11 @@ def queued_calls(plan=None) -> dict[str, int]:
     """Calls queued on each actor of each pool. 2, so that the next batch reaches an actor while the
     current one computes, where work waits in front of the pool: the first pool (its input is all there
     from the start), and a pool that the pools before it feed `DEEP_QUEUE` times as fast as it works
-    (per the planner's `plan`). 1 elsewhere: Ray Data hands a queued call to a busy actor, and when the
-    queue in front of a pool is short, the video waits there while another actor runs dry (`kvray
-    bench pipeline --simulate` measured 6% of the bound lost so on 32 GPUs). The price of 1 is the
-    time from one call's end to the next call's start, some tenths of a second."""
+    (per the planner's `plan`); and in a pool of one actor. 1 elsewhere: Ray Data hands a queued call
+    to a busy actor, and when the queue in front of a pool is short, the video waits there while
+    another actor runs dry (`kvray bench pipeline --simulate` measured 6% of the bound lost so on 32
+    GPUs). The price of 1 is the time from one call's end to the next call's start, some tenths of a
+    second on a loaded machine."""
     calls = {}
     for index, stage in enumerate(STAGES):
         if index == 0:
@@ -147,7 +148,8 @@ def queued_calls(plan=None) -> dict[str, int]:
             calls[stage] = 1
         else:
             feed = min(plan.stages[s].videos_per_second for s in STAGES[:index])
-            calls[stage] = 2 if feed >= DEEP_QUEUE * plan.stages[stage].videos_per_second else 1
+            deep = feed >= DEEP_QUEUE * plan.stages[stage].videos_per_second
+            calls[stage] = 2 if deep or plan.stages[stage].actors == 1 else 1
     return calls
 
 

@@ -149,7 +149,7 @@ class SimulationResult:
     gpus: int
     videos: int
     bound: float  # videos/s: gpus / sum of the stage costs
-    steady_videos_per_second: float  # the bottleneck pool's rate while it is saturated (see `saturated_rate`)
+    steady_videos_per_second: float  # the slowest pool's rate while it is saturated (see `saturated_rate`)
     after_pools_videos_per_second: float  # every video after the pools are up: fill and drain included
     pools_up_seconds: float  # wall: until every actor of every pool has started
     first_video_seconds: float  # wall
@@ -158,7 +158,7 @@ class SimulationResult:
     time_scale: float
     deployment: dict
     window: tuple[float, float] = (0.0, 0.0)  # wall: the steady window
-    bottleneck: str = ""  # the pool of least capacity, where the steady rate is measured
+    bottleneck: str = ""  # the pool with the lowest rate while saturated: the steady rate is its
     output_videos_per_second: float = 0.0  # at the output, between 10% and 90% of the videos (see `measure`)
     actors: dict[str, int] = field(default_factory=dict)
     actors_started: dict[str, int] = field(default_factory=dict)
@@ -203,7 +203,8 @@ class SimulationResult:
                f"pools (actors x GPU, batch): {pools}",
                f"start-up: {self.pools_up_seconds:.1f} s until every actor was up (Ray's process start, not scaled); "
                f"first video out at {self.first_video_seconds:.1f} s wall",
-               f"steady window (the {self.bottleneck} pool saturated): {self.window[0]:.1f} s to {self.window[1]:.1f} s wall; "
+               f"steady window (every actor of the {self.bottleneck} pool, the slowest, at work): "
+               f"{self.window[0]:.1f} s to {self.window[1]:.1f} s wall; "
                "pools busy: " + ", ".join(f"{s} {b:.3f}" for s, b in self.busy.items()) + cpu,
                f"at the output, from 10% to 90% of the videos: {self.output_videos_per_second:.4g} videos/s, efficiency "
                f"{self.output_videos_per_second / self.bound if self.bound else 0.0:.3f} (a short run's fill and drain weigh on it)",
@@ -236,11 +237,12 @@ def measure(arrivals: list[float], pools_up: float, low: float = 0.1, high: floa
 
 
 def saturated_rate(calls: list[tuple[float, float, int, int]], actors: int, pools_up: float) -> tuple[float, float, float]:
-    """A pool's rate while it is saturated, from its calls (start, end, actor pid, videos; wall): from
-    the moment every one of its `actors` has started work (and every pool is up) to the moment the
-    first of them finishes its last call (its input has run out: the pipeline drains). Measured at the
-    bottleneck pool, this is the pipeline's steady throughput: starvation shows as gaps between calls,
-    and a stage behind it that cannot keep up would hold it back. Returns (videos/s, start, end)."""
+    """A pool's rate while all its actors have work, from its calls (start, end, actor pid, videos;
+    wall): from the moment every one of its `actors` has started work (and every pool is up) to the
+    moment the first of them finishes its last call (its input has run out: the pipeline drains).
+    Every video passes every pool, so the pipeline runs at the lowest of the pools' rates: starvation
+    shows as gaps between calls, the time Ray takes between calls as well, and a pool that cannot keep
+    up lowers its own rate. Returns (videos/s, start, end)."""
     first: dict[int, float] = {}
     last: dict[int, float] = {}
     for start, end, pid, _ in calls:
@@ -413,14 +415,17 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
     up_times = [a["at"] - start_wall for s in STAGE_NAMES for a in registered[s]]
     pools_up = max(up_times) if up_times else total
     output_rate = measure(arrivals, pools_up)[0]
-    capacity = {s: deployment.stage(s).actors * min(1.0, deployment.stage(s).gpus or 1.0) / costs.seconds(s)
-                for s in STAGE_NAMES}
-    bottleneck = min(capacity, key=capacity.get)
     calls = {s: [(a - start_wall, b - start_wall, pid, n) for a, b, pid, n in report.get("done", {}).get(s, [])]
              for s in STAGE_NAMES}
-    steady, window_start, window_end = saturated_rate(calls[bottleneck], expected[bottleneck], pools_up)
-    if steady == 0.0:
-        notes.append(f"the {bottleneck} pool was never saturated: the steady rate is the output's")
+    # Every video passes every pool: the pipeline is as fast as its slowest pool while saturated.
+    rates = {s: saturated_rate(calls[s], expected[s], pools_up) for s in STAGE_NAMES}
+    measured = {s: r for s, r in rates.items() if r[0] > 0}
+    if measured:
+        bottleneck = min(measured, key=lambda s: measured[s][0])
+        steady, window_start, window_end = measured[bottleneck]
+    else:
+        bottleneck = "output"
+        notes.append("no pool was ever saturated: the steady rate is the output's")
         steady, window_start, window_end = measure(arrivals, pools_up)
     after = [t for t in arrivals if t > pools_up]
     after_rate = len(after) / (after[-1] - pools_up) if after and after[-1] > pools_up else 0.0
