@@ -111,6 +111,7 @@ def _request(args):
 def _cmd_generate(args) -> int:
     from pydantic import ValidationError
 
+    from .config.validation import validation_message
     from .io.images import ImageError
     from .io.storage import open_fs, write_atomic
     from .io.video import video_format
@@ -122,7 +123,7 @@ def _cmd_generate(args) -> int:
         format = args.format or video_format(args.out)
         images = load_first_frames([request])
     except ValidationError as err:
-        print(f"error: {_validation_message(err)}", file=sys.stderr)
+        print(f"error: {validation_message(err, 'request')}", file=sys.stderr)
         return 2
     except (ImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -187,12 +188,13 @@ def _render_job(args):
 def _cmd_render(args) -> int:
     from pydantic import ValidationError
 
+    from .config.validation import validation_message
     from .io.manifest import ManifestError
 
     try:
         job = _render_job(args)
     except (ValidationError, ValueError, OSError) as err:
-        message = _validation_message(err) if isinstance(err, ValidationError) else str(err)
+        message = validation_message(err, "request") if isinstance(err, ValidationError) else str(err)
         print(f"error: {message}", file=sys.stderr)
         return 2
     from .distributed.render import render
@@ -218,10 +220,6 @@ def _cmd_bench_soak(args) -> int:
           f"actors killed {totals['kills']}")
     print(f"rows lost {totals['lost']}, rows duplicated {totals['duplicated']}")
     return 0 if totals["lost"] == totals["duplicated"] == 0 else 1
-
-
-def _validation_message(err) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'request'}: {e['msg']}" for e in err.errors())
 
 
 def _runtime(args):

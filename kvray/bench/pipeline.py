@@ -55,7 +55,6 @@ class Levers:
 
 
 LEVERS = tuple(asdict(Levers()))
-JOB_DEFAULT_BATCH = {"text": 8, "keyframes": 1, "interpolate": 1, "decode": 1}
 
 
 def pool_options(levers: Levers, plan):
@@ -119,7 +118,7 @@ def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers
         sizes = {**planner.suggest_batch_sizes(chosen, costs, videos=videos, calls_per_second=rate),
                  **(batch_sizes or {})}
     else:
-        sizes = JOB_DEFAULT_BATCH
+        sizes = None  # the job's defaults
     deployment = planner.to_deployment(chosen, batch_sizes=sizes)
     if payload_bytes is None:
         measured = {s: c.output_bytes for s, c in costs.stages.items() if c.output_bytes is not None}

@@ -205,6 +205,8 @@ def add_stages_parser(bench_subparsers) -> argparse.ArgumentParser:
 def run_stages_command(args) -> int:
     from pydantic import ValidationError
 
+    from ..config.validation import validation_message
+
     from ..config import RuntimeConfig, get_preset
     from ..config.models import ModelSource
     from ..pipeline import VideoRequest
@@ -218,7 +220,7 @@ def run_stages_command(args) -> int:
         models = ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir)
         runtime = RuntimeConfig(device=args.device, **{f"{n}_dtype": d for n, d in args.dtype.items()})
     except ValidationError as err:
-        print("error: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors()), file=sys.stderr)
+        print(f"error: {validation_message(err, 'request')}", file=sys.stderr)
         return 2
     result = bench_stages(models, runtime, request, batch=args.batch, warmup=args.warmup, repeats=args.repeats,
                           compile=args.compile, progress=lambda m: print(m, file=sys.stderr, flush=True))

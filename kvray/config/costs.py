@@ -8,6 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
+from .validation import validation_message
+
 STAGES = ("text", "keyframes", "interpolate", "decode")  # the renderer's stages, in order
 
 # The renderer's profile for the kv11 preset when a job gives none. Seconds per video in proportion to
@@ -69,11 +71,6 @@ class CostProfile(BaseModel):
         """Videos/s no plan can beat on `gpus` GPUs: N / sum(w_i)."""
         return gpus / self.total_seconds
 
-    def scaled(self, factor: float) -> CostProfile:
-        """Every stage `factor` times as slow (simulations at another time scale)."""
-        return self.model_copy(update={"stages": {s: c.model_copy(update={"seconds": c.seconds * factor})
-                                                  for s, c in self.stages.items()}})
-
     def inline(self) -> str:
         return ",".join(f"{s}={c.seconds:g}" + (f"@{c.peak_memory_gib:g}" if c.peak_memory_gib else "")
                         for s, c in self.stages.items())
@@ -97,7 +94,7 @@ def parse_costs(source: str | Path | CostProfile) -> CostProfile:
         except OSError as err:
             raise CostError(f"cost profile {text}: {err.strerror or err}") from None
         except ValidationError as err:
-            raise CostError(f"cost profile {text}: {_validation_message(err)}") from None
+            raise CostError(f"cost profile {text}: {validation_message(err, 'profile')}") from None
     stages: dict[str, dict] = {}
     for item in filter(None, (p.strip() for p in text.split(","))):
         match = _INLINE.match(item)
@@ -114,8 +111,5 @@ def parse_costs(source: str | Path | CostProfile) -> CostProfile:
     try:
         return CostProfile(stages=stages, device="given")
     except ValidationError as err:
-        raise CostError(f"costs: {_validation_message(err)}") from None
+        raise CostError(f"costs: {validation_message(err, 'profile')}") from None
 
-
-def _validation_message(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'profile'}: {e['msg']}" for e in err.errors())

@@ -30,7 +30,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config.costs import FULL_SIZE_COSTS, CostError, CostProfile, StageCost, parse_costs  # noqa: F401 (inputs)
-from ..config.job import STAGES
+from ..config.job import STAGES, Deployment, StageDeployment
 
 UNIT = 10_000  # Ray's resource fixed point: 1e-4
 FAMILIES = (2, 3, 5, 7)  # actors per GPU: 1 or f x 2^j for one f per plan (see `_shares`)
@@ -40,7 +40,6 @@ DEFAULT_SLACK = 0.03  # extra capacity of every stage but the bottleneck (see `p
 DEFAULT_CALLS_PER_SECOND = 8.0  # per stage, for suggested batch sizes
 DEFAULT_GPU_MEMORY_GIB = 80.0  # a GPU of the size the official model was made for (A100/H100 80 GB)
 DEFAULT_CONTEXT_GIB = 0.5  # a CUDA context per actor, on top of the measured peak allocation
-DEFAULT_BATCH_SIZES = {"text": 8, "keyframes": 1, "interpolate": 1, "decode": 1}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -74,7 +73,7 @@ class Plan(BaseModel):
     stages: dict[str, StagePlan]
     bound: float  # N / sum(w_i)
     layout: list[list[str]] = Field(default_factory=list, description="per GPU, the stage of each actor on it")
-    method: Literal["planned", "equal", "fixed"] = "planned"
+    method: Literal["planned", "equal"] = "planned"
     notes: list[str] = Field(default_factory=list)
 
     @property
@@ -306,20 +305,6 @@ def equal_plan(costs: CostProfile | str, gpus: int) -> Plan:
     return Plan(gpus=gpus, stages=stages, bound=costs.bound(gpus), layout=layout, method="equal")
 
 
-def plan_from_deployment(deployment, costs: CostProfile | str, gpus: int | None = None) -> Plan:
-    """What a given deployment (kvray.config.job.Deployment) would reach by the same model."""
-    costs = parse_costs(costs)
-    stages = {}
-    for s in STAGES:
-        d = deployment.stage(s)
-        fraction = d.gpus if 0 < d.gpus <= 1 else 1.0
-        k = max(1, int(round(1 / fraction))) if fraction < 1 else 1
-        stages[s] = StagePlan(stage=s, actors=d.actors, gpus_per_actor=d.gpus, actors_per_gpu=k,
-                              seconds=costs.seconds(s), seconds_per_video=costs.seconds(s) / fraction)
-    total = gpus if gpus is not None else math.ceil(sum(p.gpus for p in stages.values()))
-    return Plan(gpus=total, stages=stages, bound=costs.bound(total), method="fixed")
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Deployments
 
@@ -341,7 +326,7 @@ def suggest_batch_sizes(plan_: Plan, costs: CostProfile | str | None = None, *, 
         if measured:
             sizes[s] = measured
             continue
-        size = max(math.ceil(plan_.videos_per_second / calls_per_second - 1e-9), DEFAULT_BATCH_SIZES[s])
+        size = max(math.ceil(plan_.videos_per_second / calls_per_second - 1e-9), Deployment().stage(s).batch_size)
         if videos:
             size = min(size, videos // (calls_per_actor * stage.actors))
         sizes[s] = max(1, min(max_batch, size))
@@ -352,8 +337,6 @@ def to_deployment(plan_: Plan, batch_sizes: dict[str, int] | None = None, cpus: 
                   base=None):
     """The plan as a `kvray.config.job.Deployment`: actors and GPUs from the plan; batch sizes and CPUs from
     the arguments, else from `base` (a Deployment), else the defaults."""
-    from ..config.job import Deployment, StageDeployment
-
     base = base or Deployment()
     stages = {}
     for s, stage in plan_.stages.items():

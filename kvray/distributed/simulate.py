@@ -329,31 +329,21 @@ def planned_rows(videos: int, prompts: int | None = None):
     return pd.DataFrame(rows)
 
 
-def simulate(costs, gpus: int, videos: int, *, deployment=None, plan=None, time_scale: float = 1.0,
-             payload_bytes: dict[str, int] | None = None, prompts: int | None = None, dedupe_prompts: bool = True,
-             object_store_memory: int | None = None, pool_options=None, label: str = "") -> SimulationResult:
+def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[str, int], pool_options,
+             time_scale: float = 1.0, prompts: int | None = None, dedupe_prompts: bool = True,
+             object_store_memory: int | None = None, label: str = "") -> SimulationResult:
     """Runs `videos` simulated videos through the renderer's stage pools on a local Ray with `gpus`
     logical GPUs, or on the running Ray (which must have at least `gpus`; it is left running).
 
-    `deployment` (kvray.config.job.Deployment): the pools; default: `plan` (a planner Plan; default:
-    the planner's choice) with the suggested batch sizes. `time_scale`: sleep this many seconds per
-    profiled second (figures are reported in the profile's seconds). `payload_bytes`: bytes per video
-    out of each stage (default: the profile's, else none). `prompts`: distinct prompts among the videos
-    (default: all distinct); `dedupe_prompts`: the text stand-in works once per distinct prompt of a
-    batch, as EncodeText does. `pool_options`: the renderer's `PoolOptions` (default: its defaults)."""
+    `deployment` (kvray.config.job.Deployment): the pools. `payload_bytes`: bytes per video out of each
+    stage. `pool_options`: the renderer's `PoolOptions`. `time_scale`: sleep this many seconds per
+    profiled second (figures are reported in the profile's seconds). `prompts`: distinct prompts among
+    the videos (default: all distinct); `dedupe_prompts`: the text stand-in works once per distinct
+    prompt of a batch, as EncodeText does. `kvray.bench.pipeline.simulated_pipeline` makes all these
+    from a cost profile and the planner."""
     from .planner import parse_costs
-    from .planner import plan as make_plan
-    from .planner import suggest_batch_sizes, to_deployment
-    from .render import PoolOptions
 
     costs = parse_costs(costs)
-    if deployment is None:
-        plan = plan or make_plan(costs, gpus)
-        deployment = to_deployment(plan, batch_sizes=suggest_batch_sizes(plan, costs, videos=videos))
-    if payload_bytes is None:
-        payload_bytes = {s: c.output_bytes or 0 for s, c in costs.stages.items()}
-    pool_options = pool_options or PoolOptions()
-
     started_ray = False
     if not ray.is_initialized():
         cpus_needed = sum(deployment.stage(s).actors * deployment.stage(s).cpus for s in STAGE_NAMES)
@@ -414,7 +404,7 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
         notes.append("not every actor started: the pools were never all up")
     up_times = [a["at"] - start_wall for s in STAGE_NAMES for a in registered[s]]
     pools_up = max(up_times) if up_times else total
-    output_rate = measure(arrivals, pools_up)[0]
+    output = measure(arrivals, pools_up)
     calls = {s: [(a - start_wall, b - start_wall, pid, n) for a, b, pid, n in report.get("done", {}).get(s, [])]
              for s in STAGE_NAMES}
     # Every video passes every pool: the pipeline is as fast as its slowest pool while saturated.
@@ -426,7 +416,7 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
     else:
         bottleneck = "output"
         notes.append("no pool was ever saturated: the steady rate is the output's")
-        steady, window_start, window_end = measure(arrivals, pools_up)
+        steady, window_start, window_end = output
     after = [t for t in arrivals if t > pools_up]
     after_rate = len(after) / (after[-1] - pools_up) if after and after[-1] > pools_up else 0.0
     if len(after) < videos / 2:
@@ -452,7 +442,7 @@ def _run(costs, gpus, videos, deployment, time_scale, payload_bytes, prompts, de
         first_video_seconds=arrivals[0] if arrivals else total, last_video_seconds=arrivals[-1] if arrivals else total,
         spilled_bytes=spilled, time_scale=time_scale,
         deployment={s: deployment.stage(s).model_dump() for s in STAGE_NAMES},
-        window=(window_start, window_end), bottleneck=bottleneck, output_videos_per_second=output_rate * time_scale,
+        window=(window_start, window_end), bottleneck=bottleneck, output_videos_per_second=output[0] * time_scale,
         actors=expected,
         actors_started={s: len(registered[s]) for s in STAGE_NAMES}, busy=busy, other_cpu=other_cpu, run_cpu=run_cpu,
         ok=ok, notes=notes, label=label,

@@ -34,6 +34,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from ..config.job import RequestDefaults
+from ..config.validation import validation_message
 from ..sampling.config import GuidanceConfig
 from .request import VideoRequest, default_size as mode_default_size
 
@@ -114,7 +115,7 @@ def plan_row(row: Mapping[str, Any], defaults: RequestDefaults, model_version: s
         }
         request = VideoRequest.model_validate(_strict_numbers(fields))
     except ValidationError as err:
-        return PlannedRow(row_id, None, "", _validation_message(err))
+        return PlannedRow(row_id, None, "", validation_message(err, "row"))
     except ValueError as err:
         return PlannedRow(row_id, None, "", str(err))
     return PlannedRow(row_id, request, video_id(request, model_version))
@@ -145,6 +146,3 @@ def _strict_numbers(fields: dict) -> dict:
             raise ValueError(f"{key} must be an integer, got {value!r}")
     return out
 
-
-def _validation_message(err: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'row'}: {e['msg']}" for e in err.errors())
