@@ -103,7 +103,8 @@ def _request(args):
     width, height = default_size(args.mode, (preset.default_width, preset.default_height))
     fields = dict(prompt=args.prompt, image=args.image, width=args.width or width, height=args.height or height,
                   fps=args.fps, motion=args.motion, seed=args.seed, steps=args.steps,
-                  interpolation_steps=args.interpolation_steps, mode=args.mode, camera=_camera(args.camera),
+                  interpolation_steps=args.interpolation_steps, noise_augmentation=args.noise_augmentation,
+                  mode=args.mode, camera=_camera(args.camera),
                   strength=args.strength, scenes=[args.prompt, *args.scene] if args.scene else None)
     return VideoRequest(**{k: v for k, v in fields.items() if v is not None})
 
@@ -116,11 +117,14 @@ def _cmd_generate(args) -> int:
     from .io.storage import open_fs, write_atomic
     from .io.video import video_format
     from .pipeline import VideoPipeline, load_first_frames, with_seed
+    from .pipeline.device import torch_device
 
     # Everything a user can get wrong is checked before any model loads, and nothing is written on error.
     try:
         request = with_seed(_request(args))
         format = args.format or video_format(args.out)
+        runtime = _runtime(args)
+        torch_device(runtime)
         images = load_first_frames([request])
     except ValidationError as err:
         print(f"error: {validation_message(err, 'request')}", file=sys.stderr)
@@ -132,7 +136,7 @@ def _cmd_generate(args) -> int:
     if models.is_random:
         print(f"note: preset {args.preset} with random weights (seed {models.random_seed}): expect noise, not a scene",
               file=sys.stderr)
-    pipeline = VideoPipeline(models, _runtime(args))
+    pipeline = VideoPipeline(models, runtime)
     bars = ProgressBars()
     try:
         video = pipeline.generate([request], images=images, progress=bars)[0]
@@ -145,9 +149,21 @@ def _cmd_generate(args) -> int:
 
 
 def _cmd_bench_generate(args) -> int:
-    from .bench.generate import bench_generate
+    from .bench.generate import bench_generate, bench_mixing
 
     request = _request(args)
+    if args.mixing:
+        result = bench_mixing(_model_source(args), _runtime(args), request, videos=args.videos, batch=args.batch,
+                              rounds=args.rounds)
+        print(f"preset {args.preset}, {request.width}x{request.height}, fps {request.fps} ({request.num_frames} frames), "
+              f"device {result['device']}, {args.videos} videos in batches of {args.batch}, fastest of {args.rounds} "
+              "alternating rounds")
+        for mode, label in (("invariant", "one request per network call (batch_invariant: true)"),
+                            ("mixing", "requests mixed in network calls (batch_invariant: false)")):
+            stages = ", ".join(f"{s} {v:.3f}" for s, v in result["stage_seconds_per_video"][mode].items())
+            print(f"  {label}: {result['seconds_per_video'][mode]:.3f} s/video ({stages})")
+        print(f"cost of batch invariance: {result['ratio']:.3f}x the time of mixing batches")
+        return 0
     result = bench_generate(_model_source(args), _runtime(args), request, videos=args.videos, batch=args.batch,
                             warmup=args.warmup)
     print(f"preset {args.preset}, {request.width}x{request.height}, fps {request.fps} ({request.num_frames} frames), "
@@ -225,7 +241,7 @@ def _cmd_bench_soak(args) -> int:
 def _runtime(args):
     from .config import RuntimeConfig
 
-    return RuntimeConfig(device=args.device)
+    return RuntimeConfig(device=args.device, precision=args.precision, threads=args.threads)
 
 
 def _add_model_options(p) -> None:
@@ -235,6 +251,11 @@ def _add_model_options(p) -> None:
     p.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
     p.add_argument("--cache-dir", help="where remote weights are cached")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", default="official", choices=["official", "fast"],
+                   help="official: the official dtypes with autocast on a GPU; fast: bfloat16 end to end on a GPU "
+                        "(default official; float32 on the CPU either way)")
+    p.add_argument("--threads", type=int, help="CPU threads of the network calls (default: all cores); "
+                   "on the CPU the frames depend on it")
 
 
 def _add_request_options(p) -> None:
@@ -242,7 +263,10 @@ def _add_request_options(p) -> None:
     p.add_argument("--width", type=int, help="multiple of 64 (default: the preset's, 512 for kv11, 128 for tiny)")
     p.add_argument("--height", type=int, help="multiple of 64 (default: the preset's, 512 for kv11, 128 for tiny)")
     p.add_argument("--fps", help="low (12 frames), medium (45) or high (177); default low")
-    p.add_argument("--motion", help="low, medium or high (default medium)")
+    p.add_argument("--motion", help="low, medium, high or extreme: motion score 1, 10, 50 or 100 (default medium)")
+    p.add_argument("--noise-augmentation", type=int,
+                   help="diffusion time the first frame is noised to before it conditions the keyframes "
+                        "(0-999, official 20)")
     p.add_argument("--seed", type=int, help="default: random, printed")
     p.add_argument("--steps", type=int, help="first-frame and keyframe denoising steps (default 50)")
     p.add_argument("--interpolation-steps", type=int, help="interpolation denoising steps (default 10)")
@@ -301,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--videos", type=int, default=2, help="timed videos (default 2)")
     p.add_argument("--batch", type=int, default=1, help="requests per pipeline call (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed batches first (default 1)")
+    p.add_argument("--mixing", action="store_true",
+                   help="compare one request per network call with request-mixing batches of --batch, in one process")
+    p.add_argument("--rounds", type=int, default=3, help="--mixing: alternating rounds; the fastest counts (default 3)")
     _add_request_options(p)
     _add_model_options(p)
     p.set_defaults(run=_cmd_bench_generate)

@@ -24,7 +24,7 @@ from kvray.pipeline.animation import ANIMATION_KEYFRAMES, keyframe_poses, redraw
 from kvray.pipeline.camera import camera_poses, parse_camera, warp_between
 from kvray.pipeline.stages import text_from_tensors, text_tensors
 from kvray.sampling import GuidanceConfig, TextCondition
-from kvray.sampling.config import KEYFRAME_SAMPLER
+from kvray.config.sampling import KEYFRAME_SAMPLER
 from kvray.sampling.schedulers import ddpm_scheduler
 
 SIZE = 256  # the geometry checks measure a marker's centroid in pixels: 32 x 32 latents

@@ -47,6 +47,17 @@ def test_bad_rows_have_their_reason(row, message):
     assert planned.request is None and message in planned.error
 
 
+def test_extreme_motion_and_noise_augmentation_per_row():
+    """Options the official pipeline accepts: motion 'extreme' (score 100) and a noise augmentation level.
+    The official level (20) leaves a request's id as it was before the option existed."""
+    plain = plan(prompt="a", id="r")
+    extreme = plan(prompt="a", id="r", motion="extreme", noise_augmentation=50.0)
+    assert extreme.request.motion == "extreme" and extreme.request.noise_augmentation == 50
+    assert "noise_augmentation" not in plain.request.identity()
+    assert plan(prompt="a", id="r", noise_augmentation=20).video_id == plain.video_id != extreme.video_id
+    assert "noise_augmentation" in plan(prompt="a", noise_augmentation=1000).error
+
+
 def test_nulls_take_defaults_and_float_integers_are_integers():
     planned = plan(prompt="a", width=None, height=256.0, seed=7.0, fps=None)
     assert planned.request.width == 128 and planned.request.height == 256 and planned.request.seed == 7

@@ -15,6 +15,7 @@ from kvray.pipeline.frames import image_to_tensor, to_uint8
 from kvray.pipeline.stages import Decode
 from kvray.sampling import GuidanceConfig
 from kvray.config.models import ModelSource
+from kvray.config.runtime import NETWORKS, RuntimeConfig
 
 from .golden_e2e import load_case_file
 
@@ -41,27 +42,80 @@ def test_frame_counts_and_sizes_in_the_written_mp4(pipeline, tmp_path, fps, fram
     assert np.abs(read.astype(float) - video.frames.astype(float)).mean() < 12  # lossy, but the same video
 
 
-def test_same_seed_same_frames_other_seed_other_frames(pipeline):
-    a, b = pipeline.generate([_request(), _request()])
-    c = pipeline.generate([_request(seed=4)])[0]
-    assert np.array_equal(a.frames, b.frames)
-    assert not np.array_equal(a.frames, c.frames)
+@pytest.fixture(params=[1, 2, 4], ids=lambda n: f"{n}-threads")
+def threads(request):
+    """The checks hold for any intra-op thread count (the frames themselves depend on it on the CPU)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
 
 
-def test_alone_and_in_a_batch_of_three(pipeline):
-    """Different prompts, sizes, motions and fps in one batch: each request as if alone."""
+def test_a_request_gives_the_same_frames_alone_twice_or_anywhere_in_a_batch(pipeline, threads):
+    """Batch invariance, bitwise: the same request alone, twice in one batch, and at another position
+    beside requests of other prompts, sizes, motions and fps."""
     target = _request(fps="medium")
     others = [_request("snow falling on a quiet lake at dawn", seed=9, motion="high"),
               _request("x", seed=5, fps="low", width=128)]
-    texts, _ = pipeline.encode_text([target.prompt])
-    alone = pipeline.interpolate([target], texts, pipeline.keyframes([target], texts, [None]))[0]
-    batch = [others[0], target, others[1]]
-    texts, _ = pipeline.encode_text([r.prompt for r in batch])
-    together = pipeline.interpolate(batch, texts, pipeline.keyframes(batch, texts, [None] * 3))[1]
-    assert (alone - together).abs().max() <= 1e-5
-    frames_alone = pipeline.decode(alone)
-    frames_together = pipeline.decode(together)
-    assert np.abs(frames_alone.astype(int) - frames_together.astype(int)).max() <= 1
+    alone = pipeline.generate([target])[0].frames
+    twice = pipeline.generate([target, target])
+    beside = pipeline.generate([others[0], target, others[1]])
+    assert np.array_equal(twice[0].frames, alone) and np.array_equal(twice[1].frames, alone)
+    assert np.array_equal(beside[1].frames, alone)
+    assert not np.array_equal(pipeline.generate([_request(seed=4, fps="medium")])[0].frames, alone)
+
+
+def test_mixing_requests_is_an_explicit_opt_out(threads):
+    """`batch_invariant: false` shares U-Net calls between requests: same shapes, close but not promised
+    equal (the rounding of batched kernels depends on the CPU)."""
+    mixing = VideoPipeline(ModelSource(preset="tiny"), RuntimeConfig(batch_invariant=False))
+    a, b = _request(), _request("snow on a lake", seed=9)
+    texts, _ = mixing.encode_text([a.prompt, b.prompt])
+    calls = []
+    hook = mixing.keyframes.unet.register_forward_pre_hook(lambda _m, args: calls.append(args[0].shape[0]))
+    mixing.keyframes([a, b], texts, [None, None])
+    hook.remove()
+    assert max(calls) == 2 * 3 * 12  # one call holds both requests' three guidance branches of 12 frames
+
+
+def test_motion_and_noise_augmentation_reach_the_keyframe_unet(pipeline):
+    seen = []
+    hook = pipeline.keyframes.unet.register_forward_pre_hook(
+        lambda _m, _args, kwargs: seen.append((kwargs.get("motion_score"), kwargs.get("noise_aug_time"))), with_kwargs=True)
+    try:
+        requests = [_request(motion="extreme", noise_augmentation=7), _request(motion="low")]
+        texts, _ = pipeline.encode_text([r.prompt for r in requests])
+        pipeline.keyframes(requests, texts, [None, None])
+    finally:
+        hook.remove()
+    video_calls = [(m.unique().tolist(), n.unique().tolist()) for m, n in seen if m is not None]
+    assert video_calls[0] == ([100], [7]) and video_calls[-1] == ([1], [20])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("precision", ["official", "fast"])
+def test_half_precision_end_to_end(pipeline, dtype, precision):
+    """Every network in bfloat16 / float16, with autocast (official) or without (fast): no dtype error,
+    and frames within 12/255 on average of float32 (random tiny networks; real weights are far closer)."""
+    request = _request(fps="medium")
+    reference = pipeline.generate([request])[0].frames.astype(int)
+    runtime = RuntimeConfig(device="cpu", precision=precision, **{f"{n}_dtype": dtype for n in NETWORKS})
+    try:
+        half = VideoPipeline(ModelSource(preset="tiny"), runtime)
+    except RuntimeError as err:  # pragma: no cover - a CPU without the kernels
+        pytest.skip(f"{dtype} networks do not run on this CPU: {err}")
+    autocast = []
+    half.keyframes.unet.register_forward_pre_hook(lambda *_: autocast.append(torch.is_autocast_enabled("cpu")))
+    try:
+        frames = half.generate([request])[0].frames.astype(int)
+    except (RuntimeError, NotImplementedError) as err:
+        if dtype == "float16" and "Half" in str(err):
+            pytest.skip(f"float16 kernels missing on this CPU: {err}")
+        raise
+    assert next(half.interpolate.unet.parameters()).dtype == getattr(torch, dtype)
+    assert set(autocast) == {precision == "official"}
+    assert frames.shape == reference.shape
+    assert np.abs(frames - reference).mean() < 12
 
 
 class LatentOracle(torch.nn.Module):
@@ -74,7 +128,7 @@ class LatentOracle(torch.nn.Module):
 
     def forward(self, x, time, context, context_mask, *args, **kwargs):
         from kvray.sampling.schedulers import ddpm_scheduler
-        from kvray.sampling.config import KEYFRAME_SAMPLER
+        from kvray.config.sampling import KEYFRAME_SAMPLER
 
         alphas = ddpm_scheduler(KEYFRAME_SAMPLER).alphas_cumprod[time.long()].reshape(-1, 1, 1, 1)
         x_t, condition, mask = x[:, :4], x[:, 4:8], x[:, 8:9]

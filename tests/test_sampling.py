@@ -39,7 +39,10 @@ from kvray.weights import random_network
 
 E2E_ATOL = 1e-3  # loops fed the recorded draws (golden-e2e README)
 MODEL_ATOL = 1e-4  # per-step model output given the recorded model input
-BATCH_ATOL = 1e-5  # a request alone vs in a batch, fp32 CPU
+# A request alone vs in a request-mixing batch (the `batch_invariant: false` layout), fp32 CPU, 2 steps:
+# equal up to the rounding of batched kernels, which depends on the CPU (1.7e-5 seen on one machine).
+# The bitwise guarantee comes from per-request calls (tests/test_pipeline.py).
+BATCH_ATOL = 1e-4
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -304,7 +307,7 @@ def _run_stage(stage, tiny, indices, seeds, sampler_update=FAST, callback=None):
 
 
 @pytest.mark.parametrize("stage", ["first_frame", "keyframes", "interpolation"])
-def test_request_alone_equals_request_in_batch(tiny, stage):
+def test_a_mixed_batch_computes_each_request_as_alone(tiny, stage):
     batch = _run_stage(stage, tiny, [0, 1, 2], SEEDS)
     assert torch.isfinite(batch).all()
     for i in range(3):

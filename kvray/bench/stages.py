@@ -65,10 +65,11 @@ def bench_stages(models, runtime, request, *, batch: int = 1, warmup: int = 1, r
     import torch
     from safetensors.torch import save as pack_tensors
 
+    from ..pipeline.device import torch_device
     from ..pipeline.pipeline import Video
     from ..pipeline.stages import Decode, EncodeText, Interpolate, Keyframes
 
-    device = runtime.torch_device()
+    device = torch_device(runtime)
     say = progress or (lambda message: None)
     requests = [request.model_copy(update={"prompt": f"{request.prompt} #{i}", "seed": (request.seed or 0) + i})
                 for i in range(batch)]
@@ -129,7 +130,7 @@ def bench_stages(models, runtime, request, *, batch: int = 1, warmup: int = 1, r
                  "height": request.height, "fps": request.fps, "frames": request.num_frames, "steps": request.steps,
                  "interpolation_steps": request.interpolation_steps, "batch_size": batch, "warmup": warmup,
                  "repeats": repeats, "compile": compile, "torch": torch.__version__,
-                 "dtypes": {n: str(runtime.dtype(n)).removeprefix("torch.") for n in NETWORKS},
+                 "dtypes": {n: runtime.dtype_name(n, device.type == "cuda") for n in NETWORKS},
                  "host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
     }
 

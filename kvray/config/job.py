@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..sampling.config import GuidanceConfig
+from .sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
 from .costs import STAGES, CostError, parse_costs
 from .models import ModelSource
 from .runtime import RuntimeConfig
@@ -53,9 +53,10 @@ class RequestDefaults(_Strict):
 
     width: int | None = None
     height: int | None = None
-    fps: Literal["low", "medium", "high"] = "low"
-    motion: Literal["low", "medium", "high"] = "medium"
+    fps: Fps = "low"
+    motion: Motion = "medium"
     guidance: GuidanceConfig = GuidanceConfig()
+    noise_augmentation: int = Field(NOISE_AUGMENTATION, ge=0, le=999)
     steps: int | None = Field(None, ge=1, le=1000)
     interpolation_steps: int | None = Field(None, ge=1, le=1000)
 

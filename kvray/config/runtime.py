@@ -1,47 +1,70 @@
-"""Runtime settings: where the networks run and in which precision."""
+"""Runtime settings: where the networks run, in which precision, and what a video may depend on.
+
+Torch-free: dtypes are names here, resolved to torch dtypes where the networks are built
+(`kvray.pipeline.device`).
+"""
 
 from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
+NETWORKS: tuple[str, ...] = ("text_encoder", "keyframe_unet", "interpolation_unet", "image_movq", "video_movq")
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+Precision = Literal["official", "fast"]
 
 # The official dtype_map on a GPU: U-Nets in fp16, text encoder and MoVQs in fp32.
 OFFICIAL_GPU_DTYPES = {
-    "text_encoder": torch.float32,
-    "keyframe_unet": torch.float16,
-    "interpolation_unet": torch.float16,
-    "image_movq": torch.float32,
-    "video_movq": torch.float32,
+    "text_encoder": "float32",
+    "keyframe_unet": "float16",
+    "interpolation_unet": "float16",
+    "image_movq": "float32",
+    "video_movq": "float32",
 }
+# `precision: fast` on a GPU: every network in bfloat16 (half the memory, no fp16 overflow without autocast).
+FAST_GPU_DTYPE = "bfloat16"
 
 
 class RuntimeConfig(BaseModel):
     """`device`: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
 
-    Each network's dtype: "auto" is the official choice on a GPU and float32 on the CPU (CPUs have no
-    fast fp16 kernels).
+    `precision`:
+    * "official": each network in the official dtype on a GPU (U-Nets fp16, text encoder and MoVQs fp32;
+      float32 on the CPU), the U-Nets called under autocast to their dtype (norms and softmax in fp32,
+      the U-Net inputs float32) and the guidance combination done in the U-Net's output dtype, as the
+      official code does;
+    * "fast": every network in its dtype end to end, no autocast (bfloat16 for every network on a GPU
+      unless a dtype is given), guidance and the solver step in float32.
+    A `*_dtype` other than "auto" fixes that network's dtype in either mode.
+
+    `batch_invariant` (default on): every network call holds one request (its guidance branches
+    together), so a request's frames never depend on which requests share its batch or where it sits
+    in it. Off: requests of a batch share U-Net and text-encoder calls, faster where one request does
+    not fill the device, but a request's frames then change with its batch.
+
+    `threads`: intra-op CPU threads of the network calls (None: torch's default, the machine's cores).
+    On the CPU the frames depend on it: fix it to reproduce a video on another machine.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     device: str = "auto"
+    precision: Precision = "official"
+    batch_invariant: bool = True
+    threads: int | None = Field(None, ge=1)
     text_encoder_dtype: DtypeName = "auto"
     keyframe_unet_dtype: DtypeName = "auto"
     interpolation_unet_dtype: DtypeName = "auto"
     image_movq_dtype: DtypeName = "auto"
     video_movq_dtype: DtypeName = "auto"
 
-    def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def dtype(self, network: str) -> torch.dtype:
+    def dtype_name(self, network: str, on_gpu: bool) -> str:
+        """The dtype `network` runs in: its own setting, else the precision's choice for the device."""
         name = getattr(self, f"{network}_dtype")
         if name != "auto":
-            return getattr(torch, name)
-        return OFFICIAL_GPU_DTYPES[network] if self.torch_device().type == "cuda" else torch.float32
+            return name
+        if not on_gpu:
+            return "float32"  # CPUs have no fast fp16 kernels
+        return OFFICIAL_GPU_DTYPES[network] if self.precision == "official" else FAST_GPU_DTYPE

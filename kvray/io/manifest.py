@@ -26,7 +26,7 @@ def _is_string_list(t: pa.DataType) -> bool:
 COLUMN_TYPES = {
     "prompt": _STRING, "id": _STRING + _INTEGER, "image": _STRING, "fps": _STRING, "motion": _STRING,
     "negative_prompt": _STRING, "seed": _NUMBER, "width": _NUMBER, "height": _NUMBER, "steps": _NUMBER,
-    "interpolation_steps": _NUMBER, "key_frame_guidance_scale": _NUMBER, "guidance_weight_prompt": _NUMBER,
+    "interpolation_steps": _NUMBER, "noise_augmentation": _NUMBER, "key_frame_guidance_scale": _NUMBER, "guidance_weight_prompt": _NUMBER,
     "guidance_weight_image": _NUMBER, "interpolation_guidance_scale": _NUMBER,
     "mode": _STRING, "camera": _STRING, "strength": _NUMBER, "scenes": _STRING + (_is_string_list,),
 }

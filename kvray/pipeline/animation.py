@@ -29,23 +29,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-from einops import rearrange, repeat
 
-from ..sampling.config import FIRST_FRAME_SAMPLER, GuidanceConfig, SamplerConfig
-from ..sampling.guidance import guide_2way
-from ..sampling.loops import (
-    LATENT_CHANNELS,
-    TextCondition,
-    _batch_inputs,
-    _check_noise,
-    _concat,
-    _context_args,
-    _model_dtype,
-    _null_embedding,
-    _per_request,
-)
+from ..config.sampling import FIRST_FRAME_SAMPLER, GuidanceConfig, SamplerConfig
+from ..sampling.batching import TextCondition
+from ..sampling.loops import redraw, redraw_start
 from ..sampling.noise import NoiseSource
-from ..sampling.schedulers import add_noise, make_stepper
+from ..sampling.schedulers import make_stepper
 from .camera import extend_poses, warp_between
 from .request import ANIMATION_FRAMES, VideoRequest
 
@@ -64,61 +53,6 @@ def frame_poses(request: VideoRequest) -> torch.Tensor:
 def keyframe_poses(request: VideoRequest) -> torch.Tensor:
     """Camera poses (25, 4) of the redrawn frames 0, 4, ..., 96."""
     return frame_poses(request)[::KEYFRAME_STRIDE]
-
-
-def redraw_start(num_steps: int, strength: float) -> int:
-    """Index of the first timestep run by image-to-image at `strength` (== num_steps: none is run)."""
-    run = min(int(num_steps * strength), num_steps)
-    return num_steps - run
-
-
-@torch.no_grad()
-def redraw(
-    denoiser,
-    texts: Sequence[TextCondition],
-    latents: torch.Tensor,
-    noise: NoiseSource,
-    *,
-    strength: float,
-    guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
-    sampler: SamplerConfig = FIRST_FRAME_SAMPLER,
-    null_embedding: torch.Tensor | None = None,
-    model_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """Image-to-image with the keyframe U-Net in image mode: (R, 4, h, w) latents noised to the start of
-    the last `int(steps * strength)` steps, then denoised with the prompt (2-way guidance,
-    `key_frame_guidance_scale`, as `sample_first_frame`). Draws: randn(1, 4, h, w) for the noising, then
-    one per step with t > 0. strength 0: the latents unchanged, nothing drawn."""
-    count = len(texts)
-    _check_noise(noise, count)
-    stepper = make_stepper(sampler)
-    timesteps = stepper.timesteps
-    first = redraw_start(len(timesteps), strength)
-    latents = latents.to(torch.float32)
-    if first >= len(timesteps):
-        return latents
-    guidance = _per_request(guidance, count, "guidance configs")
-    dtype = _model_dtype(denoiser, texts, model_dtype)
-    device = texts[0].context.device
-    null = _null_embedding(denoiser, null_embedding)
-    uncond = [t.unconditional(null) for t in texts]
-    _, channels, height, width = latents.shape
-
-    clean = latents[:, None].to(device)  # (R, 1, C, h, w)
-    x = add_noise(clean, noise.randn(clean.shape[1:], device=device), timesteps[first])
-    blocks = _batch_inputs(texts, uncond, "cu", 1, dtype)
-    for block in blocks:  # image mode: no frame to condition on (zeros), as the official first frame
-        block["cond"] = torch.zeros(2, LATENT_CHANNELS + 1, height, width, device=device)
-    static = _concat(blocks)
-    for index in range(first, len(timesteps)):
-        t = timesteps[index]
-        x_in = torch.cat([repeat(x, "r k c h w -> (r b k) c h w", b=2), static["cond"]], dim=1).to(dtype)
-        time = torch.full((x_in.shape[0],), t, dtype=dtype, device=device)
-        out = denoiser(x_in, time, static["context"], static["context_mask"], **_context_args(static))
-        out = rearrange(out.float(), "(r b k) c h w -> r b k c h w", r=count, b=2)
-        eps = [guide_2way(o[0], o[1], g.key_frame_guidance_scale) for o, g in zip(out, guidance)]
-        x = stepper.step(torch.stack(eps), index, x, noise)
-    return x[:, 0].to(torch.float32)
 
 
 def animate_keyframes(

@@ -10,8 +10,9 @@ Columns (only `prompt` is required; a missing or null value takes the job's defa
 | `image` | string | image2video: path, URL or fsspec URI of the first frame |
 | `width`, `height` | integer | multiples of 64 |
 | `fps` | string | low / medium / high (12 / 45 / 177 frames) |
-| `motion` | string | low / medium / high |
+| `motion` | string | low / medium / high / extreme (motion score 1, 10, 50, 100) |
 | `steps`, `interpolation_steps` | integer | denoising steps |
+| `noise_augmentation` | integer 0-999 | diffusion time the first frame is noised to before it conditions the keyframes (official 20) |
 | `key_frame_guidance_scale`, `guidance_weight_prompt`, `guidance_weight_image`, `interpolation_guidance_scale` | float | guidance weights |
 | `negative_prompt` | string | must be null: Kandinsky Video 1.1 has no negative prompt (the official code ignores it) |
 | `mode` | string | text2video / image2video / animation; default: image2video with an image, else text2video |
@@ -35,13 +36,14 @@ from pydantic import ValidationError
 
 from ..config.job import RequestDefaults
 from ..config.validation import validation_message
-from ..sampling.config import GuidanceConfig
+from ..config.sampling import GuidanceConfig
 from .request import VideoRequest, default_size as mode_default_size
 
 REQUIRED_COLUMNS = ("prompt",)
 GUIDANCE_COLUMNS = tuple(GuidanceConfig.model_fields)
 OPTIONAL_COLUMNS = (
-    "id", "seed", "image", "width", "height", "fps", "motion", "steps", "interpolation_steps", "negative_prompt",
+    "id", "seed", "image", "width", "height", "fps", "motion", "steps", "interpolation_steps", "noise_augmentation",
+    "negative_prompt",
     *GUIDANCE_COLUMNS, "mode", "camera", "strength", "scenes",
 )
 KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
@@ -107,6 +109,7 @@ def plan_row(row: Mapping[str, Any], defaults: RequestDefaults, model_version: s
             "seed": given.get("seed", derived_seed(row_id)),
             "steps": given.get("steps", defaults.steps),
             "interpolation_steps": given.get("interpolation_steps", defaults.interpolation_steps),
+            "noise_augmentation": given.get("noise_augmentation", defaults.noise_augmentation),
             "guidance": GuidanceConfig.model_validate(guidance.model_dump()),
             "mode": given.get("mode"),
             "camera": given.get("camera"),
@@ -138,7 +141,7 @@ def _scenes(value: Any) -> list | None:
 def _strict_numbers(fields: dict) -> dict:
     """Parquet integers arrive as floats where a column has nulls: 512.0 is 512, 512.5 is an error."""
     out = dict(fields)
-    for key in ("width", "height", "seed", "steps", "interpolation_steps"):
+    for key in ("width", "height", "seed", "steps", "interpolation_steps", "noise_augmentation"):
         value = out[key]
         if isinstance(value, float) and value.is_integer():
             out[key] = int(value)

@@ -23,11 +23,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..sampling.config import GuidanceConfig
+from ..config.sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
 from .camera import CameraPath, camera_poses, parse_camera
 
-Fps = Literal["low", "medium", "high"]
-Motion = Literal["low", "medium", "high"]
 Mode = Literal["text2video", "image2video", "animation"]
 MODES: tuple[str, ...] = ("text2video", "image2video", "animation")
 
@@ -69,6 +67,9 @@ class VideoRequest(BaseModel):
     guidance: GuidanceConfig = GuidanceConfig()
     steps: int | None = Field(None, ge=1, le=1000, description="first-frame and keyframe steps (official 50)")
     interpolation_steps: int | None = Field(None, ge=1, le=1000, description="interpolation steps (official 10)")
+    noise_augmentation: int = Field(NOISE_AUGMENTATION, ge=0, le=999,
+                                    description="diffusion time the first frame is noised to before it conditions "
+                                                "the keyframes (official 20)")
     camera: str | CameraPath | None = Field(
         None, description="animation: an effect name (zoom-in, pan-left, ...) or a path of {frame, zoom, x, y, angle} "
                           "keyframes (a list, or its JSON text)")
@@ -208,4 +209,6 @@ class VideoRequest(BaseModel):
         for name in ("camera", "strength", "scenes"):
             if data[name] is None:
                 data.pop(name)
+        if data["noise_augmentation"] == NOISE_AUGMENTATION:
+            data.pop("noise_augmentation")
         return data

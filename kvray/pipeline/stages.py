@@ -7,8 +7,14 @@
 | Interpolate | interpolation U-Net         | requests, texts, keyframe latents  | (12/45/177, 4, h, w) each    |
 | Decode      | temporal MoVQ decoder       | one video's latents                | uint8 frames (f, h, w, c)    |
 
-Every request draws its noise from its own generators, seeded from its seed and the stage, so a
-request gives the same video alone or in any batch, in one process or spread over machines.
+Reproducibility. Every request draws its noise from its own generators, seeded from its seed and the
+stage, and (with `RuntimeConfig.batch_invariant`, the default) every network call holds one request:
+its guidance branches batched together, never another request's samples. A request's frames then
+depend only on the request, the weights and the software/hardware stack (device, kernel library
+versions, and on the CPU the thread count), never on the other requests of its batch, its position in
+it, a retry, or how the stages are spread over processes. Batched kernels round differently for
+different batch shapes, and the samplers amplify a 1e-7 difference into a different video, so mixing
+requests in one call (`batch_invariant: false`) trades this guarantee for speed.
 
 Mini-movies (`request.scenes`) and animations run through the same four stages, each stage doing all of
 a request's work in one visit:
@@ -36,12 +42,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..config import RuntimeConfig
-from ..sampling import GeneratorNoise, SamplingConfig, TextCondition, interpolate, interpolation_passes
-from ..sampling.loops import sample_first_frame, sample_keyframes
 from ..config.models import ModelSource
+from ..config.runtime import RuntimeConfig
+from ..config.sampling import SamplingConfig, interpolation_passes
+from ..sampling import GeneratorNoise, TextCondition, interpolate, sample_first_frame, sample_keyframes
 from ..weights.bundle import load_model, load_tokenizer
 from .animation import FILL_SKIP_FRAMES, animate_keyframes, frame_poses, keyframe_poses, warp_fill
+from .device import Denoiser, network_dtype, prepare, torch_device
 from .frames import decode_chunks, image_to_tensor, to_uint8
 from .request import ANIMATION_FRAMES, VideoRequest
 
@@ -59,11 +66,14 @@ def _generators(requests: Sequence[VideoRequest], stage: str) -> list[torch.Gene
     return [torch.Generator().manual_seed(stage_seed(r.seed, stage)) for r in requests]
 
 
-def _groups(requests: Sequence, key: Callable[[object], object]) -> list[list[int]]:
-    """Indices of requests that can share U-Net calls (same latent size, same step counts, ...)."""
+def _groups(items: Sequence, key: Callable[[object], object], runtime: RuntimeConfig) -> list[list[int]]:
+    """Indices of the items that share network calls: each item alone when batch invariant, else the
+    items that agree on `key` (same latent size, same step counts, ...)."""
+    if runtime.batch_invariant:
+        return [[index] for index in range(len(items))]
     groups: dict[object, list[int]] = {}
-    for index, request in enumerate(requests):
-        groups.setdefault(key(request), []).append(index)
+    for index, item in enumerate(items):
+        groups.setdefault(key(item), []).append(index)
     return list(groups.values())
 
 
@@ -119,8 +129,10 @@ class EncodeText:
     networks = ("text_encoder",)
 
     def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig()):
-        self.device = runtime.torch_device()
-        self.encoder = load_model(models, "text_encoder", self.device, runtime.dtype("text_encoder"))
+        self.runtime = runtime
+        self.device = torch_device(runtime)
+        prepare(runtime, self.device)
+        self.encoder = load_model(models, "text_encoder", self.device, network_dtype(runtime, "text_encoder", self.device))
         self.tokenizer = load_tokenizer(models)
         self.tokens_length = models.model_preset.text_encoder.tokens_length
 
@@ -144,16 +156,22 @@ class EncodeText:
         return out, cut
 
     def _encode(self, prompts: Sequence[str]) -> tuple[list[TextCondition], list[bool]]:
+        unique = list(dict.fromkeys(prompts))
+        by_prompt = {}
+        for group in _groups(unique, lambda prompt: None, self.runtime):
+            batch = [unique[i] for i in group]
+            by_prompt.update(zip(batch, zip(*self._encode_batch(batch))))
+        return [by_prompt[p][0] for p in prompts], [by_prompt[p][1] for p in prompts]
+
+    def _encode_batch(self, prompts: Sequence[str]) -> tuple[list[TextCondition], tuple[bool, ...]]:
         from ..models.text_encoder import tokenize
 
-        unique = list(dict.fromkeys(prompts))
-        tokens = tokenize(self.tokenizer, unique, self.tokens_length)
+        # Every prompt is padded to tokens_length, so a call's shape does not depend on the prompt.
+        tokens = tokenize(self.tokenizer, prompts, self.tokens_length)
         context, mask = self.encoder(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
         # Each prompt cut to its own length (real tokens + 1), as the official encoder cuts a prompt alone.
         lengths = (tokens.attention_mask.sum(-1) + 1).clamp(max=self.tokens_length)
-        texts = TextCondition.from_batch(context.float().cpu(), mask.cpu(), lengths)
-        by_prompt = {p: (t, truncated) for p, t, truncated in zip(unique, texts, tokens.truncated)}
-        return [by_prompt[p][0] for p in prompts], [by_prompt[p][1] for p in prompts]
+        return TextCondition.from_batch(context.float().cpu(), mask.cpu(), lengths), tokens.truncated
 
 
 def _keyframe_group(request: VideoRequest) -> tuple:
@@ -171,9 +189,11 @@ class Keyframes:
 
     def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
-        self.device = runtime.torch_device()
-        self.unet = load_model(models, "keyframe_unet", self.device, runtime.dtype("keyframe_unet"))
-        self.movq = load_model(models, "image_movq", self.device, runtime.dtype("image_movq"))
+        self.runtime = runtime
+        self.device = torch_device(runtime)
+        prepare(runtime, self.device)
+        self.unet = load_model(models, "keyframe_unet", self.device, network_dtype(runtime, "keyframe_unet", self.device))
+        self.movq = load_model(models, "image_movq", self.device, network_dtype(runtime, "image_movq", self.device))
         self.sampling = sampling
 
     def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[Text],
@@ -183,7 +203,7 @@ class Keyframes:
         animation from an image) request, None where it is drawn from the prompt."""
         latents: list[torch.Tensor | None] = [None] * len(requests)
         texts = [scene_texts(t, r) for t, r in zip(texts, requests)]
-        for group in _groups(requests, _keyframe_group):
+        for group in _groups(requests, _keyframe_group, self.runtime):
             run = self._animation if requests[group[0]].mode == "animation" else self._group
             out = run([requests[i] for i in group], [texts[i] for i in group], [images[i] for i in group], progress)
             for i, latent in zip(group, out):
@@ -218,11 +238,13 @@ class Keyframes:
         request = requests[0]
         generators = _generators(requests, "keyframes")
         first = self._first_frames(requests, texts, images, generators, progress)
+        denoiser = self.denoiser
         keyframes = animate_keyframes(
-            self.unet, texts, first, torch.stack([keyframe_poses(r) for r in requests]), GeneratorNoise(generators),
+            denoiser, texts, first, torch.stack([keyframe_poses(r) for r in requests]), GeneratorNoise(generators),
             size=(request.width, request.height), strength=request.denoise_strength,
             guidance=[r.guidance for r in requests], sampler=_with_steps(self.sampling.first_frame, request.steps),
             progress=None if progress is None else (lambda index, total: progress("animation", index, total)),
+            **denoiser.loop_precision,
         )
         return keyframes.cpu()
 
@@ -232,11 +254,12 @@ class Keyframes:
         drawn = [i for i, image in enumerate(images) if image is None]
         if drawn:
             # text2video: the first frame at (height/4, width/4) latents, i.e. twice the video's size.
+            denoiser = self.denoiser
             latents = sample_first_frame(
-                self.unet, [texts[i] for i in drawn], (request.height // 4, request.width // 4),
+                denoiser, [texts[i] for i in drawn], (request.height // 4, request.width // 4),
                 GeneratorNoise([generators[i] for i in drawn]), guidance=[requests[i].guidance for i in drawn],
                 sampler=_with_steps(self.sampling.first_frame, request.steps),
-                callback=_step_callback(progress, "first frame"),
+                callback=_step_callback(progress, "first frame"), **denoiser.loop_precision,
             )
             images = list(images)
             for i, latent in zip(drawn, latents):
@@ -253,13 +276,18 @@ class Keyframes:
         ]).float()
 
     def _keyframes(self, requests, texts, conditions, generators, progress) -> torch.Tensor:
+        denoiser = self.denoiser
         return sample_keyframes(
-            self.unet, texts, conditions, GeneratorNoise(generators),
+            denoiser, texts, conditions, GeneratorNoise(generators),
             motion=[r.motion for r in requests], num_frames=self.sampling.num_keyframes,
-            guidance=[r.guidance for r in requests], noise_augmentation=self.sampling.noise_augmentation,
+            guidance=[r.guidance for r in requests], noise_augmentation=[r.noise_augmentation for r in requests],
             sampler=_with_steps(self.sampling.keyframes, requests[0].steps),
-            callback=_step_callback(progress, "keyframes"),
+            callback=_step_callback(progress, "keyframes"), **denoiser.loop_precision,
         )
+
+    @property
+    def denoiser(self) -> Denoiser:
+        return Denoiser(self.unet, self.runtime, self.device)
 
     def _movq_dtype(self) -> torch.dtype:
         return next(self.movq.parameters()).dtype
@@ -276,8 +304,11 @@ class Interpolate:
 
     def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
-        self.device = runtime.torch_device()
-        self.unet = load_model(models, "interpolation_unet", self.device, runtime.dtype("interpolation_unet"))
+        self.runtime = runtime
+        self.device = torch_device(runtime)
+        prepare(runtime, self.device)
+        self.unet = load_model(models, "interpolation_unet", self.device,
+                               network_dtype(runtime, "interpolation_unet", self.device))
         self.sampling = sampling
 
     @torch.inference_mode()
@@ -306,7 +337,7 @@ class Interpolate:
             r = requests[clip.request]
             return clip.passes, r.width, r.height, r.interpolation_steps, clip.frames.shape[0]
 
-        for group in _groups(clips, key):
+        for group in _groups(clips, key, self.runtime):
             members = [clips[c] for c in group]
             frames = torch.stack([m.frames for m in members]).to(self.device)
             owners = [requests[m.request] for m in members]
@@ -317,11 +348,12 @@ class Interpolate:
                 ])
                 sampler = _with_steps(self.sampling.interpolation, owners[0].interpolation_steps)
                 clip_texts = [m.text.to(self.device) for m in members]
+                denoiser = Denoiser(self.unet, self.runtime, self.device)
                 for skip_frames in members[0].passes:
                     frames = interpolate(
-                        self.unet, clip_texts, frames, noise, skip_frames=skip_frames,
+                        denoiser, clip_texts, frames, noise, skip_frames=skip_frames,
                         guidance=[r.guidance for r in owners], sampler=sampler,
-                        callback=_step_callback(progress, "interpolation"),
+                        callback=_step_callback(progress, "interpolation"), **denoiser.loop_precision,
                     )
             for member, video in zip(members, frames):
                 parts[member.request][member.scene] = video.cpu()
@@ -346,8 +378,9 @@ class Decode:
     networks = ("video_movq",)
 
     def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig()):
-        self.device = runtime.torch_device()
-        self.movq = load_model(models, "video_movq", self.device, runtime.dtype("video_movq"))
+        self.device = torch_device(runtime)
+        prepare(runtime, self.device)
+        self.movq = load_model(models, "video_movq", self.device, network_dtype(runtime, "video_movq", self.device))
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor, progress: Progress | None = None,

@@ -1,6 +1,6 @@
 """Diffusion sampling of Kandinsky Video 1.1: schedulers, guidance, noise sources and the three loops."""
 
-from .config import (
+from ..config.sampling import (
     FIRST_FRAME_SAMPLER,
     FPS_PASSES,
     INTERPOLATION_SAMPLER,
@@ -14,13 +14,15 @@ from .config import (
     motion_score,
 )
 from .guidance import guide_2way, guide_3way
+from .batching import LATENT_CHANNELS, TextCondition
 from .loops import (
     FRAMES_PER_GROUP,
-    LATENT_CHANNELS,
+    ModelFn,
     StepCallback,
-    TextCondition,
     assemble_interpolated,
+    denoise,
     interpolate,
+    redraw,
     sample_first_frame,
     sample_interpolation,
     sample_keyframes,
@@ -42,8 +44,8 @@ __all__ = [
     "FIRST_FRAME_SAMPLER", "FPS_PASSES", "INTERPOLATION_SAMPLER", "KEYFRAME_SAMPLER", "MOTION_SCORES",
     "GuidanceConfig", "Motion", "SamplerConfig", "SamplingConfig", "interpolation_passes", "motion_score",
     "guide_2way", "guide_3way",
-    "FRAMES_PER_GROUP", "LATENT_CHANNELS", "StepCallback", "TextCondition", "assemble_interpolated", "interpolate",
-    "sample_first_frame", "sample_interpolation", "sample_keyframes",
+    "FRAMES_PER_GROUP", "LATENT_CHANNELS", "ModelFn", "StepCallback", "TextCondition", "assemble_interpolated",
+    "denoise", "interpolate", "redraw", "sample_first_frame", "sample_interpolation", "sample_keyframes",
     "GeneratorNoise", "NoiseSource", "RecordedNoise",
     "check_scheduler_golden", "check_schedulers_file",
     "DDPMStepper", "DPMSolverStepper", "Stepper", "add_noise", "ddpm_scheduler", "dpm_solver_scheduler",

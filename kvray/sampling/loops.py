@@ -1,166 +1,101 @@
-"""The three sampling loops of Kandinsky Video 1.1, for a batch of R requests per call.
+"""The sampling loops of Kandinsky Video 1.1, for a batch of R requests per call.
 
-Each mirrors an official loop (`kandinsky_video/model/diffusion.py`): `sample_first_frame` =
-`p_sample_loop_image`, `sample_keyframes` = `p_sample_loop`, `sample_interpolation` =
-`p_sample_loop_interpolation` (and `interpolate` adds the re-assembly of `interpolate_base_frames`).
-
-Batch layout. For one request the U-Net batch is exactly the official one: a block of B guidance
-branches x K samples (first frame: 2 x 1; keyframes: 3 x F frames; interpolation: 2 x G groups).
-Requests are concatenated block after block ("request-major"). The U-Nets' temporal layers treat every
-K consecutive samples as one clip (`(b t)` with t = F frames, or t = G groups for the interpolation
-U-Net), so every clip stays one request's branch: for R requests the keyframe U-Net sees b = 3R clips
-of F frames, the interpolation U-Net b = 2R clips of G groups, with its temporal mask [1]*G + [0]*G per
-request (temporal mixing off in each unconditional half).
-
-Text contexts of different lengths are zero-padded (mask 0) to the longest one of the batch, and the
-U-Net then gets `context_lengths` (each sample's own length): the official U-Nets pool the text with
-the mean over ALL context positions of the prompt's own (cut) context, so the mean must divide by that
-length, not by the padded one (`AttentionPolling`). Attention gives padded positions exactly zero
-weight. A request therefore goes through the same computation alone or in any batch, in one U-Net
-call per step; only the rounding inside batched float32 kernels differs (~1e-7 relative per U-Net
-call, which many guided steps can amplify). `context_lengths` is passed only when lengths differ, so a
-batch of equal lengths (and every official replay) calls the U-Net exactly as the official loop.
+One walker, `denoise`, runs every loop (k-diffusion style): a stepper (the solver and its timesteps),
+a model function that builds one U-Net call from the current latents and guides its outputs, the
+noise source, and the index of the first step. Each mode is a thin function that builds its model
+function and its starting latents; they mirror the official loops (`kandinsky_video/model/diffusion.py`):
+`sample_first_frame` = `p_sample_loop_image`, `sample_keyframes` = `p_sample_loop`,
+`sample_interpolation` = `p_sample_loop_interpolation` (and `interpolate` adds the re-assembly of
+`interpolate_base_frames`); `redraw` is image-to-image in image mode (animation), the first frame's
+loop started part-way. See `batching.py` for the layout of a batch.
 
 The denoiser is any callable with the U-Nets' signature (`KeyframeUNet`, `InterpolationUNet`, or a
-wrapper around them); the loops run it under `torch.no_grad()`.
+wrapper around them, e.g. one that autocasts); the loops run it under `torch.no_grad()`.
+
+Precision. `model_dtype` is the dtype of the U-Net inputs (default: the denoiser's parameters').
+`guidance_dtype` is the dtype the guidance combination is computed in: float32 by default; None keeps
+the U-Net's output dtype, as the official code does under autocast (guidance in fp16, the DDPM step
+then promoted to float32 by the float32 latents).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange, repeat
 
-from .config import FIRST_FRAME_SAMPLER, INTERPOLATION_SAMPLER, KEYFRAME_SAMPLER, GuidanceConfig, SamplerConfig, motion_score
+from ..config.sampling import (
+    FIRST_FRAME_SAMPLER,
+    INTERPOLATION_SAMPLER,
+    KEYFRAME_SAMPLER,
+    GuidanceConfig,
+    SamplerConfig,
+    motion_score,
+)
+from .batching import (
+    LATENT_CHANNELS,
+    TextCondition,
+    branch_inputs,
+    check_noise,
+    concat_blocks,
+    context_args,
+    model_dtype_of,
+    null_embedding_of,
+    per_request,
+    stack_latents,
+)
 from .guidance import guide_2way, guide_3way
 from .noise import NoiseSource
-from .schedulers import add_noise, make_stepper
+from .schedulers import Stepper, add_noise, make_stepper
 
-LATENT_CHANNELS = 4
 FRAMES_PER_GROUP = 3  # the interpolation U-Net predicts 3 frames between each pair of input frames
 
 # callback(step_index, num_steps, timestep), called after every step (progress bars).
 StepCallback = Callable[[int, int, int], None]
+# model(x, t): x (R, K, C, h, w) latents at timestep t -> the guided prediction, same shape.
+ModelFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-@dataclass(frozen=True)
-class TextCondition:
-    """One request's encoded prompt: `context` (L, D) and `mask` (L,) (nonzero = attended)."""
-
-    context: torch.Tensor
-    mask: torch.Tensor
-
-    def __post_init__(self):
-        if self.context.dim() != 2 or self.mask.dim() != 1 or self.mask.shape[0] != self.context.shape[0]:
-            raise ValueError(
-                f"TextCondition wants context (L, D) and mask (L,), got {tuple(self.context.shape)} and {tuple(self.mask.shape)}"
-            )
-
-    @classmethod
-    def from_batch(cls, context: torch.Tensor, mask: torch.Tensor, lengths=None) -> list[TextCondition]:
-        """Splits an encoder output (B, L, D), (B, L). With `lengths` (each prompt's own context length,
-        as the official encoder cuts a single prompt: real tokens + 1), each row is cut to it; without,
-        every request keeps the batch's padded length, which changes the U-Nets' text pooling."""
-        if lengths is None:
-            return [cls(c, m) for c, m in zip(context, mask)]
-        return [cls(c[: int(n)], m[: int(n)]) for c, m, n in zip(context, mask, lengths)]
-
-    def to(self, device) -> TextCondition:
-        return TextCondition(self.context.to(device), self.mask.to(device))
-
-    @property
-    def length(self) -> int:
-        return self.context.shape[0]
-
-    def unconditional(self, null_embedding: torch.Tensor) -> TextCondition:
-        """The official `_get_unconditional_context`: zeros with the learnt null token at position 0."""
-        context = torch.zeros_like(self.context)
-        mask = torch.zeros_like(self.mask)
-        context[0] = null_embedding
-        mask[0] = 1
-        return TextCondition(context, mask)
+def denoise(stepper: Stepper, model: ModelFn, x: torch.Tensor, noise: NoiseSource, *, start: int = 0,
+            callback: StepCallback | None = None) -> torch.Tensor:
+    """Walks `stepper.timesteps[start:]` from `x` (R, K, C, h, w); returns the float32 result."""
+    steps = len(stepper.timesteps)
+    for index in range(start, steps):
+        t = stepper.timesteps[index]
+        x = stepper.step(model(x, t), index, x, noise)
+        if callback is not None:
+            callback(index, steps, t)
+    return x.to(torch.float32)
 
 
-def _per_request(value, count: int, what: str) -> list:
-    """A value for every request: one value is shared, a sequence must have one per request."""
-    if isinstance(value, (list, tuple)):
-        if len(value) != count:
-            raise ValueError(f"{len(value)} {what} for {count} requests")
-        return list(value)
-    return [value] * count
+def _guided(out: torch.Tensor, guidance_dtype: torch.dtype | None) -> torch.Tensor:
+    return out if guidance_dtype is None else out.to(guidance_dtype)
 
 
-def _check_noise(noise: NoiseSource, count: int) -> None:
-    if count == 0:
-        raise ValueError("no requests")
-    if noise.num_requests != count:
-        raise ValueError(f"the noise source serves {noise.num_requests} requests, the batch has {count}")
+def image_mode_model(denoiser, texts: Sequence[TextCondition], guidance: Sequence[GuidanceConfig],
+                     latent_size: tuple[int, int], *, null_embedding=None, model_dtype=None,
+                     guidance_dtype: torch.dtype | None = torch.float32) -> ModelFn:
+    """The keyframe U-Net in image mode (no frame to condition on, no temporal layers), 2 branches
+    (prompt, null) per request, `(w + 1) cond - w uncond` with w = key_frame_guidance_scale."""
+    count = len(texts)
+    dtype = model_dtype_of(denoiser, texts, model_dtype)
+    device = texts[0].context.device
+    height, width = latent_size
+    blocks = branch_inputs(texts, null_embedding_of(denoiser, null_embedding), "cu", 1, dtype)
+    for block in blocks:  # condition and mask channels: zeros, as the official first frame
+        block["cond"] = torch.zeros(2, LATENT_CHANNELS + 1, height, width, device=device)
+    static = concat_blocks(blocks)
 
+    def model(x, t):
+        x_in = torch.cat([repeat(x, "r k c h w -> (r b k) c h w", b=2), static["cond"]], dim=1).to(dtype)
+        time = torch.full((x_in.shape[0],), t, dtype=dtype, device=device)
+        # No temporal_embed: image mode (image_in_layer, temporal layers skipped).
+        out = denoiser(x_in, time, static["context"], static["context_mask"], **context_args(static))
+        out = rearrange(_guided(out, guidance_dtype), "(r b k) c h w -> r b k c h w", r=count, b=2)
+        return torch.stack([guide_2way(o[0], o[1], g.key_frame_guidance_scale) for o, g in zip(out, guidance)])
 
-def _null_embedding(denoiser, null_embedding):
-    if null_embedding is None:
-        null_embedding = getattr(denoiser, "null_embedding", None)
-    if null_embedding is None:
-        raise ValueError("pass null_embedding: the denoiser has no `null_embedding` attribute")
-    return null_embedding.reshape(-1)
-
-
-def _stack_latents(latents) -> torch.Tensor:
-    stacked = latents if isinstance(latents, torch.Tensor) else torch.stack(list(latents))
-    return stacked.to(torch.float32)
-
-
-def _padded(text: TextCondition, length: int) -> TextCondition:
-    """Zero context rows and mask 0 appended up to `length`."""
-    extra = length - text.length
-    if extra == 0:
-        return text
-    return TextCondition(F.pad(text.context, (0, 0, 0, extra)), F.pad(text.mask, (0, extra)))
-
-
-def _batch_inputs(texts: Sequence[TextCondition], uncond: Sequence[TextCondition], branches: str, k: int, dtype):
-    """Per request: the contexts of its B = len(branches) guidance branches ('c' text, 'u' null), each
-    repeated for the k samples of the branch: context (B*k, L, D), bool mask (B*k, L), and, when the
-    requests' lengths differ, context_lengths (B*k,) of the unpadded length. Contexts are padded to the
-    longest of the batch."""
-    longest = max(text.length for text in texts)
-    mixed = any(text.length != longest for text in texts)
-    out = []
-    for text, null in zip(texts, uncond):
-        chosen = [_padded(text if b == "c" else null, longest) for b in branches]
-        block = {
-            "context": torch.cat([repeat(c.context, "l d -> k l d", k=k) for c in chosen]).to(dtype),
-            "context_mask": torch.cat([repeat(c.mask, "l -> k l", k=k) for c in chosen]).bool(),
-        }
-        if mixed:
-            # The unconditional context has the request's length too (official: zeros_like(context)).
-            block["context_lengths"] = torch.full((len(branches) * k,), text.length, dtype=torch.int64, device=text.context.device)
-        out.append(block)
-    return out
-
-
-def _concat(blocks: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The per-request loop-constant inputs as one U-Net batch, request after request."""
-    return {name: torch.cat([block[name] for block in blocks]) for name in blocks[0]}
-
-
-def _context_args(static: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {"context_lengths": static["context_lengths"]} if "context_lengths" in static else {}
-
-
-def _model_dtype(denoiser, texts: Sequence[TextCondition], model_dtype):
-    """The dtype of the U-Net inputs (x, contexts, float time): given, else the denoiser's floating
-    parameters' (an `nn.Module`), else the contexts' (the official loops cast to the context dtype)."""
-    if model_dtype is not None:
-        return model_dtype
-    if isinstance(denoiser, torch.nn.Module):
-        for param in denoiser.parameters():
-            if param.is_floating_point():
-                return param.dtype
-    return texts[0].context.dtype
+    return model
 
 
 @torch.no_grad()
@@ -174,41 +109,60 @@ def sample_first_frame(
     sampler: SamplerConfig = FIRST_FRAME_SAMPLER,
     null_embedding: torch.Tensor | None = None,
     model_dtype: torch.dtype | None = None,
+    guidance_dtype: torch.dtype | None = torch.float32,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Text to first-frame latent with the keyframe U-Net in image mode (official `p_sample_loop_image`).
 
     `latent_size` (H, W): the official pipeline samples at (height // 4, width // 4), twice the video
-    latent. Returns (R, 4, H, W) float32. Guidance: `(w + 1) cond - w uncond`, w = key_frame_guidance_scale.
+    latent. Returns (R, 4, H, W) float32.
     """
-    count = len(texts)
-    _check_noise(noise, count)
-    guidance = _per_request(guidance, count, "guidance configs")
-    dtype = _model_dtype(denoiser, texts, model_dtype)
-    device = texts[0].context.device
-    null = _null_embedding(denoiser, null_embedding)
-    uncond = [t.unconditional(null) for t in texts]
-    stepper = make_stepper(sampler)
+    check_noise(noise, len(texts))
+    model = image_mode_model(denoiser, texts, per_request(guidance, len(texts), "guidance configs"), latent_size,
+                             null_embedding=null_embedding, model_dtype=model_dtype, guidance_dtype=guidance_dtype)
     height, width = latent_size
+    x = noise.randn((1, LATENT_CHANNELS, height, width), device=texts[0].context.device)  # (R, 1, C, H, W)
+    x = denoise(make_stepper(sampler), model, x, noise, callback=callback)
+    return rearrange(x, "r 1 c h w -> r c h w")
 
-    x = noise.randn((1, LATENT_CHANNELS, height, width), device=device)  # (R, 1, C, H, W)
-    blocks = _batch_inputs(texts, uncond, "cu", 1, dtype)
-    for block in blocks:  # condition and mask channels: zeros (no frame to condition on)
-        block["cond"] = torch.zeros(2, LATENT_CHANNELS + 1, height, width, device=device)
-    static = _concat(blocks)
 
-    steps = len(stepper.timesteps)
-    for index, t in enumerate(stepper.timesteps):
-        x_in = torch.cat([repeat(x, "r k c h w -> (r b k) c h w", b=2), static["cond"]], dim=1).to(dtype)
-        time = torch.full((x_in.shape[0],), t, dtype=dtype, device=device)
-        # No temporal_embed: image mode (image_in_layer, temporal layers skipped).
-        out = denoiser(x_in, time, static["context"], static["context_mask"], **_context_args(static))
-        out = rearrange(out.float(), "(r b k) c h w -> r b k c h w", r=count, b=2)
-        eps = [guide_2way(o[0], o[1], g.key_frame_guidance_scale) for o, g in zip(out, guidance)]
-        x = stepper.step(torch.stack(eps), index, x, noise)
-        if callback is not None:
-            callback(index, steps, t)
-    return rearrange(x, "r 1 c h w -> r c h w").to(torch.float32)
+def redraw_start(num_steps: int, strength: float) -> int:
+    """Index of the first timestep run by image-to-image at `strength` (== num_steps: none is run)."""
+    run = min(int(num_steps * strength), num_steps)
+    return num_steps - run
+
+
+@torch.no_grad()
+def redraw(
+    denoiser,
+    texts: Sequence[TextCondition],
+    latents: torch.Tensor,
+    noise: NoiseSource,
+    *,
+    strength: float,
+    guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
+    sampler: SamplerConfig = FIRST_FRAME_SAMPLER,
+    null_embedding: torch.Tensor | None = None,
+    model_dtype: torch.dtype | None = None,
+    guidance_dtype: torch.dtype | None = torch.float32,
+) -> torch.Tensor:
+    """Image-to-image with the keyframe U-Net in image mode: (R, 4, h, w) latents noised to the start of
+    the last `int(steps * strength)` steps (diffusers' img2img convention), then denoised with the prompt
+    as `sample_first_frame`. Draws: randn(1, 4, h, w) for the noising, then one per step with t > 0.
+    strength 0: the latents unchanged, nothing drawn."""
+    check_noise(noise, len(texts))
+    stepper = make_stepper(sampler)
+    first = redraw_start(len(stepper.timesteps), strength)
+    latents = latents.to(torch.float32)
+    if first >= len(stepper.timesteps):
+        return latents
+    device = texts[0].context.device
+    model = image_mode_model(denoiser, texts, per_request(guidance, len(texts), "guidance configs"),
+                             tuple(latents.shape[-2:]), null_embedding=null_embedding, model_dtype=model_dtype,
+                             guidance_dtype=guidance_dtype)
+    clean = latents[:, None].to(device)  # (R, 1, C, h, w)
+    x = add_noise(clean, noise.randn(clean.shape[1:], device=device), stepper.timesteps[first])
+    return denoise(stepper, model, x, noise, start=first)[:, 0]
 
 
 @torch.no_grad()
@@ -221,70 +175,66 @@ def sample_keyframes(
     motion: str | int | Sequence[str | int] = "medium",
     num_frames: int = 12,
     guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
-    noise_augmentation: int = 20,
+    noise_augmentation: int | Sequence[int] = 20,
     sampler: SamplerConfig = KEYFRAME_SAMPLER,
     null_embedding: torch.Tensor | None = None,
     model_dtype: torch.dtype | None = None,
+    guidance_dtype: torch.dtype | None = torch.float32,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """Keyframe latents conditioned on each request's first frame (official `p_sample_loop`).
 
     `first_frames`: (R, 4, h, w) latents (the image MoVQ encoding of the first frame). Each is noised
     with UNIFORM noise to t = `noise_augmentation` and conditions frame 0 of branches A (text + frame)
-    and B (frame only); branch C has neither. `motion`: a name of `MOTION_SCORES` or an int score, per
-    request or shared. Returns (R, num_frames, 4, h, w) float32.
+    and B (frame only); branch C has neither. `motion`: a name of `MOTION_SCORES` or an int score;
+    `motion` and `noise_augmentation` per request or shared. Returns (R, num_frames, 4, h, w) float32.
     """
     count = len(texts)
-    _check_noise(noise, count)
-    guidance = _per_request(guidance, count, "guidance configs")
-    scores = [motion_score(m) for m in _per_request(motion, count, "motions")]
-    first_frames = _stack_latents(first_frames)
+    check_noise(noise, count)
+    guidance = per_request(guidance, count, "guidance configs")
+    scores = [motion_score(m) for m in per_request(motion, count, "motions")]
+    augmentations = [int(a) for a in per_request(noise_augmentation, count, "noise augmentations")]
+    first_frames = stack_latents(first_frames)
     if first_frames.shape[0] != count or first_frames.dim() != 4:
         raise ValueError(f"first_frames must be ({count}, C, h, w), got {tuple(first_frames.shape)}")
     _, channels, height, width = first_frames.shape
     frames = num_frames
-    dtype = _model_dtype(denoiser, texts, model_dtype)
+    dtype = model_dtype_of(denoiser, texts, model_dtype)
     device = texts[0].context.device
     first_frames = first_frames.to(device)
-    null = _null_embedding(denoiser, null_embedding)
-    uncond = [t.unconditional(null) for t in texts]
-    stepper = make_stepper(sampler)
 
     # Official draw order: x_T, then the key-frame augmentation noise, then one draw per step with t > 0.
     x = noise.randn((frames, channels, height, width), device=device)  # (R, F, C, h, w)
     augmentation = noise.rand((channels, height, width), device=device)  # uniform, as the official code
-    key_frames = add_noise(first_frames, augmentation, noise_augmentation)
+    key_frames = [add_noise(f[None], a[None], t)[0] for f, a, t in zip(first_frames, augmentation, augmentations)]
 
-    blocks = _batch_inputs(texts, uncond, "cuu", frames, dtype)
-    for block, key_frame, score in zip(blocks, key_frames, scores):
+    blocks = branch_inputs(texts, null_embedding_of(denoiser, null_embedding), "cuu", frames, dtype)
+    for block, key_frame, score, level in zip(blocks, key_frames, scores, augmentations):
         condition = torch.zeros(frames, channels + 1, height, width, device=device)
         condition[0, :channels] = key_frame
         condition[0, channels] = 1  # mask channel
         # Branches A and B see the first frame, C sees zeros.
         block["cond"] = torch.cat([condition, condition, torch.zeros_like(condition)])
         block["temporal_embed"] = repeat(torch.arange(frames, device=device), "f -> (b f)", b=3).to(dtype)
-        block["noise_aug_time"] = torch.full((3 * frames,), noise_augmentation, dtype=torch.int32, device=device)
+        block["noise_aug_time"] = torch.full((3 * frames,), level, dtype=torch.int32, device=device)
         block["motion_score"] = torch.full((3 * frames,), score, dtype=torch.int32, device=device)
-    static = _concat(blocks)
+    static = concat_blocks(blocks)
 
-    steps = len(stepper.timesteps)
-    for index, t in enumerate(stepper.timesteps):
+    def model(x, t):
         x_in = torch.cat([repeat(x, "r f c h w -> (r b f) c h w", b=3), static["cond"]], dim=1).to(dtype)
         time = torch.full((x_in.shape[0],), t, dtype=dtype, device=device)
         out = denoiser(
             x_in, time, static["context"], static["context_mask"],
             temporal_embed=static["temporal_embed"], num_frames=frames,
-            noise_aug_time=static["noise_aug_time"], motion_score=static["motion_score"], **_context_args(static),
+            noise_aug_time=static["noise_aug_time"], motion_score=static["motion_score"], **context_args(static),
         )
-        out = rearrange(out.float(), "(r b f) c h w -> r b f c h w", r=count, b=3)
-        eps = [
+        out = rearrange(_guided(out, guidance_dtype), "(r b f) c h w -> r b f c h w", r=count, b=3)
+        return torch.stack([
             guide_3way(o[0], o[1], o[2], g.guidance_weight_prompt, g.guidance_weight_image)
             for o, g in zip(out, guidance)
-        ]
-        x = stepper.step(torch.stack(eps), index, x, noise)
-        if callback is not None:
-            callback(index, steps, t)
-    return x.to(torch.float32)
+        ])
+
+    return denoise(make_stepper(sampler), model, x, noise, callback=callback)
 
 
 @torch.no_grad()
@@ -299,59 +249,54 @@ def sample_interpolation(
     sampler: SamplerConfig = INTERPOLATION_SAMPLER,
     null_embedding: torch.Tensor | None = None,
     model_dtype: torch.dtype | None = None,
+    guidance_dtype: torch.dtype | None = torch.float32,
     callback: StepCallback | None = None,
 ) -> torch.Tensor:
     """The 3 frames between each pair of consecutive frames (official `p_sample_loop_interpolation`).
 
     `frames`: (R, N, 4, h, w); G = N - 1 groups per request, all denoised jointly (the U-Net's temporal
-    layers mix neighbouring groups of the conditional half). `skip_frames`: 3 for the first pass, 1 for
-    the second ('high' fps). Returns the groups (R, G, 12, h, w), frame-major channels; `interpolate`
+    layers mix neighbouring groups of the conditional half; its temporal mask [1]*G + [0]*G per request
+    turns the mixing off in the unconditional half). `skip_frames`: 3 for the first pass, 1 for the
+    second ('high' fps). Returns the groups (R, G, 12, h, w), frame-major channels; `interpolate`
     re-assembles them into videos.
     """
     count = len(texts)
-    _check_noise(noise, count)
-    guidance = _per_request(guidance, count, "guidance configs")
-    frames = _stack_latents(frames)
+    check_noise(noise, count)
+    guidance = per_request(guidance, count, "guidance configs")
+    frames = stack_latents(frames)
     if frames.shape[0] != count or frames.dim() != 5 or frames.shape[1] < 2:
         raise ValueError(f"frames must be ({count}, N >= 2, C, h, w), got {tuple(frames.shape)}")
     _, num, channels, height, width = frames.shape
-    groups_per_request = num - 1
-    dtype = _model_dtype(denoiser, texts, model_dtype)
+    groups = num - 1
+    dtype = model_dtype_of(denoiser, texts, model_dtype)
     device = texts[0].context.device
     frames = frames.to(device)
-    null = _null_embedding(denoiser, null_embedding)
-    uncond = [t.unconditional(null) for t in texts]
-    stepper = make_stepper(sampler)
 
-    x = noise.randn((groups_per_request, FRAMES_PER_GROUP * channels, height, width), device=device)  # (R, G, 3C, h, w)
+    x = noise.randn((groups, FRAMES_PER_GROUP * channels, height, width), device=device)  # (R, G, 3C, h, w)
 
-    blocks = _batch_inputs(texts, uncond, "cu", groups_per_request, dtype)
-    two_g = 2 * groups_per_request
+    blocks = branch_inputs(texts, null_embedding_of(denoiser, null_embedding), "cu", groups, dtype)
     for block, video in zip(blocks, frames):
         # Conditional half: the frames on either side of each group; unconditional half: zeros.
         block["left"] = torch.cat([video[:-1], torch.zeros_like(video[:-1])])
         block["right"] = torch.cat([video[1:], torch.zeros_like(video[1:])])
-        block["temporal_mask"] = torch.cat([torch.ones(groups_per_request), torch.zeros(groups_per_request)]).to(device)
-        block["skip_frames"] = torch.full((two_g,), skip_frames, dtype=torch.int32, device=device)
-        block["perturbation_time"] = torch.zeros(two_g, dtype=torch.int32, device=device)
-    static = _concat(blocks)
+        block["temporal_mask"] = torch.cat([torch.ones(groups), torch.zeros(groups)]).to(device)
+        block["skip_frames"] = torch.full((2 * groups,), skip_frames, dtype=torch.int32, device=device)
+        block["perturbation_time"] = torch.zeros(2 * groups, dtype=torch.int32, device=device)
+    static = concat_blocks(blocks)
 
-    steps = len(stepper.timesteps)
-    for index, t in enumerate(stepper.timesteps):
+    def model(x, t):
         noisy = repeat(x, "r g c h w -> (r b g) c h w", b=2)
         x_in = torch.cat([static["left"], noisy, static["right"]], dim=1).to(dtype)
         time = torch.full((x_in.shape[0],), t, dtype=torch.int64, device=device)  # int64, as the official loop
         out = denoiser(
             x_in, time, static["context"], static["context_mask"],
-            num_predicted_groups=groups_per_request, perturbation_time=static["perturbation_time"],
-            skip_frames=static["skip_frames"], temporal_mask=static["temporal_mask"], **_context_args(static),
+            num_predicted_groups=groups, perturbation_time=static["perturbation_time"],
+            skip_frames=static["skip_frames"], temporal_mask=static["temporal_mask"], **context_args(static),
         )
-        out = rearrange(out.float(), "(r b g) c h w -> r b g c h w", r=count, b=2)
-        eps = [guide_2way(o[0], o[1], g.interpolation_guidance_scale) for o, g in zip(out, guidance)]
-        x = stepper.step(torch.stack(eps), index, x, noise)
-        if callback is not None:
-            callback(index, steps, t)
-    return x.to(torch.float32)
+        out = rearrange(_guided(out, guidance_dtype), "(r b g) c h w -> r b g c h w", r=count, b=2)
+        return torch.stack([guide_2way(o[0], o[1], g.interpolation_guidance_scale) for o, g in zip(out, guidance)])
+
+    return denoise(make_stepper(sampler), model, x, noise, callback=callback)
 
 
 def assemble_interpolated(frames: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
@@ -366,6 +311,6 @@ def assemble_interpolated(frames: torch.Tensor, groups: torch.Tensor) -> torch.T
 
 def interpolate(denoiser, texts, frames, noise, *, skip_frames: int, **kwargs) -> torch.Tensor:
     """`sample_interpolation` then re-assembly: (R, N, C, h, w) -> (R, 4N - 3, C, h, w)."""
-    frames = _stack_latents(frames)
+    frames = stack_latents(frames)
     groups = sample_interpolation(denoiser, texts, frames, noise, skip_frames=skip_frames, **kwargs)
     return torch.stack([assemble_interpolated(f, g) for f, g in zip(frames.to(groups.device), groups)])

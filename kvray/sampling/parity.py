@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from ..checks import CallResult
-from .config import SamplerConfig
+from ..config.sampling import SamplerConfig
 from .schedulers import DDPMStepper, add_noise
 
 TOLERANCES = {

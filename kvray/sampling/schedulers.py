@@ -24,7 +24,7 @@ import torch
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from einops import rearrange
 
-from .config import SamplerConfig
+from ..config.sampling import SamplerConfig
 from .noise import NoiseSource
 
 # The training noise schedule of both Kandinsky Video 1.1 U-Nets (official `get_sampler` arguments).

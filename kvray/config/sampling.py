@@ -54,23 +54,24 @@ class GuidanceConfig(BaseModel):
 
 
 class SamplingConfig(BaseModel):
-    """Every sampling setting of a text-to-video run, in one object."""
+    """The solver of each stage. Per-request settings (guidance weights, motion, noise augmentation,
+    step counts) live in the request."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     first_frame: SamplerConfig = FIRST_FRAME_SAMPLER
     keyframes: SamplerConfig = KEYFRAME_SAMPLER
     interpolation: SamplerConfig = INTERPOLATION_SAMPLER
-    guidance: GuidanceConfig = GuidanceConfig()
-    # Diffusion time at which the first frame is noised before it conditions the keyframes (also fed to
-    # the U-Net as `noise_aug_time`).
-    noise_augmentation: int = Field(default=20, ge=0, le=999)
     num_keyframes: int = Field(default=12, ge=2)
 
 
+# Diffusion time at which the first frame is noised before it conditions the keyframes (also fed to the
+# U-Net as `noise_aug_time`); the official default.
+NOISE_AUGMENTATION = 20
+
 # Official MOTION_SCORES. "extreme" is in the official code but not in its README. The official
 # pipeline silently turns any other value (including its own default, "normal") into "medium";
-# here an unknown name is an error.
+# here an unknown name is an error. `Motion` is the one type of a motion name everywhere.
 MOTION_SCORES: dict[str, int] = {"low": 1, "medium": 10, "high": 50, "extreme": 100}
 Motion = Literal["low", "medium", "high", "extreme"]
 
@@ -92,6 +93,7 @@ def motion_score(motion: str | int) -> int:
 # Interpolation passes per fps setting: each pass turns N frames into 4N - 3 (12 -> 45 -> 177); the
 # value is the U-Net's `skip_frames` input of that pass (official SKIP_FRAMES_MEDIUM_FPS / _HIGH_FPS).
 FPS_PASSES: dict[str, tuple[int, ...]] = {"low": (), "medium": (3,), "high": (3, 1)}
+Fps = Literal["low", "medium", "high"]
 
 
 def interpolation_passes(fps: str) -> tuple[int, ...]:
