@@ -6,6 +6,7 @@ import argparse
 import logging
 import resource
 import sys
+import time
 
 log = logging.getLogger("kvray")
 
@@ -97,7 +98,7 @@ def _camera(value: str | None) -> str | None:
 
 def _request(args):
     from .config import get_preset
-    from .pipeline.request import VideoRequest, default_size
+    from .requests.request import VideoRequest, default_size
 
     preset = get_preset(args.preset)
     width, height = default_size(args.mode, (preset.default_width, preset.default_height))
@@ -192,40 +193,167 @@ def _render_job(args):
         overrides["storage_options"] = parse_storage_options(args.storage_option)
     if args.device:
         overrides["runtime"] = {"device": args.device}
-    if args.costs:
-        overrides["costs"] = args.costs
-    if args.gpu_memory:
-        overrides["gpu_memory_gib"] = args.gpu_memory
+    for name, value in (("costs", args.costs), ("gpu_memory_gib", args.gpu_memory),
+                        ("stall_timeout_s", args.stall_timeout)):
+        if value is not None:
+            overrides[name] = value
     if args.job:
         return RenderJob.from_yaml(args.job, **overrides)
     return RenderJob.model_validate(overrides)
+
+
+class RenderProgress:
+    """One progress display for `kvray render`, on stderr: a bar on a terminal, else a line every
+    `every` seconds (a log stays readable: never more than a line a second)."""
+
+    def __init__(self, total: int, every: float = 10.0, stream=None):
+        self.stream = stream or sys.stderr
+        self.total, self.every = total, every
+        self.start = time.monotonic()
+        self.last = 0.0
+        self.bar = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, unit="row", file=self.stream, dynamic_ncols=True)
+
+    def __call__(self, summary, report: dict) -> None:
+        planned = report.get("planned", {})
+        skipped, bad = planned.get("skipped", 0), planned.get("error", 0)
+        done = summary.ok + summary.error + summary.filtered + skipped + bad + summary.repeats
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = summary.ok / elapsed
+        left = self.total - done
+        eta = f"{left / rate / 60:.1f} min" if rate > 0 and left > 0 else "-"
+        busy = report.get("busy_seconds", {})
+        actors = {s: max(1, len(a)) for s, a in report.get("actors", {}).items()}
+        shares = " ".join(f"{s} {busy.get(s, 0.0) / (elapsed * actors.get(s, 1)):.2f}" for s in actors)
+        text = (f"{done}/{self.total} rows (ok {summary.ok}, error {summary.error + bad}, skipped {skipped}), "
+                f"{rate:.3g} videos/s, ETA {eta}" + (f"; busy: {shares}" if shares else ""))
+        if self.bar is not None:
+            self.bar.n = done
+            self.bar.set_postfix_str(text.partition("), ")[2], refresh=True)
+        elif time.monotonic() - self.last >= self.every:
+            self.last = time.monotonic()
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _render_errors():
+    """The errors a render reports as one line and exit status 2."""
+    from .distributed.cluster import ResourceError
+    from .distributed.render import StallError
+    from .io.layout import LegacyLayout
+    from .io.manifest import ManifestError
+    from .pipeline.device import DeviceError
+
+    return (ManifestError, LegacyLayout, ResourceError, StallError, DeviceError)
 
 
 def _cmd_render(args) -> int:
     from pydantic import ValidationError
 
     from .config.validation import validation_message
-    from .io.manifest import ManifestError
 
     try:
         job = _render_job(args)
     except (ValidationError, ValueError, OSError) as err:
-        message = validation_message(err, "request") if isinstance(err, ValidationError) else str(err)
+        message = validation_message(err, "job") if isinstance(err, ValidationError) else str(err)
         print(f"error: {message}", file=sys.stderr)
         return 2
+    if args.dry_run:
+        return _dry_run(job, args)
     from .distributed.render import render
+    from .io.manifest import open_manifest
 
+    progress = None
     try:
-        summary = render(job)
-    except ManifestError as err:
+        progress = RenderProgress(open_manifest(job.manifest, job.storage_options).rows)
+        summary = render(job, limit=args.limit, verbose=args.verbose, progress=progress)
+    except _render_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # storage that keeps failing once its retries are spent
         print(f"error: storage failed: {err}", file=sys.stderr)
         return 2
+    finally:
+        if progress is not None:
+            progress.close()
     for line in summary.lines():
         print(line)
+    return summary.exit_code
+
+
+def _dry_run(job, args) -> int:
+    from .config.costs import CostError, parse_costs
+    from .distributed.dryrun import dry_run
+    from .distributed.planner import FULL_SIZE_COSTS
+
+    try:
+        costs = args.costs or job.costs or (FULL_SIZE_COSTS if job.models.preset == "kv11" else None)
+        report = dry_run(job, costs=parse_costs(costs) if costs else None, gpus=args.gpus, verbose=args.verbose)
+    except CostError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except _render_errors() as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: storage failed: {err}", file=sys.stderr)
+        return 2
+    for line in report.lines():
+        print(line)
     return 0
+
+
+def _cmd_migrate(args) -> int:
+    from .io.layout import migrate_legacy
+    from .io.storage import open_fs, parse_storage_options
+
+    fs, root = open_fs(args.out, parse_storage_options(args.storage_option or []))
+    moved = migrate_legacy(fs, root)
+    print(f"moved {moved['videos']} videos, {moved['meta']} metadata files and {moved['results']} results files "
+          f"into the current layout of {args.out}")
+    return 0
+
+
+def _cmd_results(args) -> int:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from .io.layout import latest_results
+    from .io.storage import open_fs, parse_storage_options, write_atomic
+
+    fs, root = open_fs(args.out, parse_storage_options(args.storage_option or []))
+    table = latest_results(fs, root)
+    if table.num_rows == 0:
+        print(f"no results under {args.out}", file=sys.stderr)
+        return 1
+    if args.status:
+        table = table.filter(pc.is_in(table.column("status"), value_set=pa_strings(args.status)))
+    counts = table.group_by("status").aggregate([("id", "count")]).to_pylist()
+    print(", ".join(f"{c['status']} {c['id_count']}" for c in sorted(counts, key=lambda c: c["status"])))
+    if args.save:
+        import pyarrow as pa
+
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        out_fs, path = open_fs(args.save)
+        write_atomic(out_fs, path, sink.getvalue().to_pybytes())
+        print(f"wrote {table.num_rows} rows to {args.save}")
+    else:
+        for row in table.slice(0, args.show).to_pylist():
+            print(f"{row['id']}\t{row['status']}\t{row['uri'] or row['error']}")
+    return 0
+
+
+def pa_strings(values):
+    import pyarrow as pa
+
+    return pa.array(values, pa.string())
 
 
 def _cmd_bench_soak(args) -> int:
@@ -313,7 +441,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages`, or stage=seconds,...): "
                    "sizes the pools when the job fixes none (default for kv11: the full-size networks' profile)")
     p.add_argument("--gpu-memory", type=float, help="GiB of one GPU, for the planner (default: the profile's, else 80)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate every row and count pending, done and bad rows (with a cost profile: the GPU-hours "
+                        "and the wall time on --gpus GPUs they need); writes nothing")
+    p.add_argument("--gpus", type=int, help="--dry-run: GPUs to estimate the wall time on (default 1)")
+    p.add_argument("--limit", type=int, help="render only the first N pending rows (a cheap first look)")
+    p.add_argument("--stall-timeout", type=float, help="stop with the reason when nothing moves for this many "
+                   "seconds (default 3600)")
     p.set_defaults(run=_cmd_render)
+
+    p = commands.add_parser("results", help="the latest status of every row of an output prefix")
+    p.add_argument("out", help="the render's output prefix")
+    p.add_argument("--status", action="append", help="only rows with this status (repeatable): ok, error, skipped, ...")
+    p.add_argument("--save", metavar="URI", help="write the rows as Parquet here instead of printing them")
+    p.add_argument("--show", type=int, default=20, help="rows to print (default 20)")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)")
+    p.set_defaults(run=_cmd_results)
+
+    p = commands.add_parser("migrate", help="move the outputs of kvray 0.1 (flat keys) into the current layout")
+    p.add_argument("out", help="the output prefix")
+    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)")
+    p.set_defaults(run=_cmd_migrate)
 
     from .distributed.submit import add_submit_parser
 

@@ -416,7 +416,7 @@ def test_example_manifest_has_the_documented_columns_and_its_image_exists():
 
 def test_example_manifest_rows_become_valid_requests():
     from kvray.config.job import RequestDefaults
-    from kvray.pipeline.manifest import plan_row
+    from kvray.requests.manifest import plan_row
 
     for row in pq.read_table(REPO / "examples" / "prompts.parquet").to_pylist():
         planned = plan_row(row, RequestDefaults(), "test", (128, 128))

@@ -10,7 +10,7 @@ import pytest
 
 from kvray.config.job import RequestDefaults
 from kvray.io.manifest import ManifestError, manifest_files
-from kvray.pipeline.manifest import plan_row
+from kvray.requests.manifest import plan_row
 
 DEFAULTS = RequestDefaults()
 

@@ -51,9 +51,10 @@ def manifest_job(s3_bucket):
     return fs, job
 
 
-def _results(fs, bucket) -> dict:
+def _results(fs, bucket, run_id) -> dict:
+    """One run's result rows, by id (each id exactly once)."""
     rows = {}
-    for path in fs.glob(f"{bucket}/out/results/*.parquet"):
+    for path in fs.glob(f"{bucket}/out/results/{run_id}/*.parquet"):
         for row in pq.read_table(io.BytesIO(fs.cat(path))).to_pylist():
             assert row["id"] not in rows, f"{row['id']} appears twice in the results"
             rows[row["id"]] = row
@@ -65,10 +66,10 @@ def test_render_to_s3_then_resume(ray_cluster, s3_bucket, manifest_job):
 
     fs, job = manifest_job
     summary = render(job)
-    assert (summary.ok, summary.error, summary.skipped) == (3, 4, 0)
-    results = _results(fs, s3_bucket.name)
+    assert (summary.ok, summary.error, summary.skipped) == (3, 4, 0) and summary.exit_code == 1
+    results = _results(fs, s3_bucket.name, summary.run_id)
     assert set(results) == {r[0] for r in ROWS}
-    for row_id, _prompt, _fps, width, height, _motion, expected in ROWS:
+    for row_id, prompt, _fps, width, height, _motion, expected in ROWS:
         row = results[row_id]
         if isinstance(expected, str):
             assert row["status"] == "error" and expected in row["error"], row
@@ -76,9 +77,13 @@ def test_render_to_s3_then_resume(ray_cluster, s3_bucket, manifest_job):
         assert row["status"] == "ok", row
         frames, _ = read_video(fs.cat(row["uri"]))
         assert frames.shape == (expected, height, width, 3)
-        meta = json.loads(fs.cat(f"{s3_bucket.name}/out/meta/{row['video_id']}.json"))
+        # Keys spread over prefixes: videos/ab/abcd....mp4, meta/ab/abcd....json.
+        assert row["uri"].endswith(f"/out/videos/{row['video_id'][:2]}/{row['video_id']}.mp4")
+        meta = json.loads(fs.cat(f"{s3_bucket.name}/out/meta/{row['video_id'][:2]}/{row['video_id']}.json"))
         assert meta["id"] == row_id and meta["frames"] == expected and meta["seed"] == row["seed"]
-        assert set(meta["gpu_ids"]) == {"text", "keyframes", "interpolate", "decode"}
+        assert set(meta["placement"]) == {"text", "keyframes", "interpolate", "decode"}
+        assert meta["resolved"]["steps"] == 2 and row["prompt"] == prompt
+        assert meta["placement"]["keyframes"]["stack"]["threads"] >= 1
     # Each stage's actors held their own GPUs, as many as configured.
     actors = summary.stages["actors"]
     held = {stage: [g for a in actors[stage] for g in a["gpu_ids"]] for stage in DEPLOYMENT}
@@ -88,15 +93,23 @@ def test_render_to_s3_then_resume(ray_cluster, s3_bucket, manifest_job):
     every = [g for ids in held.values() for g in ids]
     assert len(every) == len(set(every)) == 6
     run = json.loads(fs.cat(f"{s3_bucket.name}/out/run.json"))
-    assert run["status"] == "finished" and run["summary"]["stages"]["actors"] == actors
+    assert run["status"] == "finished" and run["latest"] == summary.run_id
+    assert run["summary"]["stages"]["actors"] == actors
+    assert json.loads(fs.cat(f"{s3_bucket.name}/out/runs/{summary.run_id}.json"))["status"] == "finished"
     assert s3_bucket.storage_options["secret"] not in json.dumps(run)
 
     again = render(job)
     assert (again.ok, again.error, again.skipped) == (0, 4, 3)
-    assert again.stages["model_calls"] == {} and again.stages["actors"] == {}  # no model was even loaded
-    rerun = _results(fs, s3_bucket.name)
+    assert not again.stages.get("model_calls") and not again.stages.get("actors")  # no model was even loaded
+    rerun = _results(fs, s3_bucket.name, again.run_id)
     assert {k: r["status"] for k, r in rerun.items() if r["status"] != "error"} == {"car": "skipped", "lake": "skipped", "tower": "skipped"}
     assert all(rerun[k]["uri"] == results[k]["uri"] for k in ("car", "lake", "tower"))
+    # Each run is kept; the latest status of every row is one row per id.
+    from kvray.io.layout import latest_results
+
+    latest = latest_results(fs, f"{s3_bucket.name}/out").to_pylist()
+    assert sorted(r["id"] for r in latest) == sorted(r[0] for r in ROWS)
+    assert {r["id"]: r["status"] for r in latest}["car"] == "skipped"
 
 
 def test_render_sizes_the_pools_with_the_planner(ray_cluster, tmp_path):

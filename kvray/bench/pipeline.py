@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, replace
 
 log = logging.getLogger(__name__)
 
-STAGES = ("text", "keyframes", "interpolate", "decode")
+from ..config.stages import STAGES
 
 
 @dataclass(frozen=True)
@@ -38,10 +38,10 @@ class Levers:
     # faster than they work: `kvray.distributed.render.queued_calls`), so that the next batch is fetched
     # while the current one computes; off: one call per actor everywhere.
     prefetch: bool = True
-    # Blocks cut to the next stage's batch size after a stage with larger batches (a streaming
-    # repartition); off: a call's output is one block, so one actor of the next pool gets a whole
-    # text batch while the others wait.
-    split_blocks: bool = True
+    # Rows with a payload travel one per block (`kvray.distributed.pools.ROW_BLOCK_BYTES`), so that
+    # every actor of a pool gets work; off: Ray Data's default block size, so one actor of the next
+    # pool gets a whole batch's output while the others wait.
+    small_blocks: bool = True
     # The text encoder runs once per distinct prompt of a batch; off: once per video.
     text_once_per_prompt: bool = True
     # Decoded frames go to storage from the decode actor; off: they travel on in the rows.
@@ -59,10 +59,10 @@ LEVERS = tuple(asdict(Levers()))
 
 def pool_options(levers: Levers, plan):
     """The renderer's `PoolOptions` for `plan` with these levers."""
-    from ..distributed.render import PoolOptions, queued_calls
+    from ..distributed.pools import PoolOptions, queued_calls
 
     calls = queued_calls(plan) if levers.prefetch else {s: 1 for s in STAGES}
-    return PoolOptions(full_pools=levers.full_pools, tasks_per_actor=calls, split_blocks=levers.split_blocks)
+    return PoolOptions(full_pools=levers.full_pools, tasks_per_actor=calls, small_blocks=levers.small_blocks)
 
 
 def frames_bytes(width: int = 512, height: int = 512, frames: int = 12) -> int:
@@ -99,7 +99,7 @@ def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers
                        calls_per_second: float | None = None, label: str = ""):
     """One simulated run with the given levers; returns a `SimulationResult`."""
     from ..distributed import planner
-    from ..distributed.simulate import default_payload_bytes, simulate
+    from .simulation import default_payload_bytes, simulate
 
     costs = planner.parse_costs(costs)
     if not levers.planner:

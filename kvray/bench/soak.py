@@ -3,9 +3,7 @@ SIGKILLed at random; report rows lost and duplicated (both must be 0)."""
 
 from __future__ import annotations
 
-import os
 import random
-import signal
 import tempfile
 import threading
 import time
@@ -13,30 +11,18 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
-from ..config.job import STAGES, RayOptions, RenderJob
-from ..distributed.cluster import connect
+from ..config.job import RayOptions, RenderJob
+from ..distributed.cluster import connect, disconnect
+from ..distributed.faults import kill_a_stage_actor
 from ..distributed.render import render
 
 
 def _killer(stop: threading.Event, every: float, rng: random.Random, kills: list) -> None:
     while not stop.wait(rng.uniform(0.5 * every, 1.5 * every)):
-        registries = [a for a in ray.util.list_named_actors() if a.startswith("kvray-registry-")]
-        if not registries:
-            continue
-        try:
-            actors = ray.get(ray.get_actor(registries[-1]).report.remote(), timeout=10)["actors"]
-        except Exception:  # the run ended between the two calls
-            continue
-        live = [(stage, a["pid"]) for stage in STAGES for a in actors.get(stage, [])]
-        if live:
-            stage, pid = rng.choice(live)
-            try:
-                os.kill(pid, signal.SIGKILL)
-                kills.append(stage)
-            except ProcessLookupError:
-                pass
+        stage = kill_a_stage_actor(rng)
+        if stage is not None:
+            kills.append(stage)
 
 
 def soak(minutes: float, rows: int = 12, kill_every: float = 5.0, seed: int = 0, out: str | None = None) -> dict:
@@ -64,10 +50,10 @@ def soak(minutes: float, rows: int = 12, kill_every: float = 5.0, seed: int = 0,
                 stop.set()
                 killer.join()
             seen: dict[str, int] = {}
-            for path in (out_dir / "results").glob("*.parquet"):
+            for path in (out_dir / "results" / summary.run_id).glob("*.parquet"):
                 for row_id in pq.read_table(path, columns=["id"]).column("id").to_pylist():
                     seen[row_id] = seen.get(row_id, 0) + 1
-            videos = len(list((out_dir / "videos").iterdir())) if (out_dir / "videos").exists() else 0
+            videos = len(list((out_dir / "videos").rglob("*.mp4")))
             totals["rounds"] += 1
             totals["rows"] += rows
             totals["ok"] += summary.ok
@@ -77,5 +63,5 @@ def soak(minutes: float, rows: int = 12, kill_every: float = 5.0, seed: int = 0,
             totals["kills"] += len(kills)
     finally:
         if started:
-            ray.shutdown()
+            disconnect()
     return totals

@@ -8,9 +8,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationError, field_validator
 
+from .stages import STAGES
 from .validation import validation_message
-
-STAGES = ("text", "keyframes", "interpolate", "decode")  # the renderer's stages, in order
 
 # The renderer's profile for the kv11 preset when a job gives none. Seconds per video in proportion to
 # the FLOPs of the full-size networks for a 512x512 medium-fps video (about 2,080 TFLOP for the first

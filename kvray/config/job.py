@@ -12,7 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
-from .costs import STAGES, CostError, parse_costs
+from .costs import CostError, parse_costs
 from .models import ModelSource
 from .runtime import RuntimeConfig
 
@@ -88,6 +88,8 @@ class RenderJob(_Strict):
                               "(the deployment as given) for other presets")
     gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU for the planner "
                                          "(default: the profile's device, else 80)")
+    stall_timeout_s: float = Field(3600, gt=0, description="a render that moves nothing for this long (no actor "
+                                   "started, no model call, no row finished) stops with the reason")
 
     @field_validator("costs")
     @classmethod

@@ -1,45 +1,74 @@
-"""Joining or starting Ray, and the run's registry of stage actors (GPU ids held, model calls made)."""
+"""Joining or starting Ray, and checking that a render's pools fit the cluster before they start."""
 
 from __future__ import annotations
 
+import logging
 import os
-from collections import defaultdict
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from ..config.job import RayOptions
+from ..config.job import RayOptions, RenderJob
+from ..config.stages import STAGES
 
 
-def connect(options: RayOptions) -> bool:
-    """Join `options.address`, or start a local Ray (the embedded default). True if this call started Ray."""
+class ResourceError(ValueError):
+    """Pools that the cluster cannot hold: said before anything starts, instead of waiting forever."""
+
+
+def connect(options: RayOptions, verbose: bool = False) -> bool:
+    """Join `options.address`, or start a local Ray (the embedded default). True if this call started
+    Ray. Ray's own logs, and its workers' output, reach the terminal only when `verbose`."""
     if ray.is_initialized():
         return False
-    if options.address:
-        ray.init(address=options.address, log_to_driver=True)
-        return True
-    ray.init(
-        # Logical CPUs: stage actors ask for fractions of one, and a laptop must still place them all.
-        num_cpus=options.num_cpus or max(8, os.cpu_count() or 1),
-        num_gpus=options.num_gpus,
-        object_store_memory=options.object_store_memory,
-        include_dashboard=False,
-    )
+    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
+    # Ray's notice that token authentication is on comes with every start of a local Ray.
+    notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    saved = notice.level
+    if not verbose:
+        notice.setLevel(logging.ERROR)
+    try:
+        if options.address:
+            ray.init(address=options.address, **quiet)
+        else:
+            ray.init(
+                # Logical CPUs: stage actors ask for fractions of one, and a laptop must still place them all.
+                num_cpus=options.num_cpus or max(8, os.cpu_count() or 1),
+                num_gpus=options.num_gpus,
+                object_store_memory=options.object_store_memory,
+                include_dashboard=False,
+                **quiet,
+            )
+    finally:
+        notice.setLevel(saved)
     return True
 
 
-@ray.remote(num_cpus=0)
-class StageRegistry:
-    """Each stage actor reports the GPUs it holds when it starts and counts its model calls."""
+def check_resources(job: RenderJob) -> None:
+    """Every actor of every pool fits on some alive node, and all of them together in the cluster."""
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    totals = {"CPU": sum(n.get("CPU", 0) for n in nodes), "GPU": sum(n.get("GPU", 0) for n in nodes)}
+    needs = {s: {"CPU": job.deployment.stage(s).cpus, "GPU": job.deployment.stage(s).gpus} for s in STAGES}
+    for stage, need in needs.items():
+        if not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
+            raise ResourceError(f"a {stage} actor needs {need['CPU']:g} CPU and {need['GPU']:g} GPU on one node; "
+                                "no node of the cluster has that much")
+    for kind in ("CPU", "GPU"):
+        wanted = sum(job.deployment.stage(s).actors * needs[s][kind] for s in STAGES)
+        if wanted > totals[kind] + 1e-9:
+            per_stage = ", ".join(f"{s} {job.deployment.stage(s).actors}x{needs[s][kind]:g}" for s in STAGES)
+            raise ResourceError(f"the stage pools need {wanted:g} {kind}s ({per_stage}); the cluster has "
+                                f"{totals[kind]:g}: lower `actors` or `{kind.lower()}s` in the job's deployment")
 
-    def __init__(self):
-        self.actors: dict[str, list[dict]] = defaultdict(list)
-        self.model_calls: dict[str, int] = defaultdict(int)
 
-    def register(self, stage: str, gpu_ids: list[str], pid: int, node: str, load_seconds: float) -> None:
-        self.actors[stage].append({"gpu_ids": gpu_ids, "pid": pid, "node": node, "load_seconds": round(load_seconds, 3)})
+def on_this_node() -> NodeAffinitySchedulingStrategy:
+    """Place an actor on the driver's node when it can (it then survives the loss of any other node)."""
+    return NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
 
-    def count(self, stage: str, calls: int = 1) -> None:
-        self.model_calls[stage] += calls
 
-    def report(self) -> dict:
-        return {"actors": dict(self.actors), "model_calls": dict(self.model_calls)}
+def cluster_gpus() -> float:
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
+def disconnect() -> None:
+    ray.shutdown()

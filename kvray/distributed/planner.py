@@ -30,7 +30,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config.costs import FULL_SIZE_COSTS, CostError, CostProfile, StageCost, parse_costs  # noqa: F401 (inputs)
-from ..config.job import STAGES, Deployment, StageDeployment
+from ..config.job import Deployment, StageDeployment
+from ..config.stages import STAGES
 
 UNIT = 10_000  # Ray's resource fixed point: 1e-4
 FAMILIES = (2, 3, 5, 7)  # actors per GPU: 1 or f x 2^j for one f per plan (see `_shares`)

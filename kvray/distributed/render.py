@@ -1,265 +1,425 @@
-"""The render job: read the manifest, plan every row, run the pending ones through the stage pools,
-write videos, metadata, results and the run record.
+"""The render job: a manifest streamed through the stage pools into videos, metadata and results.
 
-    read_parquet -> plan_rows (validate, ids, seed, skip existing) -> [pending rows]
-        -> EncodeText -> Keyframes -> Interpolate -> DecodeAndWrite  (one actor pool each)
-    -> results/*.parquet (one row per input row), run.json
+    manifest parts -> planning tasks -> [pending rows] -> text -> keyframes -> interpolate -> decode
+                                  \\-> skipped / error rows -> results
+    finished rows -> the driver -> results/{run}/*.parquet, runs/{run}.json, run.json
+
+Before anything streams, the driver makes one pass over the manifest's ids (`scan_ids`: ids given to
+several rows, identical rows without ids) and one listing of the done videos (`done_video_ids`); both
+are shared with the planning tasks, and rows flow into the pools as soon as they are planned. The
+driver holds no row longer than it takes to buffer a results file, so its memory stays flat whatever
+the manifest's size.
+
+Every run is recorded (`runs/{run_id}.json`, the latest also as `run.json`): running, then finished,
+failed or interrupted, with its counts, the first error rows, timings and plan. A render that cannot
+make progress for `stall_timeout_s` stops with the reason instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import _thread
 import logging
 import secrets
+import signal
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 import pandas as pd
-import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
-from ray.data.expressions import col
 
-from ..config.job import STAGES, RenderJob
-from ..io.manifest import manifest_files
+from ..config.job import RenderJob
+from ..config.stages import STAGES
+from ..io.layout import done_video_ids, latest_run_path, results_dir, run_record_path
+from ..io.manifest import Manifest, open_manifest
 from ..io.storage import open_fs, redact_storage_options, write_atomic, write_json
-from .cluster import StageRegistry, connect
+from ..requests.manifest import scan_ids
+from .cluster import check_resources, connect, on_this_node
+from .plan import PlanInputs, planned_dataset
 from .planner import plan_job, plan_summary
-from .workers import ERROR, OK, PENDING, RESULT_COLUMNS, SKIPPED, STAGE_NAMES, WORKERS, plan_rows
+from .pools import PoolOptions, execution_context, model_stages, queued_calls
+from .rows import ERROR, FILTERED, OK, SKIPPED, RunLedger, results_table
 
 log = logging.getLogger(__name__)
+
+FINISHED, FAILED, INTERRUPTED = "finished", "failed", "interrupted"
+FIRST_ERRORS = 5
+
+
+class StallError(RuntimeError):
+    """No progress for the job's stall timeout: the reason is in the message."""
 
 
 @dataclass
 class RenderSummary:
     run_id: str
-    rows: int = 0
+    out: str
+    status: str = "running"
+    rows: int = 0  # manifest rows
     ok: int = 0
     error: int = 0
     skipped: int = 0
-    seconds: float = 0.0  # rendering wall time, from the first pending row to the last result
-    startup_seconds: float = 0.0  # Ray start (or join) and planning
+    filtered: int = 0
+    repeats: int = 0  # identical rows without ids, folded into their first occurrence
+    seconds: float = 0.0  # rendering wall time, from the first planned row to the last result
+    startup_seconds: float = 0.0  # Ray start (or join), the id pass, the done listing, planning the pools
     busy_seconds: dict[str, float] = field(default_factory=dict)  # per stage, summed over rows
-    stages: dict = field(default_factory=dict)  # the registry's report: actors (GPU ids), model calls
+    stages: dict = field(default_factory=dict)  # the ledger's report: actors (GPU ids), model calls
     results: list[str] = field(default_factory=list)
+    first_errors: list[str] = field(default_factory=list)
+    reason: str = ""  # why a run failed or stopped
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.error + self.skipped + self.filtered + self.repeats
 
     @property
     def videos_per_second(self) -> float:
         return self.ok / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def exit_code(self) -> int:
+        """0 finished clean, 1 finished with error rows, 2 failed, 130 interrupted."""
+        if self.status == FINISHED:
+            return 1 if self.error else 0
+        return 130 if self.status == INTERRUPTED else 2
+
     def lines(self) -> list[str]:
-        out = [
-            f"rows {self.rows}: ok {self.ok}, error {self.error}, skipped {self.skipped}",
-            f"start-up {self.startup_seconds:.1f} s; rendering {self.seconds:.1f} s, {self.videos_per_second:.3f} videos/s",
-        ]
-        for stage in STAGE_NAMES:
+        out = [f"{self.status}: {self.out} (run {self.run_id})",
+               f"rows {self.rows}: ok {self.ok}, error {self.error}, skipped {self.skipped}"
+               + (f", filtered {self.filtered}" if self.filtered else "")
+               + (f", identical to an earlier row {self.repeats}" if self.repeats else ""),
+               f"start-up {self.startup_seconds:.1f} s; rendering {self.seconds:.1f} s, "
+               f"{self.videos_per_second:.3f} videos/s"]
+        for stage in STAGES:
             actors = self.stages.get("actors", {}).get(stage, [])
             gpus = ",".join(g for a in actors for g in a["gpu_ids"]) or "-"
             out.append(f"  {stage:<12} busy {self.busy_seconds.get(stage, 0.0):8.2f} s, {len(actors)} actor(s), GPUs {gpus}")
+        if self.first_errors:
+            out.append(f"first error rows (all in {self.out}/results/{self.run_id}/):")
+            out.extend(f"  {e}" for e in self.first_errors)
+        if self.reason:
+            out.append(f"reason: {self.reason}")
         return out
 
+    def record(self) -> dict:
+        return {"rows": self.rows, "ok": self.ok, "error": self.error, "skipped": self.skipped,
+                "filtered": self.filtered, "repeats": self.repeats,
+                "startup_seconds": round(self.startup_seconds, 3), "render_seconds": round(self.seconds, 3),
+                "videos_per_second": self.videos_per_second, "busy_seconds": self.busy_seconds,
+                "stages": self.stages, "results": self.results, "first_errors": self.first_errors}
 
-def _run_id() -> str:
+
+def new_run_id() -> str:
+    """Sortable by start time (UTC), unique across drivers."""
     return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(3)
 
 
-def render(job: RenderJob) -> RenderSummary:
-    """Runs the job to the end; one clear `ManifestError` before anything starts if the manifest is unusable."""
-    manifest_fs, files = manifest_files(job.manifest, job.storage_options)
-    fs, root = open_fs(job.out, job.storage_options)
-    summary = RenderSummary(_run_id())
-    record = {"run_id": summary.run_id, "status": "running", "started_at": datetime.now(timezone.utc).isoformat(),
-              "job": _redacted(job), "manifest_files": [manifest_fs.unstrip_protocol(f) for f in files]}
-    write_json(fs, f"{root}/run.json", record)
-
-    start = time.perf_counter()
-    started_ray = connect(job.ray)
-    job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
-    if chosen is not None:
-        for line in chosen.lines():
-            log.info("%s", line)
-        record["plan"] = plan_summary(chosen)
-    registry_name = f"kvray-registry-{summary.run_id}"
-    registry = StageRegistry.options(name=registry_name).remote()
-    try:
-        job_json = job.model_dump_json()
-        planned = ray.data.read_parquet(
-            files, filesystem=pafs.PyFileSystem(pafs.FSSpecHandler(manifest_fs))
-        ).map_batches(plan_rows, fn_kwargs={"job_json": job_json}, batch_format="pyarrow", num_cpus=0.25).materialize()
-        planned = _refuse_duplicate_ids(planned)
-        pending = planned.filter(expr=col("status") == PENDING).materialize()
-        finished = planned.filter(expr=col("status") != PENDING)
-        count = pending.count()
-        summary.startup_seconds = time.perf_counter() - start
-        render_start = time.perf_counter()
-        streams = [finished]
-        if count:
-            streams.append(model_stages(pending, count, job, registry_name,
-                                        options=PoolOptions(tasks_per_actor=queued_calls(chosen))))
-        summary.results = _write_results(streams, fs, root, summary, job.results_per_file)
-        _remove_temporaries(fs, root)
-        summary.seconds = time.perf_counter() - render_start
-        summary.stages = ray.get(registry.report.remote())
-    finally:
-        ray.kill(registry)
-        if started_ray:
-            ray.shutdown()
-    write_json(fs, f"{root}/run.json", {**record, "status": "finished", "finished_at": datetime.now(timezone.utc).isoformat(),
-                                        "summary": _summary_record(summary)})
-    return summary
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()
 
 
-def _refuse_duplicate_ids(planned):
-    """Rows that share an id are all errors: results are keyed by id, and no choice between them is
-    safe (explicit ids repeated, or identical rows without ids, whose derived ids coincide)."""
-    counts = planned.groupby("id").count().filter(expr=col("count()") > 1).to_pandas()
-    if counts.empty:
-        return planned
-    repeated = dict(zip(counts["id"], counts["count()"]))
-    return planned.map_batches(_mark_duplicates, fn_kwargs={"repeated": repeated}, batch_format="pandas").materialize()
+class RunRecord:
+    """runs/{run_id}.json and run.json, rewritten whole at every change of the run's state."""
+
+    def __init__(self, fs, root: str, run_id: str, job: RenderJob, manifest: Manifest):
+        self.fs, self.root, self.run_id = fs, root, run_id
+        data = job.model_dump(mode="json")
+        data["storage_options"] = redact_storage_options(data["storage_options"])
+        self.data = {"run_id": run_id, "status": "running", "started_at": _now(), "job": data,
+                     "manifest_files": manifest.file_uris(), "manifest_rows": manifest.rows}
+
+    def update(self, **fields) -> None:
+        self.data.update(fields)
+        write_json(self.fs, run_record_path(self.root, self.run_id), self.data)
+        write_json(self.fs, latest_run_path(self.root), {**self.data, "latest": self.run_id})
 
 
-def _mark_duplicates(batch: pd.DataFrame, repeated: dict) -> pd.DataFrame:
-    hit = batch["id"].isin(list(repeated))
-    batch.loc[hit, "status"] = ERROR
-    batch.loc[hit, "uri"] = ""
-    batch.loc[hit, "error"] = [f"id {i!r} is not unique ({repeated[i]} rows): give each row its own id" for i in batch.loc[hit, "id"]]
-    return batch
+class ResultsWriter:
+    """The rows that come out of the pools, into results/{run}/done-NNNNN.parquet: a file every
+    `rows_per_file` rows or `flush_seconds`, so a killed driver loses at most that much of its report
+    (never an output: a video's commit record is its metadata)."""
 
+    def __init__(self, fs, root: str, run_id: str, rows_per_file: int, flush_seconds: float = 60.0):
+        self.fs, self.folder = fs, results_dir(root, run_id)
+        self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
+        self.buffer: list[pd.DataFrame] = []
+        self.buffered = 0
+        self.written: list[str] = []
+        self.last_flush = time.monotonic()
 
-DEEP_QUEUE = 1.2  # a pool fed this many times as fast as it works has work waiting in front of it
+    def add(self, batch: pd.DataFrame) -> None:
+        self.buffer.append(batch.drop(columns=["payload", "request", "placement"]))
+        self.buffered += len(batch)
+        if self.buffered >= self.rows_per_file or time.monotonic() - self.last_flush >= self.flush_seconds:
+            self.flush()
 
+    def flush(self) -> None:
+        self.last_flush = time.monotonic()
+        if not self.buffer:
+            return
+        import pyarrow as pa
 
-def queued_calls(plan=None) -> dict[str, int]:
-    """Calls queued on each actor of each pool. 2, so that the next batch reaches an actor while the
-    current one computes, where work waits in front of the pool: the first pool (its input is all there
-    from the start), and a pool that the pools before it feed `DEEP_QUEUE` times as fast as it works
-    (per the planner's `plan`); and in a pool of one actor. 1 elsewhere: Ray Data hands a queued call
-    to a busy actor, and when the queue in front of a pool is short, the video waits there while
-    another actor runs dry (`kvray bench pipeline --simulate` measured 6% of the bound lost so on 32
-    GPUs). The price of 1 is the time from one call's end to the next call's start, some tenths of a
-    second on a loaded machine."""
-    calls = {}
-    for index, stage in enumerate(STAGES):
-        if index == 0:
-            calls[stage] = 2
-        elif plan is None:
-            calls[stage] = 1
-        else:
-            feed = min(plan.stages[s].videos_per_second for s in STAGES[:index])
-            deep = feed >= DEEP_QUEUE * plan.stages[stage].videos_per_second
-            calls[stage] = 2 if deep or plan.stages[stage].actors == 1 else 1
-    return calls
-
-
-@dataclass(frozen=True)
-class PoolOptions:
-    """How the stage pools run. The defaults are the renderer's; `kvray bench pipeline` turns each off to
-    measure what it is worth."""
-
-    # Every pool at its full size from the start; off: pools grow from one actor as work queues up.
-    full_pools: bool = True
-    # Per stage, calls queued on each actor (see `queued_calls`).
-    tasks_per_actor: dict[str, int] = field(default_factory=queued_calls)
-    # After a stage with larger batches than the next, its output blocks are cut to the next stage's
-    # batch size (streaming): a call's output is one block, which would go to one actor of the next pool.
-    split_blocks: bool = True
-
-
-def model_stages(pending, count: int, job: RenderJob, registry_name: str, workers=WORKERS,
-                 options: PoolOptions = PoolOptions()):
-    """The four actor pools over the pending rows. `workers`: the stage callables (benchmarks substitute
-    stand-ins with the same constructor arguments: job_json, registry_name, emit_rows)."""
-    job_json = job.model_dump_json()
-    # Enough blocks that every actor of the widest pool gets work (a one-file manifest is one block).
-    widest = max(job.deployment.stage(s).actors * job.deployment.stage(s).batch_size for s in STAGES)
-    ds = pending.repartition(min(count, max(1, widest * 2)))
-    for index, stage in enumerate(STAGES):
-        deployment = job.deployment.stage(stage)
-        following = job.deployment.stage(STAGES[index + 1]) if index + 1 < len(STAGES) else deployment
-        if options.full_pools:
-            pool = {"size": deployment.actors}
-        else:
-            pool = {"min_size": 1, "max_size": deployment.actors}
-        ds = ds.map_batches(
-            workers[stage],
-            fn_constructor_kwargs={"job_json": job_json, "registry_name": registry_name,
-                                   "emit_rows": following.batch_size},
-            batch_format="pandas",
-            batch_size=deployment.batch_size,
-            compute=ray.data.ActorPoolStrategy(**pool, max_tasks_in_flight_per_actor=options.tasks_per_actor[stage]),
-            num_gpus=deployment.gpus,
-            num_cpus=deployment.cpus,
-        )
-        if options.split_blocks and index + 1 < len(STAGES) and deployment.batch_size > following.batch_size:
-            ds = ds.repartition(target_num_rows_per_block=following.batch_size)
-    return ds
-
-
-def _write_results(streams, fs, root: str, summary: RenderSummary, rows_per_file: int) -> list[str]:
-    """Streams every row's result into results/<run>-<part>.parquet; older runs' result files are removed
-    once this run's are complete, so results/ always holds one row per input row."""
-    written, buffer = [], []
-
-    def flush():
-        table = pa.Table.from_pandas(pd.concat(buffer)[RESULT_COLUMNS], preserve_index=False)
         sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        path = f"{root}/results/{summary.run_id}-{len(written):05d}.parquet"
-        write_atomic(fs, path, sink.getvalue().to_pybytes())
-        written.append(fs.unstrip_protocol(path))
-        buffer.clear()
-
-    buffered = 0
-    for stream in streams:
-        for batch in stream.iter_batches(batch_format="pandas", batch_size=None):
-            _tally(batch, summary)
-            buffer.append(batch.drop(columns=["payload", "request", "gpus"]))
-            buffered += len(batch)
-            if buffered >= rows_per_file:
-                flush()
-                buffered = 0
-    if buffer or not written:
-        if not buffer:
-            buffer.append(pd.DataFrame({c: [] for c in RESULT_COLUMNS}))
-        flush()
-    for old in fs.glob(f"{root}/results/*.parquet"):
-        if not old.rsplit("/", 1)[-1].startswith(summary.run_id):
-            fs.rm(old)
-    return written
+        pq.write_table(results_table(pd.concat(self.buffer)), sink)
+        path = f"{self.folder}/done-{len(self.written):05d}.parquet"
+        write_atomic(self.fs, path, sink.getvalue().to_pybytes())
+        self.written.append(self.fs.unstrip_protocol(path))
+        self.buffer, self.buffered = [], 0
 
 
-def _remove_temporaries(fs, root: str) -> None:
-    """Temporary files of writers that were killed mid-write (their batch was retried and written
-    whole since). One run per output prefix at a time: another run's in-flight files would go too."""
-    for folder in ("videos", "meta", "results"):
-        if not fs.isdir(f"{root}/{folder}"):
-            continue
-        for path in fs.ls(f"{root}/{folder}", detail=False):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith(".") and name.endswith(".tmp"):
-                fs.rm(path)
+class Watchdog:
+    """Interrupts the driver when nothing has moved for `timeout` seconds (no actor started, no model
+    call, no row out), with the reason `explain()` gives."""
+
+    def __init__(self, timeout: float, explain: Callable[[], str]):
+        self.timeout, self.explain = timeout, explain
+        self.last = time.monotonic()
+        self.reason = ""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def moved(self) -> None:
+        self.last = time.monotonic()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(5.0, self.timeout / 4)):
+            if time.monotonic() - self.last > self.timeout:
+                self.reason = f"no progress for {self.timeout:g} s: {self.explain()}"
+                _thread.interrupt_main()
+                return
+
+
+class Signals:
+    """SIGINT and SIGTERM end the run cleanly: both become KeyboardInterrupt in the driver (which
+    flushes its results and records the run as interrupted). Installed only in the main thread."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._saved = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._saved[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for signum, handler in self._saved.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        self.received = signum
+        raise KeyboardInterrupt
+
+
+class Monitor:
+    """The driver's view of a running render, refreshed every `interval` s from the run's ledger:
+    progress for the user, and the stall watchdog (anything that moves counts as progress)."""
+
+    def __init__(self, job: RenderJob, ledger, summary: RenderSummary, progress, interval: float = 2.0):
+        self.job, self.ledger, self.summary, self.progress = job, ledger, summary, progress
+        self.interval = interval
+        self.watchdog = Watchdog(job.stall_timeout_s, self.explain)
+        self.report: dict = {}
+        self._seen = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def __enter__(self):
+        self.watchdog.__enter__()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self.watchdog.__exit__(*exc)
+
+    def rows_out(self) -> None:
+        self.watchdog.moved()
+
+    def refresh(self, timeout: float = 10.0) -> dict:
+        try:
+            self.report = ray.get(self.ledger.report.remote(), timeout=timeout)
+        except (ray.exceptions.RayError, TimeoutError) as err:
+            log.warning("the run's ledger did not answer (%s): progress figures are incomplete", err)
+        return self.report
+
+    def _poll(self) -> None:
+        while not self._stop.wait(self.interval):
+            report = self.refresh()
+            state = (report.get("model_calls"), report.get("planned"),
+                     {s: len(a) for s, a in report.get("actors", {}).items()})
+            if state != self._seen:
+                self._seen = state
+                self.watchdog.moved()
+            if self.progress is not None:
+                self.progress(self.summary, report)
+
+    def explain(self) -> str:
+        actors = self.report.get("actors", {})
+        pools = []
+        for stage in STAGES:
+            deployment = self.job.deployment.stage(stage)
+            started = len(actors.get(stage, []))
+            if started < deployment.actors:
+                pools.append(f"{stage} {started} of {deployment.actors} actors up (each needs "
+                             f"{deployment.gpus:g} GPU, {deployment.cpus:g} CPU)")
+        free = ray.available_resources()
+        where = "; ".join(pools) if pools else "every pool is up but no row finished"
+        return (f"{where}; free in the cluster: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU "
+                "(a lost node, or a pool that does not fit?)")
 
 
 def _tally(batch: pd.DataFrame, summary: RenderSummary) -> None:
-    summary.rows += len(batch)
-    for status in (OK, ERROR, SKIPPED):
+    for status in (OK, ERROR, FILTERED):
         setattr(summary, status, getattr(summary, status) + int((batch["status"] == status).sum()))
-    for stage in STAGE_NAMES:
+    for stage in STAGES:
         summary.busy_seconds[stage] = summary.busy_seconds.get(stage, 0.0) + float(batch[f"seconds_{stage}"].sum())
+    errors = batch.loc[batch["status"] == ERROR]
+    for row, row_id, error in zip(errors["row"], errors["id"], errors["error"]):
+        if len(summary.first_errors) < FIRST_ERRORS:
+            summary.first_errors.append(f"row {row} ({row_id}): {error}")
 
 
-def _redacted(job: RenderJob) -> dict:
-    data = job.model_dump(mode="json")
-    data["storage_options"] = redact_storage_options(data["storage_options"])
-    return data
+def _planned_rows(fs, root: str, run_id: str, summary: RenderSummary) -> None:
+    """The skipped and error rows of the planning tasks, counted from their results files."""
+    folder = results_dir(root, run_id)
+    if not fs.isdir(folder):
+        return
+    for path in sorted(p for p in fs.ls(folder, detail=False) if p.rpartition("/")[2].startswith("plan-")):
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f, columns=["status", "row", "id", "error"]).to_pandas()
+        summary.skipped += int((table["status"] == SKIPPED).sum())
+        errors = table.loc[table["status"] == ERROR]
+        summary.error += len(errors)
+        summary.first_errors.extend(f"row {r} ({i}): {e}" for r, i, e in
+                                    zip(errors["row"][:FIRST_ERRORS], errors["id"], errors["error"]))
+        summary.results.append(fs.unstrip_protocol(path))
+    summary.first_errors = sorted(summary.first_errors, key=_row_of)[:FIRST_ERRORS]
 
 
-def _summary_record(summary: RenderSummary) -> dict:
-    return {
-        "rows": summary.rows, "ok": summary.ok, "error": summary.error, "skipped": summary.skipped,
-        "startup_seconds": round(summary.startup_seconds, 3), "render_seconds": round(summary.seconds, 3),
-        "videos_per_second": summary.videos_per_second, "busy_seconds": summary.busy_seconds,
-        "stages": summary.stages, "results": summary.results,
-    }
+def _row_of(line: str) -> int:
+    return int(line.split(" ", 2)[1])
+
+
+PROBE_ROWS = 2_000
+
+
+def _probe(planned):
+    """Plans ahead before any pool starts, until PROBE_ROWS pending rows are found: none, and no pool
+    starts (a finished job re-run ends in seconds); a few, the pools get just those; more, the render
+    streams as usual, planning again from the start (its results files are rewritten, not added)."""
+    found, count = [], 0
+    for batch in planned.iter_batches(batch_format="pandas", batch_size=None):
+        found.append(batch)
+        count += len(batch)
+        if count > PROBE_ROWS:
+            return planned
+    return ray.data.from_pandas(pd.concat(found)) if count else None
+
+
+def planning_tasks(job: RenderJob) -> int:
+    """Planning tasks at a time: a few per node's worth of CPUs, enough to stay ahead of the pools."""
+    return max(1, min(16, int(ray.cluster_resources().get("CPU", 1)) // 2))
+
+
+def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False,
+           progress: Callable[[RenderSummary, dict], None] | None = None, workers: dict[str, type] | None = None,
+           pool_options: PoolOptions | None = None, on_rows: Callable[[pd.DataFrame], None] | None = None,
+           ) -> RenderSummary:
+    """Runs the job to the end (or `limit` pending rows); returns its summary whether it finished or was
+    interrupted (`status`, `exit_code`). Raises before anything is written if the manifest or the output
+    prefix is unusable (`ManifestError`, `LegacyLayout`) or the pools cannot fit the cluster
+    (`ResourceError`); a run that fails later is recorded as failed, then its error raised.
+
+    `progress(summary, ledger_report)` is called every few seconds. Benchmarks replace the stages'
+    `workers` (default `workers.WORKERS`), the `pool_options` (default: the renderer's, with the plan's
+    queued calls) and watch the finished rows (`on_rows(batch)`)."""
+    manifest = open_manifest(job.manifest, job.storage_options)
+    fs, root = open_fs(job.out, job.storage_options)
+    run_id = new_run_id()
+    summary = RenderSummary(run_id, fs.unstrip_protocol(root), rows=manifest.rows)
+    start = time.perf_counter()
+    done = done_video_ids(fs, root)
+    started_ray = connect(job.ray, verbose)
+    ledger_actor = monitor = record = None
+    try:
+        job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
+        check_resources(job)
+        record = RunRecord(fs, root, run_id, job, manifest)
+        if chosen is not None:
+            for line in chosen.lines():
+                log.info("%s", line)
+            record.data["plan"] = plan_summary(chosen)
+        record.update()
+        if pool_options is None:
+            pool_options = PoolOptions(tasks_per_actor=queued_calls(chosen))
+        if workers is None:
+            from .workers import WORKERS as workers
+        with Signals() as signals, execution_context(pool_options, verbose=verbose):
+            try:
+                scan = scan_ids(manifest)
+                summary.repeats = len(scan.repeats)
+                ledger_name = f"kvray-ledger-{run_id}"
+                ledger_actor = RunLedger.options(name=ledger_name, scheduling_strategy=on_this_node()).remote()
+                inputs = PlanInputs(job.model_dump_json(), run_id, ledger_name, ray.put(scan.duplicates),
+                                    ray.put(scan.repeats), ray.put(done))
+                planned = planned_dataset(manifest.parts, inputs, planning_tasks(job))
+                if limit is not None:
+                    planned = planned.limit(limit)
+                planned = _probe(planned)
+                writer = ResultsWriter(fs, root, run_id, job.results_per_file)
+                summary.startup_seconds = time.perf_counter() - start
+                render_start = time.perf_counter()
+                monitor = Monitor(job, ledger_actor, summary, progress)
+                with monitor:
+                    if planned is None:
+                        batches = iter(())
+                    else:
+                        stream = model_stages(planned, job, ledger_name, workers, pool_options)
+                        batches = iter(stream.iter_batches(batch_format="pandas", batch_size=None))
+                    try:
+                        for batch in batches:
+                            monitor.rows_out()
+                            if on_rows is not None:
+                                on_rows(batch)
+                            writer.add(batch)
+                            _tally(batch, summary)
+                    finally:
+                        getattr(batches, "close", lambda: None)()
+                        writer.flush()
+                        summary.results.extend(writer.written)
+                        summary.seconds = time.perf_counter() - render_start
+                        summary.stages = monitor.refresh()
+                summary.status = FINISHED
+            except KeyboardInterrupt:
+                stalled = monitor.watchdog.reason if monitor is not None else ""
+                summary.status = FAILED if stalled else INTERRUPTED
+                summary.reason = stalled or (f"stopped by {signal.Signals(signals.received).name}" if signals.received
+                                             else "interrupted")
+                if stalled:
+                    raise StallError(stalled) from None
+    except Exception as err:
+        summary.status = FAILED
+        summary.reason = summary.reason or f"{type(err).__name__}: {err}"
+        raise
+    finally:
+        if ledger_actor is not None:
+            ray.kill(ledger_actor)
+        if started_ray:
+            ray.shutdown()
+        if record is not None:
+            _planned_rows(fs, root, run_id, summary)
+            record.update(status=summary.status, finished_at=_now(), reason=summary.reason, summary=summary.record())
+    return summary

@@ -35,8 +35,8 @@ from ..sampling.batching import TextCondition
 from ..sampling.loops import redraw, redraw_start
 from ..sampling.noise import NoiseSource
 from ..sampling.schedulers import make_stepper
-from .camera import extend_poses, warp_between
-from .request import ANIMATION_FRAMES, VideoRequest
+from ..requests.request import ANIMATION_FRAMES, VideoRequest
+from .camera import extend_poses, request_poses, warp_between
 
 # The interpolation U-Net puts 3 frames between 2: every 4th frame is redrawn.
 KEYFRAME_STRIDE = 4
@@ -47,7 +47,7 @@ FILL_SKIP_FRAMES = 3  # the interpolation U-Net's `skip_frames` for 3 in-between
 
 def frame_poses(request: VideoRequest) -> torch.Tensor:
     """Camera poses (97, 4) of frames 0 .. 96: the clip's 96 and the extrapolated anchor."""
-    return extend_poses(request.camera_poses(), FILLED_FRAMES - ANIMATION_FRAMES)
+    return extend_poses(request_poses(request), FILLED_FRAMES - ANIMATION_FRAMES)
 
 
 def keyframe_poses(request: VideoRequest) -> torch.Tensor:

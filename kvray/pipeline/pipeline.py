@@ -17,7 +17,7 @@ from ..io.images import load_image
 from ..io.video import clip_fps, encode_video
 from ..sampling import SamplingConfig
 from ..config.models import ModelSource
-from .request import ANIMATION_FPS, VideoRequest
+from ..requests.request import ANIMATION_FPS, VideoRequest
 from .stages import Decode, EncodeText, Interpolate, Keyframes, Progress
 
 log = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ from ..weights.bundle import load_model, load_tokenizer
 from .animation import FILL_SKIP_FRAMES, animate_keyframes, frame_poses, keyframe_poses, warp_fill
 from .device import Denoiser, network_dtype, prepare, torch_device
 from .frames import decode_chunks, image_to_tensor, to_uint8
-from .request import ANIMATION_FRAMES, VideoRequest
+from ..requests.request import ANIMATION_FRAMES, VideoRequest
 
 # progress(stage, step_index, num_steps)
 Progress = Callable[[str, int, int], None]

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config.sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
-from .camera import CameraPath, camera_poses, parse_camera
+from .camera import CameraPath, parse_camera
 
 Mode = Literal["text2video", "image2video", "animation"]
 MODES: tuple[str, ...] = ("text2video", "image2video", "animation")
@@ -189,12 +189,6 @@ class VideoRequest(BaseModel):
     def denoise_strength(self) -> float:
         """Animation: the strength in effect (the request's, or the default)."""
         return DEFAULT_STRENGTH if self.strength is None else self.strength
-
-    def camera_poses(self):
-        """Animation: the camera pose of every frame, (num_frames, 4): zoom, x, y, angle (see `camera.py`)."""
-        if self.camera is None:
-            raise ValueError(f"a {self.mode} request has no camera")
-        return camera_poses(self.camera, self.num_frames)
 
     def identity(self) -> dict:
         """What makes the video what it is (hashed into `video_id`): the request without the fields a

@@ -1,25 +1,8 @@
 """Manifest rows -> validated requests, each with a stable id, seed and output key (`video_id`).
 
-Columns (only `prompt` is required; a missing or null value takes the job's default):
-
-| column | type | meaning |
-|---|---|---|
-| `prompt` | string | the text |
-| `id` | string or integer | the row's name in the results; default: derived from the row's content |
-| `seed` | integer >= 0 | default: derived from the id, so a re-run draws the same video |
-| `image` | string | image2video: path, URL or fsspec URI of the first frame |
-| `width`, `height` | integer | multiples of 64 |
-| `fps` | string | low / medium / high (12 / 45 / 177 frames) |
-| `motion` | string | low / medium / high / extreme (motion score 1, 10, 50, 100) |
-| `steps`, `interpolation_steps` | integer | denoising steps |
-| `noise_augmentation` | integer 0-999 | diffusion time the first frame is noised to before it conditions the keyframes (official 20) |
-| `key_frame_guidance_scale`, `guidance_weight_prompt`, `guidance_weight_image`, `interpolation_guidance_scale` | float | guidance weights |
-| `negative_prompt` | string | must be null: Kandinsky Video 1.1 has no negative prompt (the official code ignores it) |
-| `mode` | string | text2video / image2video / animation; default: image2video with an image, else text2video |
-| `camera` | string | animation: an effect name (zoom-in, zoom-out, pan-left/right/up/down, rotate-clockwise/anticlockwise) or a JSON camera path `[{"frame": 0}, {"frame": 95, "zoom": 1.5, "x": 0.2, "y": 0, "angle": 10}]` |
-| `strength` | float | animation: re-noising of each redrawn frame, 0 (the camera warp alone) to 1; default 0.4 |
-| `scenes` | list<string>, or a JSON list in a string | a mini-movie: every scene's prompt (up to 3); `prompt` may then be null (it is the first scene's) |
-
+The columns are `kvray.io.manifest.MANIFEST_COLUMNS` (only `prompt` is required; a missing or null
+value takes the job's default). A row without an id is named by its content: identical rows without
+ids are one row (`scan_ids` finds them before a render, which renders the first and counts the rest).
 An animation row without a size is 640 x 640 with the official models (the preset's default size with
 test-scale presets).
 """
@@ -32,21 +15,18 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from ..config.job import RequestDefaults
+from ..io.manifest import KNOWN_COLUMNS, Manifest, part_batches
 from ..config.validation import validation_message
 from ..config.sampling import GuidanceConfig
 from .request import VideoRequest, default_size as mode_default_size
 
-REQUIRED_COLUMNS = ("prompt",)
 GUIDANCE_COLUMNS = tuple(GuidanceConfig.model_fields)
-OPTIONAL_COLUMNS = (
-    "id", "seed", "image", "width", "height", "fps", "motion", "steps", "interpolation_steps", "noise_augmentation",
-    "negative_prompt",
-    *GUIDANCE_COLUMNS, "mode", "camera", "strength", "scenes",
-)
-KNOWN_COLUMNS = REQUIRED_COLUMNS + OPTIONAL_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -71,8 +51,11 @@ def _present(value: Any) -> bool:
     return value is not None
 
 
+_CANONICAL_JSON = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+
+
 def _digest(payload: Any) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    return hashlib.sha256(_CANONICAL_JSON.encode(payload).encode()).hexdigest()
 
 
 def derived_seed(row_id: str) -> int:
@@ -85,11 +68,29 @@ def video_id(request: VideoRequest, model_version: str) -> str:
     return _digest({"request": request.identity(), "model": model_version})[:32]
 
 
+def _given(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's known columns that hold a value (the id aside)."""
+    given = {}
+    for name, value in row.items():
+        if name != "id" and name in KNOWN_COLUMNS:
+            value = _python(value)
+            if _present(value):
+                given[name] = value
+    return given
+
+
+def row_identity(row: Mapping[str, Any]) -> tuple[str, bool]:
+    """(the row's id, whether the manifest gave it): the `id` column, else one derived from the content."""
+    raw_id = _python(row.get("id"))
+    if _present(raw_id):
+        return str(raw_id), True
+    return "auto-" + _digest(_given(row))[:16], False
+
+
 def plan_row(row: Mapping[str, Any], defaults: RequestDefaults, model_version: str, default_size: tuple[int, int]) -> PlannedRow:
     """One manifest row -> its request, or the reason it cannot be rendered."""
-    raw_id = _python(row.get("id"))
-    given = {k: _python(row[k]) for k in KNOWN_COLUMNS if k in row and k != "id" and _present(_python(row[k]))}
-    row_id = str(raw_id) if _present(raw_id) else "auto-" + _digest(given)[:16]
+    given = _given(row)
+    row_id, _ = row_identity(row)
     try:
         if "negative_prompt" in given:
             raise ValueError("negative_prompt is not supported: Kandinsky Video 1.1 has none (the official code ignores it)")
@@ -149,3 +150,56 @@ def _strict_numbers(fields: dict) -> dict:
             raise ValueError(f"{key} must be an integer, got {value!r}")
     return out
 
+
+
+@dataclass(frozen=True)
+class IdScan:
+    """What planning must know about the whole manifest before it streams: which ids repeat."""
+
+    rows: int
+    # Ids given to more than one row (and their counts): every such row is refused.
+    duplicates: dict[str, int]
+    # Sorted positions of the rows identical to an earlier row without an id: one row, rendered once.
+    repeats: np.ndarray
+
+
+def scan_ids(manifest: Manifest) -> IdScan:
+    """One pass over the manifest's ids (the content of the rows that have none): pyarrow counts them,
+    so that the pass over a million rows takes seconds and little memory."""
+    ids, positions, explicit = [], [], []
+    for part in manifest.parts:
+        for start, batch in part_batches(manifest.fs, part):
+            given = np.zeros(batch.num_rows, dtype=bool)
+            if "id" in batch.schema.names:
+                column = batch.column("id")
+                given = pc.is_valid(column).to_numpy(zero_copy_only=False)
+                ids.append(pc.cast(column.filter(pc.is_valid(column)), pa.string()))
+                positions.append(np.flatnonzero(given) + start)
+                explicit.append(np.ones(int(given.sum()), dtype=bool))
+            missing = np.flatnonzero(~given)
+            if len(missing):
+                rows = (batch if len(missing) == batch.num_rows else batch.take(pa.array(missing))).to_pylist()
+                ids.append(pa.array([row_identity(row)[0] for row in rows], pa.string()))
+                positions.append(missing + start)
+                explicit.append(np.zeros(len(missing), dtype=bool))
+    if not ids:
+        return IdScan(manifest.rows, {}, np.array([], dtype=np.int64))
+    every = pa.concat_arrays(ids)
+    where, written = np.concatenate(positions), np.concatenate(explicit)
+    encoded = pc.dictionary_encode(every)
+    codes = encoded.indices.to_numpy(zero_copy_only=False)
+    counts = np.bincount(codes)
+    if not (counts > 1).any():
+        return IdScan(manifest.rows, {}, np.array([], dtype=np.int64))
+    order = np.lexsort((where, codes))  # by id, then by position
+    grouped = codes[order]
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    # An id the manifest wrote (even one that looks derived) repeated: refuse every row that has it.
+    refused = (counts > 1) & np.logical_or.reduceat(written[order], starts)
+    # Identical rows without ids: the first is the row, the others repeat it.
+    repeated = (counts > 1) & ~refused
+    first = np.ones(len(grouped), dtype=bool)
+    first[1:] = grouped[1:] != grouped[:-1]
+    values = encoded.dictionary
+    duplicates = {values[int(c)].as_py(): int(counts[c]) for c in np.flatnonzero(refused)}
+    return IdScan(manifest.rows, duplicates, np.sort(where[order][repeated[grouped] & ~first]))

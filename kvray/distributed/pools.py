@@ -1,0 +1,102 @@
+"""The stage pools of a render: one Ray Data actor pool per stage, in order, over the planned rows.
+
+How work reaches the actors. Ray Data hands each actor a bundle of whole blocks, so a pool shares its
+work as finely as its input is cut into blocks. Rows with a payload (text contexts, latents: hundreds
+of KB to MB at full size) are made one block each by a small target block size (`ROW_BLOCK_BYTES`,
+set for the render's execution); planned rows (about 1 KB) come in blocks of some tens. No
+repartition runs between the pools: a repartition is a Ray task asking for a whole CPU, which a
+cluster whose CPUs the pools hold (or one that lost a node) can never schedule.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass, field
+
+import ray
+
+from ..config.job import RenderJob
+from ..config.stages import STAGES
+
+ROW_BLOCK_BYTES = 64 * 1024  # blocks above this size are cut, down to one row
+DEEP_QUEUE = 1.2  # a pool fed this many times as fast as it works has work waiting in front of it
+
+
+def queued_calls(plan=None) -> dict[str, int]:
+    """Calls queued on each actor of each pool. 2, so that the next batch reaches an actor while the
+    current one computes, where work waits in front of the pool: the first pool (its input is all there
+    from the start), and a pool that the pools before it feed `DEEP_QUEUE` times as fast as it works
+    (per the planner's `plan`); and in a pool of one actor. 1 elsewhere: Ray Data hands a queued call
+    to a busy actor, and when the queue in front of a pool is short, the video waits there while
+    another actor runs dry (see docs/benchmarks.md). The price of 1 is the time from one call's end to
+    the next call's start, some tenths of a second on a loaded machine."""
+    calls = {}
+    for index, stage in enumerate(STAGES):
+        if index == 0:
+            calls[stage] = 2
+        elif plan is None:
+            calls[stage] = 1
+        else:
+            feed = min(plan.stages[s].videos_per_second for s in STAGES[:index])
+            deep = feed >= DEEP_QUEUE * plan.stages[stage].videos_per_second
+            calls[stage] = 2 if deep or plan.stages[stage].actors == 1 else 1
+    return calls
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """How the stage pools run. The defaults are the renderer's; `kvray bench pipeline` turns each off to
+    measure what it is worth."""
+
+    # Every pool at its full size from the start; off: pools grow from one actor as work queues up.
+    full_pools: bool = True
+    # Per stage, calls queued on each actor (see `queued_calls`).
+    tasks_per_actor: dict[str, int] = field(default_factory=queued_calls)
+    # Rows with a payload travel one per block (see the module notes); off: Ray Data's default block size.
+    small_blocks: bool = True
+
+
+def model_stages(planned, job: RenderJob, ledger_name: str, workers: dict[str, type],
+                 options: PoolOptions = PoolOptions()):
+    """The four actor pools over the planned rows. `workers`: the stage callables (`workers.WORKERS`, or
+    the benchmark's stand-ins), constructed with (job_json, ledger_name, emit_rows)."""
+    job_json = job.model_dump_json()
+    ds = planned
+    for index, stage in enumerate(STAGES):
+        deployment = job.deployment.stage(stage)
+        following = job.deployment.stage(STAGES[index + 1]) if index + 1 < len(STAGES) else deployment
+        pool = {"size": deployment.actors} if options.full_pools else {"min_size": 1, "max_size": deployment.actors}
+        ds = ds.map_batches(
+            workers[stage],
+            fn_constructor_kwargs={"job_json": job_json, "ledger_name": ledger_name, "emit_rows": following.batch_size},
+            batch_format="pandas",
+            batch_size=deployment.batch_size,
+            compute=ray.data.ActorPoolStrategy(**pool, max_tasks_in_flight_per_actor=options.tasks_per_actor[stage]),
+            num_gpus=deployment.gpus,
+            num_cpus=deployment.cpus,
+        )
+    return ds
+
+
+@contextlib.contextmanager
+def execution_context(options: PoolOptions = PoolOptions(), *, verbose: bool = False):
+    """Ray Data settings for one render's execution, restored afterwards: the block size, and Ray Data's
+    own progress bars and operator logs off unless `verbose` (the render prints its own progress)."""
+    context = ray.data.DataContext.get_current()
+    saved = (context.target_max_block_size, context.enable_progress_bars, context.enable_operator_progress_bars,
+             context.print_on_execution_start)
+    data_log = logging.getLogger("ray.data")
+    saved_level = data_log.level
+    if options.small_blocks:
+        context.target_max_block_size = ROW_BLOCK_BYTES
+    context.enable_progress_bars = context.enable_operator_progress_bars = verbose
+    context.print_on_execution_start = verbose
+    if not verbose:
+        data_log.setLevel(logging.ERROR)
+    try:
+        yield context
+    finally:
+        (context.target_max_block_size, context.enable_progress_bars, context.enable_operator_progress_bars,
+         context.print_on_execution_start) = saved
+        data_log.setLevel(saved_level)

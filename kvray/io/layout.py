@@ -1,0 +1,204 @@
+"""Where a render's outputs live under its prefix, which videos are done, and the latest status of
+every row.
+
+    videos/ab/{video_id}.mp4     the video (ab = the id's first two hex digits)
+    meta/ab/{video_id}.json      its metadata, written after the video: the video's commit record
+    results/{run_id}/*.parquet   one row per input row that run handled
+    runs/{run_id}.json           each run: status, error, timings, plan, counts
+    run.json                     the latest run's record
+    lease.json                   the run that holds the prefix
+
+Keys are spread over 256 prefixes so that no single prefix carries a large cluster's request rate (S3
+scales each prefix separately). Done videos are found by listing `meta/` once, in 16 groups of
+prefixes: about one request per 1,000 done videos, never one per row. Outputs of kvray 0.1 (flat
+`videos/{id}.mp4`, `meta/{id}.json`, `results/*.parquet`) are moved into this layout by
+`kvray migrate OUT` (`migrate_legacy`); a render refuses such a prefix until then.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+from fsspec.implementations.local import LocalFileSystem
+
+from .storage import write_atomic, write_json
+
+log = logging.getLogger(__name__)
+
+LAYOUT_VERSION = 2
+HEX = "0123456789abcdef"
+VIDEO_ID_LENGTH = 32
+_META_NAME = re.compile(r"^([0-9a-f]{32})\.json$")
+
+
+class LegacyLayout(ValueError):
+    """An output prefix written by kvray 0.1 (flat keys): migrate it first."""
+
+
+def spread(video_id: str) -> str:
+    return f"{video_id[:2]}/{video_id}"
+
+
+def video_path(root: str, video_id: str, fmt: str) -> str:
+    return f"{root}/videos/{spread(video_id)}.{fmt}"
+
+
+def meta_path(root: str, video_id: str) -> str:
+    return f"{root}/meta/{spread(video_id)}.json"
+
+
+def results_dir(root: str, run_id: str) -> str:
+    return f"{root}/results/{run_id}"
+
+
+def run_record_path(root: str, run_id: str) -> str:
+    return f"{root}/runs/{run_id}.json"
+
+
+def latest_run_path(root: str) -> str:
+    return f"{root}/run.json"
+
+
+def lease_path(root: str) -> str:
+    return f"{root}/lease.json"
+
+
+# ---------------------------------------------------------------------------------------------- listing
+
+
+def _names_under(fs: AbstractFileSystem, folder: str, group: str) -> Iterator[str]:
+    """Paths of the files below `folder` whose path relative to it starts with `group`."""
+    if isinstance(fs, LocalFileSystem):
+        local = fs._strip_protocol(folder)
+        if not os.path.isdir(local):
+            return
+        with os.scandir(local) as entries:
+            for entry in entries:
+                if not entry.name.startswith(group):
+                    continue
+                if entry.is_file():
+                    yield f"{folder}/{entry.name}"
+                elif entry.is_dir():
+                    with os.scandir(entry.path) as inner:
+                        yield from (f"{folder}/{entry.name}/{e.name}" for e in inner if e.is_file())
+        return
+    try:
+        found = fs.find(folder, prefix=group)  # one paginated listing, filtered by the store
+    except TypeError:  # a filesystem without prefix listings
+        found = [p for p in fs.find(folder) if p[len(folder) + 1:].startswith(group)]
+    # Listings are cached by some filesystems (s3fs): a million entries must not stay in memory.
+    fs.invalidate_cache(folder)
+    yield from found
+
+
+def done_video_ids(fs: AbstractFileSystem, root: str) -> np.ndarray:
+    """The sorted ids (numpy `S32`) of every video whose commit record (its metadata) exists."""
+    folder = f"{root}/meta"
+    parts = []
+    for group in HEX:
+        ids = []
+        for path in _names_under(fs, folder, group):
+            relative = path[len(folder) + 1:]
+            name = relative.rpartition("/")[2]
+            match = _META_NAME.match(name)
+            if match is None:
+                continue  # a temporary file of a writer, or something that is not ours
+            if "/" not in relative:
+                raise LegacyLayout(
+                    f"{fs.unstrip_protocol(root)} holds outputs of kvray 0.1 (meta/{name}); move them into the "
+                    f"current layout once with: kvray migrate {fs.unstrip_protocol(root)}")
+            ids.append(match.group(1))
+        parts.append(np.array(ids, dtype=f"S{VIDEO_ID_LENGTH}"))
+    return np.unique(np.concatenate(parts)) if parts else np.array([], dtype=f"S{VIDEO_ID_LENGTH}")
+
+
+def is_done(done: np.ndarray, video_ids: list[str]) -> np.ndarray:
+    """For each id, whether it is in the sorted `done` ids (bool array)."""
+    if len(done) == 0 or not video_ids:
+        return np.zeros(len(video_ids), dtype=bool)
+    query = np.array(video_ids, dtype=f"S{VIDEO_ID_LENGTH}")
+    where = np.searchsorted(done, query).clip(max=len(done) - 1)
+    return done[where] == query
+
+
+# ---------------------------------------------------------------------------------------------- results
+
+
+def result_files(fs: AbstractFileSystem, root: str) -> list[str]:
+    """Every run's result files, oldest run first (run ids start with their UTC start time)."""
+    folder = f"{root}/results"
+    if not fs.isdir(folder):
+        return []
+    return sorted(p for p in fs.find(folder) if p.endswith(".parquet") and not p.rpartition("/")[2].startswith("."))
+
+
+def latest_results(fs: AbstractFileSystem, root: str, columns: list[str] | None = None) -> pa.Table:
+    """The latest status of every row: each id's row from the most recent run that handled it."""
+    tables = []
+    for path in result_files(fs, root):
+        with fs.open(path, "rb") as f:
+            tables.append(pq.read_table(f, columns=columns))
+    if not tables:
+        return pa.table({})
+    table = pa.concat_tables(tables, promote_options="permissive")
+    table = table.append_column("_position", pa.array(np.arange(len(table), dtype=np.int64)))
+    last = table.group_by("id").aggregate([("_position", "max")]).column("_position_max").to_numpy()
+    return table.take(np.sort(last)).drop_columns(["_position"])
+
+
+# ---------------------------------------------------------------------------------------------- migration
+
+
+def migrate_legacy(fs: AbstractFileSystem, root: str) -> dict[str, int]:
+    """Moves kvray 0.1 outputs into the current layout: flat videos/ and meta/ keys into their spread
+    prefixes (each video before its metadata, so that a video is never listed done before it is in
+    place), flat results/*.parquet into results/legacy/ with their URIs rewritten. Idempotent: an
+    interrupted migration is finished by running it again."""
+    moved = {"videos": 0, "meta": 0, "results": 0}
+    for folder in ("videos", "meta"):
+        if not fs.isdir(f"{root}/{folder}"):
+            continue
+        for path in fs.ls(f"{root}/{folder}", detail=False):
+            name = path.rpartition("/")[2]
+            stem = name.partition(".")[0]
+            if len(stem) != VIDEO_ID_LENGTH or not all(c in HEX for c in stem) or fs.isdir(path):
+                continue
+            if folder == "meta":
+                video = json.loads(fs.cat_file(path))
+                video["uri"] = fs.unstrip_protocol(video_path(root, stem, video.get("format", "mp4")))
+                write_json(fs, meta_path(root, stem), video)
+                fs.rm_file(path)
+            else:
+                fs.mv(path, f"{root}/{folder}/{spread(stem)}.{name.partition('.')[2]}")
+            moved[folder] += 1
+    results = f"{root}/results"
+    if fs.isdir(results):
+        for path in fs.ls(results, detail=False):
+            if not path.endswith(".parquet") or fs.isdir(path):
+                continue
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f)
+            if "uri" in table.column_names and "video_id" in table.column_names:
+                uris = [_moved_uri(fs, root, u, v) for u, v in zip(table.column("uri").to_pylist(),
+                                                                    table.column("video_id").to_pylist())]
+                table = table.set_column(table.column_names.index("uri"), "uri", pa.array(uris, pa.string()))
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink)
+            write_atomic(fs, f"{results}/legacy/{path.rpartition('/')[2]}", sink.getvalue().to_pybytes())
+            fs.rm_file(path)
+            moved["results"] += 1
+    return moved
+
+
+def _moved_uri(fs, root: str, uri: str, video_id: str) -> str:
+    if not uri or not video_id:
+        return uri
+    return fs.unstrip_protocol(video_path(root, video_id, uri.rpartition(".")[2]))
