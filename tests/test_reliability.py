@@ -56,6 +56,7 @@ def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
         {"id": "fuzzed-image", "prompt": "a cat", "image": str(tmp_path / "fuzzed.png")},
         {"id": "outside-image", "prompt": "a cat", "image": "/etc/hostname"},
         {"id": "metadata-image", "prompt": "a cat", "image": "http://169.254.169.254/latest/meta-data/"},
+        {"id": "control", "prompt": "a cat\x1b[2J"},
         {"id": "dup", "prompt": "one"},
         {"id": "dup", "prompt": "two"},
         {"id": "nan", "prompt": "a dog", "guidance_weight_image": math.nan},
@@ -81,6 +82,7 @@ def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
     assert "not a readable image" in reasons["fuzzed-image"] and "SyntaxError" in reasons["fuzzed-image"]
     assert "outside the allowed directories" in reasons["outside-image"]
     assert "link-local or cloud metadata" in reasons["metadata-image"]
+    assert "control character U+001B" in reasons["control"]
     assert all("not unique" in r["error"] for r in results["dup"])
     assert "finite" in reasons["nan"] and "seed" in reasons["seed"] and "2048" in reasons["huge"]
     assert "prompt is empty" in reasons["blank"]

@@ -1,4 +1,4 @@
-"""Untrusted manifests: which image sources a row may use, and how much of one is read."""
+"""Untrusted manifests: which image sources a row may use, how much of one is read, and prompts with control characters."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ import urllib3
 from PIL import Image
 
 from kvray.config.images import ImagePolicy
-from kvray.config.job import RenderJob
+from kvray.config.job import RenderJob, RequestDefaults
 from kvray.io.images import ImageError, load_image, refused_address
+from kvray.pipeline.manifest import plan_row
 
 
 def _png(size=(24, 16)) -> bytes:
@@ -184,6 +185,17 @@ def test_job_resolves_the_default_prefix_where_it_is_written(tmp_path, monkeypat
         RenderJob(manifest="m.parquet", out="o", images={"schemes": ["s3://"]})
     with pytest.raises(ValueError, match="extra"):
         RenderJob(manifest="m.parquet", out="o", images={"allow_everything": True})
+
+
+@pytest.mark.parametrize("prompt, bad", [("a cat\x1b[2J", "U+001B"), ("a\x00cat", "U+0000"), ("a\x85cat", "U+0085"),
+                                         ("a\x7fcat", "U+007F"), ("a\udcffcat", "U+DCFF")])
+def test_prompts_with_control_characters_are_row_errors(prompt, bad):
+    planned = plan_row({"prompt": prompt}, RequestDefaults(), "model", (64, 64))
+    assert planned.request is None and bad in planned.error and "control character" in planned.error
+    scenes = plan_row({"scenes": ["a dog", prompt]}, RequestDefaults(), "model", (64, 64))
+    assert scenes.request is None and "scene 2 prompt" in scenes.error
+    fine = plan_row({"prompt": "a cat\tsits\non a mat\r\n"}, RequestDefaults(), "model", (64, 64))
+    assert not fine.error and fine.request.prompt.startswith("a cat")
 
 
 def test_default_policy_allows_public_web_and_the_manifest_location_only(tmp_path):
