@@ -17,6 +17,7 @@ import s3fs
 
 from kvray.config.job import RenderJob
 
+from .bad_images import broken_chunk_png
 from .faulty_proxy import FaultyProxy
 
 pytestmark = pytest.mark.slow
@@ -43,6 +44,7 @@ def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
     from kvray.distributed.render import render
 
     (tmp_path / "not-an-image.png").write_bytes(b"hello")
+    (tmp_path / "fuzzed.png").write_bytes(broken_chunk_png())  # Pillow raises SyntaxError on it
     rows = [
         {"id": "good", "prompt": "a red car"},
         {"id": "long", "prompt": "a very long prompt " * 20},
@@ -51,6 +53,10 @@ def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
         {"id": "s3://other-bucket/x", "prompt": "a boat"},
         {"id": "no-image", "prompt": "a cat", "image": str(tmp_path / "missing.png")},
         {"id": "bad-image", "prompt": "a cat", "image": str(tmp_path / "not-an-image.png")},
+        {"id": "fuzzed-image", "prompt": "a cat", "image": str(tmp_path / "fuzzed.png")},
+        {"id": "outside-image", "prompt": "a cat", "image": "/etc/hostname"},
+        {"id": "metadata-image", "prompt": "a cat", "image": "http://169.254.169.254/latest/meta-data/"},
+        {"id": "control", "prompt": "a cat\x1b[2J"},
         {"id": "dup", "prompt": "one"},
         {"id": "dup", "prompt": "two"},
         {"id": "nan", "prompt": "a dog", "guidance_weight_image": math.nan},
@@ -61,8 +67,9 @@ def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
     for row in rows:
         row.update({k: v for k, v in FAST.items() if k not in row})
     out = tmp_path / "out"
+    # The bad image rows share keyframes batches with good rows: a bad image fails its row only.
     job = RenderJob(manifest=_manifest(tmp_path / "m.parquet", rows), out=str(out),
-                    storage_options={"client_secret": SECRET})
+                    storage_options={"client_secret": SECRET}, deployment={"keyframes": {"batch_size": 8}})
     summary = render(job)
     results = _results(out)
     assert sorted(results) == sorted({r["id"] for r in rows})
@@ -72,6 +79,10 @@ def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
     assert {k for k, s in status.items() if s == ["ok"]} == ok
     reasons = {k: v[0]["error"] for k, v in results.items()}
     assert "missing.png" in reasons["no-image"] and "not a readable image" in reasons["bad-image"]
+    assert "not a readable image" in reasons["fuzzed-image"] and "SyntaxError" in reasons["fuzzed-image"]
+    assert "outside the allowed directories" in reasons["outside-image"]
+    assert "link-local or cloud metadata" in reasons["metadata-image"]
+    assert "control character U+001B" in reasons["control"]
     assert all("not unique" in r["error"] for r in results["dup"])
     assert "finite" in reasons["nan"] and "seed" in reasons["seed"] and "2048" in reasons["huge"]
     assert "prompt is empty" in reasons["blank"]

@@ -14,9 +14,13 @@ import torch
 from safetensors.torch import save_file
 
 from kvray.config import TINY
+from kvray.config.models import ModelSource
 from kvray.models.text_encoder import build_tokenizer, tokenize
 from kvray.weights import CheckpointError, WeightsNotFound, WeightsSource, load_network, random_network, read_checkpoint
+from kvray.weights.bundle import load_tokenizer
 from kvray.weights.convert import convert
+
+from .t5_spiece import train_t5_like_spiece
 
 UNETS = ("keyframe_unet", "interpolation_unet")
 MOVQS = ("image_movq", "video_movq")
@@ -127,6 +131,24 @@ def test_convert_round_trip(official_dir, tmp_path, originals):
     other = TINY.keyframe_unet.model_copy(update={"model_channels": 16})
     with pytest.raises(CheckpointError, match="another architecture"):
         load_network("keyframe_unet", source, other)
+
+
+def test_convert_writes_the_tokenizer_that_load_tokenizer_reads(official_dir, tmp_path):
+    """A preset with a sentencepiece tokenizer: `convert` copies the T5 source's spiece.model into
+    `tokenizer/`, and the converted directory alone then gives the tokenizer (no hub needed)."""
+    t5 = tmp_path / "t5"
+    t5.mkdir()
+    (t5 / "model.safetensors").write_bytes((official_dir / "t5" / "model.safetensors").read_bytes())
+    spiece = train_t5_like_spiece(t5)
+    preset = TINY.model_copy(update={"tokenizer": "owner/not-on-this-machine"})
+    written = convert(WeightsSource(official_dir / "kv"), str(tmp_path / "conv"), preset,
+                      t5_source=WeightsSource(t5), networks=["text_encoder"])
+    assert written[-1] == f"{tmp_path / 'conv'}/tokenizer/spiece.model"
+    assert (tmp_path / "conv" / "tokenizer" / "spiece.model").read_bytes() == spiece.read_bytes()
+    expected = build_tokenizer(str(spiece)).encode("a red fox <extra_id_0>")
+    for models in (ModelSource(preset="kv11", weights=str(tmp_path / "conv")),  # converted weights
+                   ModelSource(preset="kv11", weights="random", t5=str(t5))):  # the T5 source
+        assert load_tokenizer(models).encode("a red fox <extra_id_0>") == expected
 
 
 def test_broken_checkpoint_names_every_bad_key(tmp_path, originals):

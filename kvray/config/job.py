@@ -6,15 +6,16 @@ Loaded from YAML (`--job job.yaml`) and overridden by command-line flags; valida
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from .sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
 from .costs import CostError, parse_costs
+from .images import ImagePolicy, manifest_location
 from .models import ModelSource
 from .runtime import RuntimeConfig
+from .sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
 
 
 
@@ -82,6 +83,8 @@ class RenderJob(_Strict):
     storage_options: dict = Field(default_factory=dict, description="fsspec options for the manifest and outputs")
     results_per_file: int = Field(10_000, ge=1, description="rows per results/*.parquet file")
     video_format: Literal["mp4", "gif", "webp"] = "mp4"
+    images: ImagePolicy = Field(ImagePolicy(), description="where rows' images may come from, and their limits "
+                                "(default: under the manifest's own location, or public http(s))")
     # The planner sizes the pools when `deployment` fixes no stage's actors or gpus and the cluster has GPUs.
     costs: str | None = Field(None, description="cost profile for the planner: a JSON file of `kvray bench stages` "
                               "or stage=seconds[@GiB],...; default: the full-size networks' profile for kv11, none "
@@ -90,6 +93,20 @@ class RenderJob(_Strict):
                                          "(default: the profile's device, else 80)")
     stall_timeout_s: float = Field(3600, gt=0, description="a render that moves nothing for this long (no actor "
                                    "started, no model call, no row finished) stops with the reason")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _images_next_to_the_manifest(cls, data: Any) -> Any:
+        """The default image prefix is the manifest's location, resolved here, where the job is written
+        (a relative manifest path means the driver's directory, not a worker's)."""
+        if not isinstance(data, dict) or not isinstance(data.get("manifest"), str):
+            return data
+        images = data.get("images")
+        if isinstance(images, ImagePolicy):
+            images = images.for_manifest(data["manifest"])
+        elif images is None or (isinstance(images, dict) and images.get("prefixes") is None):
+            images = {**(images or {}), "prefixes": [manifest_location(data["manifest"])]}
+        return {**data, "images": images}
 
     @field_validator("costs")
     @classmethod

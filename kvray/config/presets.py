@@ -29,7 +29,7 @@ class ModelPreset(ArchConfig):
     interpolation_unet: InterpolationUNetConfig
     image_movq: MoVQConfig
     video_movq: MoVQConfig
-    # "byt5" needs no files (tiny preset); otherwise a local path or hub id of a T5 tokenizer.
+    # "byt5" needs no files (tiny preset); otherwise a hub repo id or directory holding a T5 spiece.model.
     tokenizer: str
     # Video size when a request gives none: the official 512 x 512, or a CPU-friendly size for tiny.
     default_width: int = 512

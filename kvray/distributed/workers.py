@@ -73,7 +73,7 @@ class KeyframesWorker(ModelWorker):
         outcome, images, good = {}, [], []
         for i, request in zip(rows.index, requests):
             try:
-                images.append(load_first_frames([request], self.job.storage_options)[0])
+                images.append(load_first_frames([request], self.job.storage_options, self.job.images)[0])
                 good.append(i)
             except ValueError as err:
                 outcome[i] = f"image: {err}"

@@ -20,9 +20,12 @@ checkpoints, `t5_projections.pt`) into this one.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any, NamedTuple
 
+import sentencepiece
 import torch
 import transformers
 from torch import nn
@@ -162,17 +165,76 @@ def official_state_dict_to_ours(state: Mapping[str, Any]) -> dict[str, torch.Ten
 # Tokenisation
 
 BYT5 = "byt5"
+SPIECE = "spiece.model"  # the sentencepiece model of a T5 tokenizer (hub repos and kvray's `tokenizer/`)
+T5_EXTRA_IDS = 100
 
 
-def build_tokenizer(name: str, **kwargs: Any):
+class T5SentencePieceTokenizer:
+    """The official processor's tokenizer, `T5Tokenizer.from_pretrained('google/flan-ul2')` of transformers 4
+    (the slow, sentencepiece-backed one, in its default legacy mode), on the sentencepiece library it wrapped.
+
+    `encode(text)` follows that tokenizer's rules:
+
+    * the special tokens written literally in the text (`</s>`, `<pad>`, `<unk>`, `<extra_id_0>` ...
+      `<extra_id_99>`) are split out and become their ids;
+    * each piece of text between them goes through `SentencePieceProcessor.encode` on its own (NFKC
+      normalisation, whitespace collapsed, a "▁" prefixed to every piece: legacy mode), and each
+      sentencepiece token becomes its id (a literal special token's id if it is one);
+    * EOS is appended unless the ids already end with it;
+    * `truncation=True, max_length=n`: when the ids plus an EOS exceed n, they are cut to n - 1
+      before the EOS rule (so a cut that ends on a literal `</s>` gives n - 1 ids).
+
+    `<extra_id_i>` is `piece_size + 99 - i`: after the sentencepiece vocabulary, in reverse, as
+    transformers numbers them (32099 ... 32000 for Flan-UL2's 32000 pieces).
+    """
+
+    def __init__(self, model_file: str | Path, extra_ids: int = T5_EXTRA_IDS):
+        self.sp = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+        # The old tokenizer strips the whitespace next to some literal special tokens (which ones depends
+        # on its version and files); a model that drops whitespace at the ends of every piece of text,
+        # as T5's does, makes that stripping irrelevant, and the rules above exact.
+        if self.sp.normalize("  x  ") != self.sp.normalize("x"):
+            raise ValueError(f"{model_file}: a sentencepiece model that keeps extra whitespace is not a T5 "
+                             "tokenizer kvray can reproduce")
+        size = self.sp.get_piece_size()
+        self.special_ids = {token: self._piece_id(token, model_file) for token in ("<pad>", "</s>", "<unk>")}
+        self.special_ids.update({f"<extra_id_{i}>": size + extra_ids - 1 - i for i in range(extra_ids)})
+        self.pad_token_id, self.eos_token_id = self.special_ids["<pad>"], self.special_ids["</s>"]
+        # No T5 special token contains another, so the leftmost match of an alternation is the split
+        # the old tokenizer's trie makes.
+        self._specials = re.compile("(" + "|".join(map(re.escape, self.special_ids)) + ")")
+        self._size = size + extra_ids
+
+    def _piece_id(self, piece: str, model_file) -> int:
+        index = self.sp.piece_to_id(piece)
+        if self.sp.id_to_piece(index) != piece:
+            raise ValueError(f"{model_file}: no {piece} piece: not a T5 sentencepiece model")
+        return index
+
+    def __len__(self) -> int:
+        return self._size
+
+    def encode(self, text: str, max_length: int | None = None, truncation: bool = False) -> list[int]:
+        ids: list[int] = []
+        for index, part in enumerate(self._specials.split(text)):
+            if index % 2:  # a literal special token
+                ids.append(self.special_ids[part])
+            elif part:
+                ids.extend(self.special_ids.get(piece, self.sp.piece_to_id(piece))
+                           for piece in self.sp.encode(part, out_type=str))
+        if truncation and max_length is not None and len(ids) + 1 > max_length:
+            ids = ids[: max_length - 1]
+        return ids if ids and ids[-1] == self.eos_token_id else [*ids, self.eos_token_id]
+
+
+def build_tokenizer(name: str):
     """The tokenizer of a preset: `"byt5"` = transformers' `ByT5Tokenizer()` (needs no files, vocab 384,
-    as the tiny preset's T5); anything else = `AutoTokenizer.from_pretrained(name, **kwargs)` (a local
-    path, or a hub id with `cache_dir=` / `local_files_only=`), e.g. `google/flan-ul2` for Kandinsky
-    Video 1.1, whose official processor is `T5Tokenizer.from_pretrained('google/flan-ul2')`.
+    as the tiny preset's T5); anything else = the path of a T5 sentencepiece model (`spiece.model`,
+    e.g. Flan-UL2's for Kandinsky Video 1.1), as a `T5SentencePieceTokenizer`.
     """
     if name == BYT5:
         return transformers.ByT5Tokenizer()
-    return transformers.AutoTokenizer.from_pretrained(name, **kwargs)
+    return T5SentencePieceTokenizer(name)
 
 
 class Tokens(NamedTuple):
@@ -185,17 +247,18 @@ def tokenize(tokenizer, prompts: str | Sequence[str], tokens_length: int) -> Tok
     """As the official `T5TextConditionProcessor.encode`, batched: each prompt is tokenised with
     `max_length=tokens_length, truncation=True` (the tokenizer keeps its EOS last), then right-padded
     with `pad_token_id` to `tokens_length`, attention mask 1 on the tokens and 0 on the padding.
+    `tokenizer`: from `build_tokenizer` (anything with `encode(text, max_length=, truncation=)` and `pad_token_id`).
     """
     if isinstance(prompts, str):
         prompts = [prompts]
     ids, masks, truncated = [], [], []
     for prompt in prompts:
         # Tokenised whole first only to tell whether the truncation below cut something.
-        whole = tokenizer(prompt)["input_ids"]
-        encoded = tokenizer(prompt, max_length=tokens_length, truncation=True)
-        pad = tokens_length - len(encoded["input_ids"])
-        ids.append(list(encoded["input_ids"]) + [tokenizer.pad_token_id] * pad)
-        masks.append(list(encoded["attention_mask"]) + [0] * pad)
+        whole = tokenizer.encode(prompt)
+        encoded = tokenizer.encode(prompt, max_length=tokens_length, truncation=True)
+        pad = tokens_length - len(encoded)
+        ids.append([*encoded, *[tokenizer.pad_token_id] * pad])
+        masks.append([1] * len(encoded) + [0] * pad)
         truncated.append(len(whole) > tokens_length)
     return Tokens(
         torch.tensor(ids, dtype=torch.int64).reshape(len(ids), tokens_length),

@@ -19,20 +19,27 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:
-    """Shrink (never enlarge) until one side fits, then centre-crop to `width x height`.
+    """Shrink (never enlarge) until one side fits, then centre-crop to `width x height`, in the image's own mode.
 
     The official `encode_image`: a smaller image is not upscaled, its crop box reaches past the
-    border and Pillow fills the outside with black.
+    border and Pillow fills the outside with zeros (black; transparent for RGBA; palette entry 0 for P).
+    Pillow's default resampling: bicubic, except NEAREST for P and 1 images; RGBA and LA are
+    resampled with premultiplied alpha.
     """
     reduce = max(1.0, min(image.width / width, image.height / height))
-    resized = image.resize((round(image.width / reduce), round(image.height / reduce)))  # Pillow's default: bicubic
+    resized = image.resize((round(image.width / reduce), round(image.height / reduce)))
     left, top = (resized.width - width) / 2, (resized.height - height) / 2
     return resized.crop((left, top, left + width, top + height))
 
 
 def image_to_tensor(image: Image.Image, width: int, height: int) -> torch.Tensor:
-    """An RGB image -> the MoVQ encoder's input `1 3 h w` in [-1, 1], after `cover_crop`."""
-    pixels = np.asarray(cover_crop(image.convert("RGB"), width, height), dtype=np.float32) / 255.0
+    """An image of any mode -> the MoVQ encoder's input `1 3 h w` in [-1, 1].
+
+    In the official order: `cover_crop` in the image's own mode, then RGB (alpha dropped, not
+    composited; palette, grey, CMYK and 16-bit values converted by Pillow), then scaled.
+    """
+    cropped = cover_crop(image, width, height)
+    pixels = np.asarray(cropped.convert("RGB"), dtype=np.float32) / 255.0
     return rearrange(torch.from_numpy(pixels) * 2 - 1, "h w c -> 1 c h w")
 
 

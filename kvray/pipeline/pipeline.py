@@ -13,10 +13,11 @@ import numpy as np
 from PIL import Image
 
 from ..config import RuntimeConfig
+from ..config.images import ImagePolicy
+from ..config.models import ModelSource
 from ..io.images import load_image
 from ..io.video import clip_fps, encode_video
 from ..sampling import SamplingConfig
-from ..config.models import ModelSource
 from ..requests.request import ANIMATION_FPS, VideoRequest
 from .stages import Decode, EncodeText, Interpolate, Keyframes, Progress
 
@@ -61,9 +62,11 @@ def with_seed(request: VideoRequest) -> VideoRequest:
     return request if request.seed is not None else request.model_copy(update={"seed": secrets.randbits(63)})
 
 
-def load_first_frames(requests: Sequence[VideoRequest], storage_options: dict | None = None) -> list[Image.Image | None]:
-    """The image of each image2video request (None for text2video); raises `ImageError` on a bad one."""
-    return [load_image(r.image, storage_options) if r.image else None for r in requests]
+def load_first_frames(requests: Sequence[VideoRequest], storage_options: dict | None = None,
+                      policy: ImagePolicy | None = None) -> list[Image.Image | None]:
+    """The image of each image2video request (None for text2video); raises `ImageError` on a bad one.
+    `policy`: where untrusted requests' images may come from (None: the caller's own requests)."""
+    return [load_image(r.image, storage_options, policy) if r.image else None for r in requests]
 
 
 class VideoPipeline:

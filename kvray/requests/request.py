@@ -19,6 +19,7 @@ and is then taken from `scenes`). A single scene is a plain request.
 from __future__ import annotations
 
 import math
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -40,6 +41,23 @@ ANIMATION_FPS = 24
 ANIMATION_FRAMES = 96
 ANIMATION_SIZE = 640
 DEFAULT_STRENGTH = 0.4
+
+
+# C0 and C1 control characters (and DEL) but tab, newline and carriage return; lone surrogates (from
+# undecodable command-line bytes) cannot be encoded at all.
+_REFUSED_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
+def _check_text(prompt: str, what: str) -> None:
+    """A prompt must have text, and no control characters: the tokenizer would drop them silently (T5's
+    normalisation), so a prompt holding them is most likely corrupt data, and they would reach logs and
+    records as terminal escapes. Tab, newline and carriage return are whitespace to the tokenizer."""
+    if not prompt.strip():
+        raise ValueError(f"{what} is empty")
+    bad = _REFUSED_CHARACTERS.search(prompt)
+    if bad:
+        raise ValueError(f"{what} has the control character U+{ord(bad.group()):04X} at position {bad.start()}: "
+                         "only tab, newline and carriage return are allowed")
 
 
 def default_size(mode: str | None, preset_size: tuple[int, int]) -> tuple[int, int]:
@@ -119,15 +137,13 @@ class VideoRequest(BaseModel):
     @classmethod
     def _scenes_have_text(cls, scenes):
         for index, prompt in enumerate(scenes or ()):
-            if not prompt.strip():
-                raise ValueError(f"scene {index + 1} prompt is empty")
+            _check_text(prompt, f"scene {index + 1} prompt")
         return scenes
 
     @field_validator("prompt")
     @classmethod
     def _prompt_has_text(cls, prompt: str) -> str:
-        if not prompt.strip():
-            raise ValueError("prompt is empty")
+        _check_text(prompt, "prompt")
         return prompt
 
     @field_validator("width", "height")

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import zlib
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..config.models import DEFAULT_T5_REPO, ModelSource
-from ..models.text_encoder import build_tokenizer
+from ..models.text_encoder import BYT5, SPIECE, build_tokenizer
 from .loader import load_network, random_network
 from .source import WeightsSource
 
@@ -33,9 +32,17 @@ def load_model(models: ModelSource, name: str, device: torch.device | str = "cpu
 
 
 def load_tokenizer(models: ModelSource):
-    """kvray's converted weights may carry the tokenizer; otherwise the preset's (Flan-UL2's for kv11)."""
-    if not models.is_random:
-        local = Path(models.resolved_weights) / TOKENIZER_DIR
-        if local.is_dir():
-            return build_tokenizer(str(local))
-    return build_tokenizer(models.model_preset.tokenizer, cache_dir=models.cache_dir)
+    """The preset's tokenizer. A T5 sentencepiece model (Flan-UL2's `spiece.model` for kv11) is taken from
+    kvray's converted weights (`tokenizer/spiece.model`, written by `kvray convert`), else from the T5
+    source when one is given, else from the preset's tokenizer repo; hub files through huggingface_hub,
+    with the cache directory of `models` (and HF_HUB_OFFLINE honoured)."""
+    name = models.model_preset.tokenizer
+    if name == BYT5:
+        return build_tokenizer(BYT5)
+    candidates = [] if models.is_random else [(models.resolved_weights, f"{TOKENIZER_DIR}/{SPIECE}")]
+    candidates += [(models.t5, SPIECE)] if models.t5 else []
+    for uri, filename in candidates:
+        source = WeightsSource(uri, cache_dir=models.cache_dir)
+        if source.exists(filename):
+            return build_tokenizer(str(source.path(filename)))
+    return build_tokenizer(str(WeightsSource(name, cache_dir=models.cache_dir).path(SPIECE)))

@@ -11,6 +11,8 @@ import fsspec
 from safetensors.torch import save_file
 
 from ..config import ModelPreset
+from ..models.text_encoder import BYT5, SPIECE
+from .bundle import TOKENIZER_DIR
 from .checkpoint import CheckpointError, build_on_meta, describe_mismatch, shapes
 from .networks import NETWORKS, converted_names, get_network, read_official
 from .source import WeightsSource
@@ -21,7 +23,9 @@ FORMAT = "kvray-weights-1"
 
 def convert(source: WeightsSource, dst: str, preset: ModelPreset, *, t5_source: WeightsSource | None = None,
             networks: list[str] | None = None) -> list[str]:
-    """Convert each network (all but the text encoder unless a T5 source is given); returns the written URIs."""
+    """Convert each network (all but the text encoder unless a T5 source is given); returns the written URIs.
+    With the text encoder comes its tokenizer's `spiece.model` (from the T5 source, or the preset's
+    tokenizer repo), as `tokenizer/spiece.model`."""
     names = networks or [n for n in NETWORKS if n != "text_encoder" or t5_source is not None]
     fs, root = fsspec.core.url_to_fs(dst)
     fs.makedirs(root, exist_ok=True)
@@ -45,4 +49,12 @@ def convert(source: WeightsSource, dst: str, preset: ModelPreset, *, t5_source: 
             json.dump(arch, f, indent=2)
         log.info("converted %s: %d tensors", name, len(tensors))
         written += [f"{dst.rstrip('/')}/{weights_name}", f"{dst.rstrip('/')}/{arch_name}"]
+    if "text_encoder" in names and preset.tokenizer != BYT5:
+        # The tokenizer travels with the encoder it was trained for; `load_tokenizer` reads it from here.
+        tokenizer = t5_source if t5_source.exists(SPIECE) else WeightsSource(preset.tokenizer,
+                                                                              cache_dir=t5_source.cache_dir)
+        target = f"{TOKENIZER_DIR}/{SPIECE}"
+        fs.makedirs(f"{root}/{TOKENIZER_DIR}", exist_ok=True)
+        fs.put_file(str(tokenizer.path(SPIECE)), f"{root}/{target}")
+        written.append(f"{dst.rstrip('/')}/{target}")
     return written
