@@ -9,8 +9,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from kvray.config.job import RequestDefaults
-from kvray.io.manifest import ManifestError, manifest_files
-from kvray.requests.manifest import plan_row
+from kvray.io import manifest as M
+from kvray.io.manifest import ManifestError, open_manifest, part_batches
+from kvray.requests.manifest import plan_row, scan_ids
 
 DEFAULTS = RequestDefaults()
 
@@ -70,18 +71,73 @@ def _write(path, **columns):
 
 def test_manifest_files_and_their_errors(tmp_path):
     good = _write(tmp_path / "a.parquet", prompt=["x"], width=[64])
-    assert manifest_files(good)[1] == [good]
+    assert open_manifest(good).files == [good]
     _write(tmp_path / "b.parquet", prompt=["y"])
-    assert len(manifest_files(str(tmp_path))[1]) == 2
+    assert len(open_manifest(str(tmp_path)).files) == 2
     with pytest.raises(ManifestError, match="not found"):
-        manifest_files(str(tmp_path / "missing.parquet"))
+        open_manifest(str(tmp_path / "missing.parquet"))
     (tmp_path / "text.parquet").write_text("prompt\nhello\n")
-    with pytest.raises(ManifestError, match="not a Parquet file"):
-        manifest_files(str(tmp_path / "text.parquet"))
+    with pytest.raises(ManifestError, match="text.parquet is not a Parquet file"):
+        open_manifest(str(tmp_path / "text.parquet"))
     with pytest.raises(ManifestError, match="no 'prompt' column"):
-        manifest_files(_write(tmp_path / "c.parquet.x", text=["x"]))
+        open_manifest(_write(tmp_path / "c.parquet.x", text=["x"]))
     with pytest.raises(ManifestError, match="width is string"):
-        manifest_files(_write(tmp_path / "d.parquet.x", prompt=["x"], width=["wide"]))
+        open_manifest(_write(tmp_path / "d.parquet.x", prompt=["x"], width=["wide"]))
+
+
+def _rows(manifest):
+    return [(position + i, row) for part in manifest.parts for position, batch in part_batches(manifest.fs, part)
+            for i, row in enumerate(batch.to_pylist())]
+
+
+def test_csv_json_lines_and_text_manifests_read_as_one(tmp_path):
+    """Files of different formats, and files whose columns differ in types that are each allowed (integer
+    ids in one, text ids in another), are one manifest; positions run over the files in name order."""
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "1.csv").write_text("id,prompt,width\n007,a red car,64\n8,a boat,\n")
+    (folder / "2.jsonl").write_text('{"prompt": "a", "scenes": ["a", "b"]}\n{"prompt": "a fox", "id": 9}\n')
+    (folder / "3.txt").write_text("a tree in bloom\n\n  \nsnow at night\n")
+    _write(folder / "4.parquet", id=[10, 11], prompt=["p", "q"])
+    manifest = open_manifest(str(folder))
+    assert [M.file_format(f) for f in manifest.files] == ["csv", "jsonl", "text", "parquet"]
+    rows = _rows(manifest)
+    assert manifest.rows == len(rows) == 8 and [p for p, _ in rows] == list(range(8))
+    assert rows[0][1]["id"] == "007" and rows[0][1]["width"] == 64  # text stays text, numbers are numbers
+    assert rows[2][1]["scenes"] == ["a", "b"] and rows[3][1]["id"] == 9
+    assert [r["prompt"] for _, r in rows[4:6]] == ["a tree in bloom", "snow at night"]  # blank lines skipped
+    planned = [plan_row(r, DEFAULTS, "v", (64, 64)) for _, r in rows]
+    assert all(p.request is not None for p in planned), [p.error for p in planned]
+
+
+def test_a_corrupt_file_is_named(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\n{"prompt": \n')
+    with pytest.raises(ManifestError, match="bad.jsonl cannot be read as jsonl"):
+        open_manifest(str(tmp_path / "bad.jsonl"))
+
+
+def test_large_files_are_planned_in_parts(tmp_path, monkeypatch):
+    monkeypatch.setattr(M, "PART_ROWS", 7)
+    monkeypatch.setattr(M, "READ_BATCH_ROWS", 3)
+    path = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"prompt": [f"p{i}" for i in range(20)]}), path, row_group_size=6)
+    manifest = open_manifest(str(path))
+    assert [(p.first_row, p.rows) for p in manifest.parts] == [(0, 7), (7, 5), (12, 7), (19, 1)]
+    rows = _rows(manifest)
+    assert [r["prompt"] for _, r in rows] == [f"p{i}" for i in range(20)] and [p for p, _ in rows] == list(range(20))
+
+
+def test_ids_given_twice_and_identical_rows_without_ids(tmp_path):
+    """Ids given to several rows: every such row is refused. Identical rows without ids: one row (the
+    first), rendered once. A manifest that writes a derived-looking id itself gets no special treatment."""
+    first = plan(prompt="same").id
+    path = _write(tmp_path / "m.parquet", id=["a", None, "b", "a", None, None, first],
+                  prompt=["p", "same", "q", "r", "same", "other", "z"])
+    scan = scan_ids(open_manifest(path))
+    assert scan.rows == 7 and scan.duplicates == {"a": 2, first: 3} and scan.repeats.tolist() == []
+    path = _write(tmp_path / "n.parquet", prompt=["same", "x", "same", "same"])
+    scan = scan_ids(open_manifest(path))
+    assert scan.duplicates == {} and scan.repeats.tolist() == [2, 3]
 
 
 def test_render_refuses_a_bad_manifest_before_anything_starts(tmp_path, capsys):
