@@ -69,6 +69,8 @@ SIGNALS: dict[str, Signal] = {s.name: s for s in (
            "standard deviation of the luma within a frame (RMS contrast), mean over all frames"),
 )}
 
+OK, FILTERED = "ok", "filtered"  # a sample's status: passed every filter, or failed one (with its reasons)
+
 FILTER_OPS: dict[str, Callable[[float, float], bool]] = {
     ">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt,
 }

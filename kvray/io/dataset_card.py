@@ -17,10 +17,9 @@ import yaml
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from ..config.dataset import SIGNALS, DatasetConfig
+from ..config.dataset import FILTERED, SIGNALS, DatasetConfig
 from .shards import (
     DROPPED,
-    FILTERED,
     INDEX,
     INDEX_SCHEMA,
     SHARDS,

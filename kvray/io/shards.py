@@ -39,13 +39,12 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from fsspec import AbstractFileSystem
 
-from ..config.dataset import SIGNALS, DatasetConfig
+from ..config.dataset import FILTERED, OK, SIGNALS, DatasetConfig
 from .storage import check_name, dumps_json, uri_of, write_atomic
 
 log = logging.getLogger(__name__)
 
 SHARDS, INDEX, DROPPED = "shards", "index", "dropped"
-FILTERED = "filtered"
 INDEX_VERSION = "1"
 
 _STAGES = ("text", "keyframes", "interpolate", "decode")
@@ -254,7 +253,7 @@ def index_row(sample: Sample, shard: str | None, offsets: Mapping[str, tuple[int
     video_offset, video_size = (offsets or {}).get(f"{sample.key}.{sample.video_format}", (None, None))
     row.update(key=sample.key, shard=shard, members=sample.member_names if shard else [],
                video_offset=video_offset, video_size=video_size, caption=sample.caption)
-    row.setdefault("status", "ok")
+    row.setdefault("status", OK)
     return row
 
 

@@ -16,15 +16,15 @@ from ..config.dataset import (
     BLACK_LUMA,
     BLACK_PIXEL_SHARE,
     BLANK_STD,
+    FILTERED,
     FROZEN_MEAN_DIFF,
     MOTION_PAIRS,
     MOTION_SIZE,
+    OK,
     SHARPNESS_FRAMES,
     QualityFilter,
     filter_reasons,
 )
-
-OK, FILTERED = "ok", "filtered"
 
 # Farneback as OpenCV's documentation runs it: 3 pyramid levels halving the size, 15 px windows.
 _FARNEBACK = {"pyr_scale": 0.5, "levels": 3, "winsize": 15, "iterations": 3, "poly_n": 5, "poly_sigma": 1.2,
