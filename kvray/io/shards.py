@@ -39,6 +39,7 @@ import pyarrow.parquet as pq
 import webdataset as wds
 from fsspec import AbstractFileSystem
 
+from ..config.costs import STAGES
 from ..config.dataset import FILTERED, OK, SIGNALS, DatasetConfig
 from .storage import check_name, dumps_json, uri_of, write_atomic
 
@@ -47,7 +48,6 @@ log = logging.getLogger(__name__)
 SHARDS, INDEX, DROPPED = "shards", "index", "dropped"
 INDEX_VERSION = "1"
 
-_STAGES = ("text", "keyframes", "interpolate", "decode")
 _SCENE = pa.struct([
     ("scene", pa.int64()), ("prompt", pa.string()), ("first_frame", pa.int64()), ("last_frame", pa.int64()),
     ("frames", pa.int64()), ("start_seconds", pa.float64()), ("end_seconds", pa.float64()),
@@ -80,8 +80,8 @@ INDEX_SCHEMA = pa.schema(
         ("prompt_truncated", pa.bool_()),
         ("uri", pa.string()),
         ("scenes", pa.list_(_SCENE)),
-        *((f"seconds_{stage}", pa.float64()) for stage in _STAGES),
-        *((f"gpu_ids_{stage}", pa.list_(pa.string())) for stage in _STAGES),
+        *((f"seconds_{stage}", pa.float64()) for stage in STAGES),
+        *((f"gpu_ids_{stage}", pa.list_(pa.string())) for stage in STAGES),
         ("request_prompt", pa.string()),
         ("request_mode", pa.string()),
         ("request_image", pa.string()),
