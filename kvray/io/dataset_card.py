@@ -117,9 +117,11 @@ through the index, as below, and an interrupted write is never read. `key` is th
 address (the same request and model give the same key). `video_offset` and `video_size` locate the
 video's bytes inside its shard, for range reads of single samples.
 
-Index columns: {columns}. Nested metadata is flattened: `seconds_{{stage}}`, `gpu_ids_{{stage}}`,
-`request_{{field}}` (`request_guidance_{{weight}}`); `scenes` lists each scene's prompt, frames and times;
-`request_camera` is JSON.
+Nested metadata is flattened in the index: `seconds_{{stage}}`, `gpu_ids_{{stage}}`, `request_{{field}}`
+(`request_guidance_{{weight}}`); `scenes` lists each scene's prompt, frames and times; `request_camera` is
+JSON. The columns:
+
+{columns}.
 
 ## Quality signals
 
@@ -196,7 +198,8 @@ def open_url(url, mode="rb", bufsize=8192, **kw):  # webdataset opens {scheme}:/
     return fsspec.open(url, mode, **storage_options).open()
 
 
-gopen_schemes[{json.dumps(scheme)}] = open_url"""
+gopen_schemes[{json.dumps(scheme)}] = open_url
+"""
 
 
 def write_dataset_card(fs: AbstractFileSystem, root: str, **card) -> str:
