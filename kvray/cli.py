@@ -488,12 +488,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where rounds write (default: a temporary directory)")
     p.set_defaults(run=_cmd_bench_soak)
 
+    from .bench.dataset import add_dataset_parser
     from .bench.pipeline import add_pipeline_parser
     from .bench.stages import add_stages_parser
     from .distributed.planner import add_plan_parser
 
     add_stages_parser(bench)
     add_pipeline_parser(bench)
+    add_dataset_parser(bench)
     add_plan_parser(commands)
 
     p = commands.add_parser("parity", help="replay the official networks' golden calls and compare")
