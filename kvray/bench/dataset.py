@@ -39,9 +39,10 @@ def bench_dataset(models, runtime, sizes, *, fps: str = "medium", samples: int =
     from ..io.shards import Sample, write_samples
     from ..io.storage import open_fs
     from ..pipeline import Video, VideoRequest
-    from ..pipeline.manifest import video_id
+    from ..requests.manifest import video_id
     from ..pipeline.samples import dataset_sample, video_metadata
     from ..pipeline.stages import Decode
+    from ..pipeline.device import torch_device
     from ..sampling import LATENT_CHANNELS
 
     say = progress or (lambda message: None)
@@ -84,7 +85,7 @@ def bench_dataset(models, runtime, sizes, *, fps: str = "medium", samples: int =
                 # None: the stage's own time was too short to measure, so there is no share to report.
                 "share": (quality_s + shard_s / samples) / (decode_s + encode_s) if decode_s + encode_s > 0 else None,
             })
-    return {"sizes": results, "device": str(runtime.torch_device()), "threads": torch.get_num_threads(),
+    return {"sizes": results, "device": str(torch_device(runtime)), "threads": torch.get_num_threads(),
             "preset": models.preset, "fps": fps, "samples_per_shard": samples, "store": out or "local temporary directory"}
 
 

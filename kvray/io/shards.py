@@ -96,6 +96,7 @@ INDEX_SCHEMA = pa.schema(
         ("request_guidance_interpolation_guidance_scale", pa.float64()),
         ("request_steps", pa.int64()),
         ("request_interpolation_steps", pa.int64()),
+        ("request_noise_augmentation", pa.int64()),
         ("request_camera", pa.string()),  # JSON: an effect name or a camera path
         ("request_strength", pa.float64()),
         ("request_scenes", pa.list_(pa.string())),
