@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from kvray.config.job import STAGES, RenderJob
+from kvray.config.job import RenderJob
+from kvray.config.stages import STAGES
 from kvray.distributed import submit as sub
 
 REPO = Path(__file__).resolve().parent.parent

@@ -34,10 +34,16 @@ def random_profiles(n: int, seed: int = 0, spread: float = 500.0):
 # Cost profiles
 
 
-def test_stages_match_the_job_config():
-    from kvray.config.job import STAGES
+def test_every_part_of_kvray_names_the_same_stages():
+    from kvray.config.job import Deployment
+    from kvray.config.runtime import NETWORKS
+    from kvray.config.stages import STAGE_NETWORKS, STAGES
+    from kvray.distributed.simulate import stand_in_workers
+    from kvray.distributed.workers import WORKERS
 
-    assert P.STAGES == STAGES
+    assert tuple(Deployment.model_fields) == STAGES == tuple(WORKERS) == tuple(stand_in_workers(dict.fromkeys(STAGES, 1)))
+    assert tuple(P.parse_costs(EXAMPLE).stages) == STAGES == tuple(STAGE_NETWORKS)
+    assert sorted(n for networks in STAGE_NETWORKS.values() for n in networks) == sorted(NETWORKS)
 
 
 def test_parse_inline_costs_with_and_without_memory():

@@ -34,7 +34,7 @@ def _manifest(path, rows: list[dict]) -> str:
 
 def _results(out) -> dict[str, list[dict]]:
     rows: dict[str, list[dict]] = {}
-    for path in (out / "results").glob("*.parquet"):
+    for path in (out / "results").glob("*/*.parquet"):
         for row in pq.read_table(path).to_pylist():
             rows.setdefault(row["id"], []).append(row)
     return rows
@@ -89,7 +89,8 @@ def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
     assert summary.ok == len(ok)
     # Over-long prompts render, truncated, and say so.
     assert results["long"][0]["prompt_truncated"] and not results["good"][0]["prompt_truncated"]
-    meta = json.loads((out / "meta" / f"{results['long'][0]['video_id']}.json").read_text())
+    video_id = results["long"][0]["video_id"]
+    meta = json.loads((out / "meta" / video_id[:2] / f"{video_id}.json").read_text())
     assert meta["prompt_truncated"] is True
     # Ids never become paths: everything is under the prefix, named by hash.
     files = [p for p in tmp_path.rglob("*") if p.is_file()]
@@ -118,11 +119,11 @@ def test_a_killed_stage_actor_loses_and_duplicates_nothing(ray_cluster, tmp_path
     killed = None
     deadline = time.time() + 240
     while killed is None and time.time() < deadline and thread.is_alive():
-        registries = [a for a in ray.util.list_named_actors() if a.startswith("kvray-registry-")]
-        written = len(list((out / "meta").iterdir())) if (out / "meta").exists() else 0
-        if registries and 0 < written < len(rows):
+        ledgers = [a for a in ray.util.list_named_actors() if a.startswith("kvray-ledger-")]
+        written = len(list((out / "meta").rglob("*.json")))
+        if ledgers and 0 < written < len(rows):
             # The actor that writes the files, between two videos or in the middle of one.
-            actors = ray.get(ray.get_actor(registries[0]).report.remote())["actors"].get("decode", [])
+            actors = ray.get(ray.get_actor(ledgers[0]).report.remote())["actors"].get("decode", [])
             if actors:
                 killed = actors[0]["pid"]
                 os.kill(killed, signal.SIGKILL)  # mid-run: one video is done, others are not
@@ -133,8 +134,8 @@ def test_a_killed_stage_actor_loses_and_duplicates_nothing(ray_cluster, tmp_path
     results = _results(out)
     assert sorted(results) == sorted(r["id"] for r in rows)
     assert all(len(v) == 1 and v[0]["status"] == "ok" for v in results.values())
-    videos = {p.stem for p in (out / "videos").iterdir()}
-    assert videos == {v[0]["video_id"] for v in results.values()} == {p.stem for p in (out / "meta").iterdir()}
+    videos = {p.stem for p in (out / "videos").rglob("*.mp4")}
+    assert videos == {v[0]["video_id"] for v in results.values()} == {p.stem for p in (out / "meta").rglob("*.json")}
     leftovers = [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
     assert not leftovers, leftovers  # no partial file visible
     assert summary.ok == len(rows)
