@@ -54,8 +54,11 @@ status() {
 head_pids() {
   local -a queue found=()
   local pid child
-  # The pattern comes from a file descriptor, so this grep's own command line does not match it.
+  # The patterns come from file descriptors, so this grep's own command line does not match them.
   mapfile -t queue < <(grep -lsFf <(printf '%s\n' "$STATE/ray") /proc/[0-9]*/cmdline 2>/dev/null | cut -d/ -f3)
+  # Ray's client server names neither the temp dir nor a parent we find: match it by its own port.
+  mapfile -t -O "${#queue[@]}" queue < <(grep -lsFf <(printf '%s\n' "--port=$CLIENT_PORT") /proc/[0-9]*/cmdline 2>/dev/null \
+    | xargs -r grep -lsFf <(printf '%s\n' "ray.util.client.server") 2>/dev/null | cut -d/ -f3)
   while ((${#queue[@]})); do
     pid=${queue[0]}; queue=("${queue[@]:1}")
     [[ " ${found[*]} " == *" $pid "* ]] && continue

@@ -409,9 +409,20 @@ def _add_request_options(p) -> None:
                    help="mini-movie: the prompt of the next scene (repeatable; up to 3 scenes with the first prompt)")
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kvray")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvray", description="Kandinsky Video 1.1 on Ray")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"kvray {_version()}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log at INFO level; Ray's and its workers' logs and Ray Data's progress bars too")
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("generate", help="one video from a prompt (text2video) or an image (image2video)")
@@ -490,11 +501,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench.dataset import add_dataset_parser
     from .bench.pipeline import add_pipeline_parser
+    from .bench.scale import add_scale_parser
     from .bench.stages import add_stages_parser
     from .distributed.planner import add_plan_parser
 
     add_stages_parser(bench)
     add_pipeline_parser(bench)
+    add_scale_parser(bench)
     add_dataset_parser(bench)
     add_plan_parser(commands)
 

@@ -181,3 +181,102 @@ def test_storage_that_always_fails_stops_with_a_clear_error(ray_cluster, s3_buck
     assert code == 2 and time.time() - start < 120
     err = capsys.readouterr().err
     assert err.startswith("error: storage failed") and "reduce your request rate" in err
+
+
+def test_a_row_gives_the_same_video_after_a_retry_and_in_any_batch(ray_cluster, tmp_path):
+    """Batch invariance through the renderer: the same rows rendered once one per call with the keyframes
+    actor killed mid-run (its batch retried on a new actor), and once all in one batch, give the same
+    video bytes (same frames, same encoder)."""
+    import ray
+
+    from kvray.distributed.render import render
+
+    rows = [{"id": f"row{i}", "prompt": f"scene number {i}", **{**FAST, "steps": 6}} for i in range(4)]
+    manifest = _manifest(tmp_path / "m.parquet", rows)
+    retried = RenderJob(manifest=manifest, out=str(tmp_path / "retried"),
+                        deployment={"text": {"batch_size": 1}, "keyframes": {"batch_size": 1}})
+    batched = RenderJob(manifest=manifest, out=str(tmp_path / "batched"),
+                        deployment={"text": {"batch_size": 4}, "keyframes": {"batch_size": 4},
+                                    "interpolate": {"batch_size": 4}})
+    done: dict = {}
+    thread = threading.Thread(target=lambda: done.update(summary=render(retried)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and thread.is_alive():
+        ledgers = [a for a in ray.util.list_named_actors() if a.startswith("kvray-ledger-")]
+        if ledgers:
+            report = ray.get(ray.get_actor(ledgers[0]).report.remote())
+            actors = report["actors"].get("keyframes", [])
+            if actors and 0 < report["model_calls"].get("keyframes", 0) < len(rows):
+                killed = actors[0]["pid"]
+                os.kill(killed, signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(timeout=300)
+    assert killed is not None, "the run ended before the keyframes actor could be killed"
+    assert done["summary"].ok == len(rows) and len(done["summary"].stages["actors"]["keyframes"]) >= 2
+    assert render(batched).ok == len(rows)
+    videos = {name: {p.stem: p.read_bytes() for p in (tmp_path / name / "videos").rglob("*.mp4")}
+              for name in ("retried", "batched")}
+    assert len(videos["retried"]) == len(rows) and videos["retried"] == videos["batched"]
+
+
+def _ledger_report():
+    import ray
+
+    ledgers = [a for a in ray.util.list_named_actors() if a.startswith("kvray-ledger-")]
+    return ray.get(ray.get_actor(ledgers[0]).report.remote(), timeout=10) if ledgers else None
+
+
+def test_losing_the_ledger_costs_only_the_report(ray_cluster, tmp_path):
+    """The run's bookkeeping actor killed mid-run: every row still renders, the run finishes and is
+    recorded as finished (the ledger restarts; only its live figures are lost)."""
+    from kvray.distributed.render import render
+
+    rows = [{"id": f"row{i}", "prompt": f"scene {i}", **FAST} for i in range(5)]
+    out = tmp_path / "out"
+    job = RenderJob(manifest=_manifest(tmp_path / "m.parquet", rows), out=str(out))
+    done: dict = {}
+    thread = threading.Thread(target=lambda: done.update(summary=render(job)))
+    thread.start()
+    killed = None
+    deadline = time.time() + 240
+    while killed is None and time.time() < deadline and thread.is_alive():
+        report = _ledger_report()
+        if report and report["model_calls"].get("keyframes"):
+            killed = report["pid"]
+            os.kill(killed, signal.SIGKILL)
+        time.sleep(0.1)
+    thread.join(timeout=300)
+    assert killed is not None, "the run ended before its ledger could be killed"
+    summary = done["summary"]
+    assert (summary.status, summary.ok, summary.exit_code) == ("finished", 5, 0)
+    assert json.loads((out / "run.json").read_text())["status"] == "finished"
+    assert len(_results(out)) == 5
+
+
+def test_sigint_stops_cleanly_and_records_an_interrupted_run(ray_cluster, tmp_path):
+    """Ctrl-C: one line, no traceback, exit 130, the results so far flushed, the run recorded as
+    interrupted; the next run renders the rest."""
+    import subprocess
+    import sys
+
+    rows = [{"id": f"row{i}", "prompt": f"scene {i}", **{**FAST, "steps": 4}} for i in range(8)]
+    manifest = _manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    address = ray_cluster.get_runtime_context().gcs_address
+    driver = subprocess.Popen([sys.executable, "-m", "kvray.cli", "render", manifest, "--out", str(out),
+                               "--address", address], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and driver.poll() is None and not list((out / "meta").rglob("*.json")):
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGINT)
+    stdout, stderr = driver.communicate(timeout=120)
+    assert driver.returncode == 130, (stdout, stderr)
+    assert "Traceback" not in stderr and "interrupted" in stdout
+    runs = [json.loads(p.read_text()) for p in (out / "runs").glob("*.json")]
+    assert [r["status"] for r in runs] == ["interrupted"] and "SIGINT" in runs[0]["reason"]
+    from kvray.distributed.render import render
+
+    again = render(RenderJob(manifest=manifest, out=str(out)))
+    assert again.ok + again.skipped == 8 and again.skipped >= 1

@@ -185,9 +185,13 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
     prompt of a batch, as EncodeText does. `kvray.bench.pipeline.simulated_pipeline` makes all these
     from a cost profile and the planner."""
     from ..config.job import RayOptions
-    from ..distributed.cluster import cluster_gpus, connect, disconnect
+    from ..distributed.cluster import cluster_gpus, connect, disconnect, object_store_stats
     from ..distributed.planner import parse_costs
-    from ..distributed.simulate import simulated_render, spilled_bytes_total, stand_in_workers
+    from ..distributed.simulate import simulated_render, stand_in_workers
+
+    def spilled_bytes_total():
+        stats = object_store_stats()
+        return None if stats is None else stats["spilled"]
 
     costs = parse_costs(costs)
     cpus_needed = sum(deployment.stage(s).actors * deployment.stage(s).cpus for s in STAGES)

@@ -72,3 +72,20 @@ def cluster_gpus() -> float:
 
 def disconnect() -> None:
     ray.shutdown()
+
+
+def object_store_stats() -> dict[str, int] | None:
+    """The object store's bytes in use and spilled so far, cluster-wide (None if Ray cannot tell: a
+    private API, read for benchmarks only)."""
+    try:
+        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
+
+        stats = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address)).store_stats
+        return {"used": int(stats.object_store_bytes_used), "spilled": int(stats.spilled_bytes_total)}
+    except Exception as err:  # a private API: report rather than fail the benchmark
+        logging.getLogger(__name__).warning("cannot read the object store's statistics: %s", err)
+        return None
+
+
+def connected() -> bool:
+    return ray.is_initialized()

@@ -22,9 +22,8 @@ from ..config.stages import STAGES
 from ..io.layout import done_video_ids
 from ..io.manifest import open_manifest
 from ..io.storage import open_fs
-from ..requests.manifest import scan_ids
 from .cluster import connect, disconnect
-from .plan import PlanInputs, planned_dataset
+from .plan import PlanInputs, planned_dataset, scan_manifest
 from .pools import execution_context
 from .render import new_run_id, planning_tasks
 from .rows import ERROR, PENDING, SKIPPED
@@ -67,7 +66,7 @@ class DryRun:
 def _work(request: dict, reference: dict) -> dict[str, float]:
     """A pending request's work per stage, in units of the profile's own video."""
     pixels = request["width"] * request["height"] / (reference["width"] * reference["height"])
-    scenes = len(request.get("scenes") or ()) or 1
+    scenes = len(request["scenes"] or ()) or 1
     if request.get("mode") == "animation":
         groups, frames = ANIMATION["groups"], ANIMATION["frames"]
     else:
@@ -90,7 +89,7 @@ def dry_run(job: RenderJob, *, costs: CostProfile | None = None, gpus: int | Non
     started = connect(job.ray, verbose)
     try:
         with execution_context(verbose=verbose):
-            scan = scan_ids(manifest)
+            scan = scan_manifest(manifest, job.storage_options, planning_tasks(job))
             report.rows, report.repeats, report.duplicates = manifest.rows, len(scan.repeats), len(scan.duplicates)
             inputs = PlanInputs(job.model_dump_json(), new_run_id(), "", ray.put(scan.duplicates),
                                 ray.put(scan.repeats), ray.put(done), dry_run=True)
@@ -98,19 +97,24 @@ def dry_run(job: RenderJob, *, costs: CostProfile | None = None, gpus: int | Non
             measured = costs.meta if costs is not None else {}
             reference = {"width": 512, "height": 512, "fps": "medium",
                          **{k: measured[k] for k in ("width", "height", "fps") if k in measured}}
+            shapes: dict[str, int] = {}
             for batch in planned_dataset(manifest.parts, inputs, planning_tasks(job)).iter_batches(
                     batch_format="pandas", batch_size=None):
-                status = batch["status"]
-                report.pending += int((status == PENDING).sum())
-                report.skipped += int((status == SKIPPED).sum())
-                errors = batch.loc[status == ERROR]
-                report.error += len(errors)
-                report.first_errors.extend(f"row {r} ({i}): {e}" for r, i, e in
-                                           zip(errors["row"], errors["id"], errors["error"]))
-                report.first_errors = sorted(report.first_errors, key=lambda line: int(line.split(" ", 2)[1]))[:FIRST_REASONS]
-                if costs is not None:
-                    for request in batch.loc[status == PENDING, "request"]:
-                        report.work.update(_work(json.loads(request), reference))
+                for summary in batch["summary"]:
+                    part = json.loads(summary)
+                    report.pending += part["counts"][PENDING]
+                    report.skipped += part["counts"][SKIPPED]
+                    report.error += part["counts"][ERROR]
+                    report.first_errors.extend(part["errors"])
+                    for shape, count in part["shapes"].items():
+                        shapes[shape] = shapes.get(shape, 0) + count
+            report.first_errors = sorted(report.first_errors, key=lambda line: int(line.split(" ", 2)[1]))[:FIRST_REASONS]
+            if costs is not None:
+                for shape, count in shapes.items():
+                    width, height, fps, mode, scenes = json.loads(shape)
+                    work = _work({"width": width, "height": height, "fps": fps, "mode": mode, "scenes": [""] * scenes},
+                                 reference)
+                    report.work.update({stage: value * count for stage, value in work.items()})
     finally:
         if started:
             disconnect()

@@ -28,12 +28,13 @@ import ray
 
 from ..config.job import RenderJob
 from ..io.layout import is_done, results_dir, video_path
-from ..io.manifest import ManifestPart, part_batches
+from ..io.manifest import Manifest, ManifestPart, part_batches
 from ..io.storage import open_fs, write_atomic
-from ..requests.manifest import plan_row
+from ..requests.manifest import IdScan, PartIds, part_ids, plan_row, scan_ids
 from .rows import ERROR, PENDING, SKIPPED, empty_row, ledger, results_table, rows_frame
 
 REPEAT = "repeat"  # counted, never a row
+FIRST_ERRORS = 5
 
 
 @dataclass(frozen=True)
@@ -59,20 +60,15 @@ def _shared(duplicates: ray.ObjectRef, repeats: ray.ObjectRef, done: ray.ObjectR
     return ray.get(duplicates), ray.get(repeats), ray.get(done)
 
 
-def plan_part(batch: dict, inputs: PlanInputs):
-    """Ray Data callable (batch_size=1: one part per call): yields the part's planned rows as DataFrames
-    (pending rows only, or every row in a dry run)."""
+def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, int]):
+    """Every row of the part, planned, in DataFrames of a read batch each; repeats of identical rows
+    without ids are counted in `counts` and left out."""
     job = _job(inputs.job_json)
     duplicates, repeats, done = _shared(inputs.duplicates, inputs.repeats, inputs.done)
-    fields = json.loads(batch["part"][0])
-    part = ManifestPart(**{**fields, "row_groups": tuple(fields["row_groups"])})
     manifest_fs = open_fs(job.manifest, job.storage_options)[0]
     out_fs, root = open_fs(job.out, job.storage_options)
     preset = job.models.model_preset
     size = (preset.default_width, preset.default_height)
-    counts = {PENDING: 0, SKIPPED: 0, ERROR: 0, REPEAT: 0}
-    reasons: dict[str, list[str]] = {}
-    finished: list[pd.DataFrame] = []  # skipped and error rows, for the results
     for start, records in part_batches(manifest_fs, part):
         rows = []
         for offset, record in enumerate(records.to_pylist()):
@@ -93,34 +89,68 @@ def plan_part(batch: dict, inputs: PlanInputs):
                            request=request.model_dump_json())
             rows.append(row)
         frame = rows_frame(rows)
-        pending = frame["status"] == PENDING
-        finished_before = is_done(done, frame.loc[pending, "video_id"].tolist())
-        done_index = frame.index[pending][finished_before]
-        frame.loc[done_index, "status"] = SKIPPED
-        frame.loc[done_index, "uri"] = [out_fs.unstrip_protocol(video_path(root, v, job.video_format))
-                                        for v in frame.loc[done_index, "video_id"]]
+        pending = frame.index[frame["status"] == PENDING]
+        done_before = pending[is_done(done, frame.loc[pending, "video_id"].tolist())]
+        frame.loc[done_before, "status"] = SKIPPED
+        frame.loc[done_before, "uri"] = [out_fs.unstrip_protocol(video_path(root, v, job.video_format))
+                                         for v in frame.loc[done_before, "video_id"]]
         for status in (PENDING, SKIPPED, ERROR):
             counts[status] += int((frame["status"] == status).sum())
-        errors = frame.loc[frame["status"] == ERROR]
-        if len(errors):
-            kept = reasons.setdefault(ERROR, [])
-            kept.extend(f"row {r} ({i}): {e}" for r, i, e in zip(errors["row"], errors["id"], errors["error"])
-                        if len(kept) < 5)
-        if inputs.dry_run:
-            yield frame
-            continue
+        yield frame
+
+
+def _first_errors(frame: pd.DataFrame, kept: list[str]) -> None:
+    errors = frame.loc[frame["status"] == ERROR]
+    for row, row_id, error in zip(errors["row"], errors["id"], errors["error"]):
+        if len(kept) >= FIRST_ERRORS:
+            return
+        kept.append(f"row {row} ({row_id}): {error}")
+
+
+def _part(batch: dict) -> ManifestPart:
+    fields = json.loads(batch["part"][0])
+    return ManifestPart(**{**fields, "row_groups": tuple(fields["row_groups"])})
+
+
+def plan_part(batch: dict, inputs: PlanInputs):
+    """Ray Data callable (batch_size=1: one part per call): yields the part's pending rows, a batch at a
+    time, while it plans the rest; writes its skipped and error rows into the run's results and
+    reports its counts to the run's ledger."""
+    part = _part(batch)
+    job = _job(inputs.job_json)
+    out_fs, root = open_fs(job.out, job.storage_options)
+    counts = {PENDING: 0, SKIPPED: 0, ERROR: 0, REPEAT: 0}
+    errors: list[str] = []
+    finished: list[pd.DataFrame] = []  # skipped and error rows, for the results
+    for frame in _planned_frames(part, inputs, counts):
+        _first_errors(frame, errors)
         finished.append(frame.loc[frame["status"] != PENDING].drop(columns=["payload"]))
-        pending_rows = frame.loc[frame["status"] == PENDING]
-        if len(pending_rows):
-            yield pending_rows
-    if not inputs.dry_run and finished:
-        results = pd.concat(finished)
-        if len(results):
-            sink = _parquet_bytes(results)
-            write_atomic(out_fs, f"{results_dir(root, inputs.run_id)}/plan-{part.first_row:012d}.parquet", sink)
+        pending = frame.loc[frame["status"] == PENDING]
+        if len(pending):
+            yield pending
+    results = pd.concat(finished) if finished else None
+    if results is not None and len(results):
+        write_atomic(out_fs, f"{results_dir(root, inputs.run_id)}/plan-{part.first_row:012d}.parquet",
+                     _parquet_bytes(results))
     book = ledger(inputs.ledger_name) if inputs.ledger_name else None
     if book is not None:
-        book.plan.remote(counts, reasons)
+        book.plan.remote(counts, {ERROR: errors} if errors else {})
+
+
+def dry_part(batch: dict, inputs: PlanInputs):
+    """Ray Data callable of a dry run: the part's planning summed up in one row (JSON): its counts, its
+    first errors, and how many pending rows have each shape (size, fps, mode, scenes)."""
+    counts = {PENDING: 0, SKIPPED: 0, ERROR: 0, REPEAT: 0}
+    errors: list[str] = []
+    shapes: dict[str, int] = {}
+    for frame in _planned_frames(_part(batch), inputs, counts):
+        _first_errors(frame, errors)
+        for request in frame.loc[frame["status"] == PENDING, "request"]:
+            fields = json.loads(request)
+            shape = json.dumps([fields["width"], fields["height"], fields["fps"], fields["mode"],
+                                len(fields.get("scenes") or ()) or 1])
+            shapes[shape] = shapes.get(shape, 0) + 1
+    yield pd.DataFrame({"summary": [json.dumps({"counts": counts, "errors": errors, "shapes": shapes})]})
 
 
 def _in_sorted(sorted_values: np.ndarray, value: int) -> bool:
@@ -134,6 +164,24 @@ def _parquet_bytes(frame: pd.DataFrame) -> bytes:
     return sink.getvalue().to_pybytes()
 
 
+def scan_manifest(manifest: Manifest, storage_options: dict, concurrency: int) -> IdScan:
+    """`scan_ids` with each part's ids computed by a Ray task (no CPU asked), `concurrency` at a time."""
+    scan_part = ray.remote(num_cpus=0)(_scan_part)
+    parts, waiting = [None] * len(manifest.parts), {}
+    for index, part in enumerate(manifest.parts):
+        if len(waiting) >= concurrency:
+            ready, _ = ray.wait(list(waiting), num_returns=1)
+            parts[waiting.pop(ready[0])] = ray.get(ready[0])
+        waiting[scan_part.remote(manifest.uri, storage_options, part)] = index
+    for ref, index in waiting.items():
+        parts[index] = ray.get(ref)
+    return scan_ids(manifest, parts)
+
+
+def _scan_part(uri: str, storage_options: dict, part: ManifestPart) -> PartIds:
+    return part_ids(open_fs(uri, storage_options)[0], part)
+
+
 def parts_dataset(parts: list[ManifestPart]):
     """One block per part, so that each part is its own planning task."""
     items = [{"part": json.dumps(asdict(p))} for p in parts]
@@ -141,9 +189,10 @@ def parts_dataset(parts: list[ManifestPart]):
 
 
 def planned_dataset(parts: list[ManifestPart], inputs: PlanInputs, concurrency: int):
-    """The planned rows of every part, as a stream (see the module notes)."""
+    """The planned rows of every part, as a stream (see the module notes); a dry run's part summaries."""
     return parts_dataset(parts).map_batches(
-        plan_part, fn_kwargs={"inputs": inputs}, batch_size=1, batch_format="numpy", num_cpus=0,
+        dry_part if inputs.dry_run else plan_part, fn_kwargs={"inputs": inputs}, batch_size=1, batch_format="numpy",
+        num_cpus=0,
         compute=ray.data.TaskPoolStrategy(size=max(1, min(concurrency, len(parts)))),
     )
 

@@ -36,9 +36,8 @@ from ..config.stages import STAGES
 from ..io.layout import done_video_ids, latest_run_path, results_dir, run_record_path
 from ..io.manifest import Manifest, open_manifest
 from ..io.storage import open_fs, redact_storage_options, write_atomic, write_json
-from ..requests.manifest import scan_ids
 from .cluster import check_resources, connect, on_this_node
-from .plan import PlanInputs, planned_dataset
+from .plan import PlanInputs, planned_dataset, scan_manifest
 from .planner import plan_job, plan_summary
 from .pools import PoolOptions, execution_context, model_stages, queued_calls
 from .rows import ERROR, FILTERED, OK, SKIPPED, RunLedger, results_table
@@ -369,7 +368,7 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False,
             from .workers import WORKERS as workers
         with Signals() as signals, execution_context(pool_options, verbose=verbose):
             try:
-                scan = scan_ids(manifest)
+                scan = scan_manifest(manifest, job.storage_options, planning_tasks(job))
                 summary.repeats = len(scan.repeats)
                 ledger_name = f"kvray-ledger-{run_id}"
                 ledger_actor = RunLedger.options(name=ledger_name, scheduling_strategy=on_this_node()).remote()

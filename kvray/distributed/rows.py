@@ -22,6 +22,7 @@ from collections.abc import Iterator
 import pandas as pd
 import pyarrow as pa
 import ray
+from ray.util import metrics
 
 from ..config.job import RenderJob
 from ..config.stages import STAGES
@@ -90,6 +91,10 @@ class StageWorker:
         self.gpu_ids = [str(g) for g in ray.get_gpu_ids()]
         self.placement = {"gpu_ids": self.gpu_ids, "node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
         self.setup()
+        # Ray's metrics (dashboard, Prometheus export): rows each stage finished or failed, seconds per row.
+        self.rows_metric = metrics.Counter("kvray_rows", "rows a stage finished, by status", tag_keys=("stage", "status"))
+        self.seconds_metric = metrics.Histogram("kvray_stage_seconds", "a stage's seconds per row", tag_keys=("stage",),
+                                                boundaries=[0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600])
         self.ledger = ledger(ledger_name)
         if self.ledger is not None:
             self.ledger.register.remote(self.stage, {**self.placement, "load_seconds": round(time.perf_counter() - start, 3)})
@@ -125,7 +130,10 @@ class StageWorker:
             result = outcome[i]
             if isinstance(result, str):
                 batch.at[i, "status"], batch.at[i, "error"], batch.at[i, "payload"] = ERROR, result, b""
+                self.rows_metric.inc(tags={"stage": self.stage, "status": ERROR})
                 continue
+            self.rows_metric.inc(tags={"stage": self.stage, "status": result.get("status", OK)})
+            self.seconds_metric.observe(seconds, tags={"stage": self.stage})
             for column, value in result.items():
                 batch.at[i, column] = value
             batch.at[i, f"seconds_{self.stage}"] = seconds
@@ -170,7 +178,7 @@ class RunLedger:
             kept.extend(some[:max(0, 5 - len(kept))])
 
     def report(self, with_calls: bool = False) -> dict:
-        report = {"actors": self.actors, "model_calls": {s: len(c) for s, c in self.calls.items()},
+        report = {"pid": os.getpid(), "actors": self.actors, "model_calls": {s: len(c) for s, c in self.calls.items()},
                   "planned": self.planned, "reasons": self.reasons,
                   "busy_seconds": {s: sum(e - b for b, e, _, _ in c) for s, c in self.calls.items()}}
         if with_calls:

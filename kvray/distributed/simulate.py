@@ -14,22 +14,18 @@ quickly on a small machine.
 from __future__ import annotations
 
 import json
-import logging
 import tempfile
 import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 
 from ..config.job import Deployment, RenderJob
 from ..config.stages import STAGES
 from .pools import PoolOptions
 from .render import RenderSummary, render
 from .rows import OK, StageWorker
-
-log = logging.getLogger(__name__)
 
 
 class SimStageWorker(StageWorker):
@@ -83,15 +79,3 @@ def simulated_render(workers: dict[str, type], deployment: Deployment, videos: i
                                  "seed": list(range(videos))}), manifest)
         job = RenderJob(manifest=str(manifest), out=str(Path(tmp) / "out"), deployment=deployment)
         return render(job, workers=workers, pool_options=pool_options, on_rows=on_rows)
-
-
-def spilled_bytes_total() -> int | None:
-    """Bytes the object store has spilled since the cluster started (None if Ray cannot tell)."""
-    try:
-        from ray._private.internal_api import get_memory_info_reply, get_state_from_address
-
-        reply = get_memory_info_reply(get_state_from_address(ray.get_runtime_context().gcs_address))
-        return int(reply.store_stats.spilled_bytes_total)
-    except Exception as err:  # a private API: report rather than fail the benchmark
-        log.warning("cannot read the object store's spill statistics: %s", err)
-        return None

@@ -9,6 +9,7 @@ test-scale presets).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from collections.abc import Mapping
@@ -21,7 +22,7 @@ import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from ..config.job import RequestDefaults
-from ..io.manifest import KNOWN_COLUMNS, Manifest, part_batches
+from ..io.manifest import KNOWN_COLUMNS, Manifest, ManifestPart, part_batches
 from ..config.validation import validation_message
 from ..config.sampling import GuidanceConfig
 from .request import VideoRequest, default_size as mode_default_size
@@ -79,18 +80,19 @@ def _given(row: Mapping[str, Any]) -> dict[str, Any]:
     return given
 
 
-def row_identity(row: Mapping[str, Any]) -> tuple[str, bool]:
-    """(the row's id, whether the manifest gave it): the `id` column, else one derived from the content."""
+def row_identity(row: Mapping[str, Any], given: dict[str, Any] | None = None) -> tuple[str, bool]:
+    """(the row's id, whether the manifest gave it): the `id` column, else one derived from the content
+    (`given`: the row's `_given`, when the caller has it already)."""
     raw_id = _python(row.get("id"))
     if _present(raw_id):
         return str(raw_id), True
-    return "auto-" + _digest(_given(row))[:16], False
+    return "auto-" + _digest(_given(row) if given is None else given)[:16], False
 
 
 def plan_row(row: Mapping[str, Any], defaults: RequestDefaults, model_version: str, default_size: tuple[int, int]) -> PlannedRow:
     """One manifest row -> its request, or the reason it cannot be rendered."""
     given = _given(row)
-    row_id, _ = row_identity(row)
+    row_id, _ = row_identity(row, given)
     try:
         if "negative_prompt" in given:
             raise ValueError("negative_prompt is not supported: Kandinsky Video 1.1 has none (the official code ignores it)")
@@ -98,7 +100,7 @@ def plan_row(row: Mapping[str, Any], defaults: RequestDefaults, model_version: s
         prompt = given.get("prompt")
         if not isinstance(prompt, str) and not (prompt is None and scenes):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        guidance = defaults.guidance.model_copy(update={k: given[k] for k in GUIDANCE_COLUMNS if k in given})
+        guidance = {**_defaults_guidance(defaults), **{k: given[k] for k in GUIDANCE_COLUMNS if k in given}}
         size = mode_default_size(given.get("mode"), default_size)
         fields = {
             "prompt": prompt,
@@ -111,7 +113,7 @@ def plan_row(row: Mapping[str, Any], defaults: RequestDefaults, model_version: s
             "steps": given.get("steps", defaults.steps),
             "interpolation_steps": given.get("interpolation_steps", defaults.interpolation_steps),
             "noise_augmentation": given.get("noise_augmentation", defaults.noise_augmentation),
-            "guidance": GuidanceConfig.model_validate(guidance.model_dump()),
+            "guidance": guidance,
             "mode": given.get("mode"),
             "camera": given.get("camera"),
             "strength": given.get("strength"),
@@ -123,6 +125,11 @@ def plan_row(row: Mapping[str, Any], defaults: RequestDefaults, model_version: s
     except ValueError as err:
         return PlannedRow(row_id, None, "", str(err))
     return PlannedRow(row_id, request, video_id(request, model_version))
+
+
+@functools.lru_cache(maxsize=16)
+def _defaults_guidance(defaults: RequestDefaults) -> dict[str, float]:
+    return defaults.guidance.model_dump()
 
 
 def _scenes(value: Any) -> list | None:
@@ -163,29 +170,50 @@ class IdScan:
     repeats: np.ndarray
 
 
-def scan_ids(manifest: Manifest) -> IdScan:
-    """One pass over the manifest's ids (the content of the rows that have none): pyarrow counts them,
-    so that the pass over a million rows takes seconds and little memory."""
-    ids, positions, explicit = [], [], []
-    for part in manifest.parts:
-        for start, batch in part_batches(manifest.fs, part):
-            given = np.zeros(batch.num_rows, dtype=bool)
-            if "id" in batch.schema.names:
-                column = batch.column("id")
-                given = pc.is_valid(column).to_numpy(zero_copy_only=False)
-                ids.append(pc.cast(column.filter(pc.is_valid(column)), pa.string()))
-                positions.append(np.flatnonzero(given) + start)
-                explicit.append(np.ones(int(given.sum()), dtype=bool))
-            missing = np.flatnonzero(~given)
-            if len(missing):
-                rows = (batch if len(missing) == batch.num_rows else batch.take(pa.array(missing))).to_pylist()
-                ids.append(pa.array([row_identity(row)[0] for row in rows], pa.string()))
-                positions.append(missing + start)
-                explicit.append(np.zeros(len(missing), dtype=bool))
+@dataclass(frozen=True)
+class PartIds:
+    """The ids of one manifest part, with each row's position and whether the manifest wrote the id."""
+
+    ids: pa.Array
+    positions: np.ndarray
+    written: np.ndarray
+
+
+def part_ids(fs, part: ManifestPart) -> PartIds:
+    """Ids straight from the `id` column; for rows without one, derived from the content (the costly
+    part: a digest per row)."""
+    ids, positions, written = [], [], []
+    for start, batch in part_batches(fs, part):
+        given = np.zeros(batch.num_rows, dtype=bool)
+        if "id" in batch.schema.names:
+            column = batch.column("id")
+            given = pc.is_valid(column).to_numpy(zero_copy_only=False)
+            ids.append(pc.cast(column.filter(pc.is_valid(column)), pa.string()))
+            positions.append(np.flatnonzero(given) + start)
+            written.append(np.ones(int(given.sum()), dtype=bool))
+        missing = np.flatnonzero(~given)
+        if len(missing):
+            rows = (batch if len(missing) == batch.num_rows else batch.take(pa.array(missing))).to_pylist()
+            ids.append(pa.array([row_identity(row)[0] for row in rows], pa.string()))
+            positions.append(missing + start)
+            written.append(np.zeros(len(missing), dtype=bool))
     if not ids:
+        return PartIds(pa.array([], pa.string()), np.array([], np.int64), np.array([], bool))
+    return PartIds(pa.concat_arrays(ids), np.concatenate(positions), np.concatenate(written))
+
+
+def scan_ids(manifest: Manifest, parts: list[PartIds] | None = None) -> IdScan:
+    """Which ids repeat over the whole manifest, from every part's ids (`part_ids`, computed here one
+    part after the other unless given: a render computes them in parallel). pyarrow counts them, so
+    that a million rows take seconds and little memory."""
+    if parts is None:
+        parts = [part_ids(manifest.fs, part) for part in manifest.parts]
+    parts = [p for p in parts if len(p.ids)]
+    if not parts:
         return IdScan(manifest.rows, {}, np.array([], dtype=np.int64))
-    every = pa.concat_arrays(ids)
-    where, written = np.concatenate(positions), np.concatenate(explicit)
+    every = pa.concat_arrays([p.ids for p in parts])
+    where = np.concatenate([p.positions for p in parts])
+    written = np.concatenate([p.written for p in parts])
     encoded = pc.dictionary_encode(every)
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     counts = np.bincount(codes)
