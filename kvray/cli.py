@@ -197,6 +197,14 @@ def _render_job(args):
                         ("stall_timeout_s", args.stall_timeout)):
         if value is not None:
             overrides[name] = value
+    dataset = {k: v for k, v in (("layout", args.layout), ("shard_size", args.shard_size),
+                                  ("shard_bytes", args.shard_bytes), ("filters", args.filter)) if v is not None}
+    if args.with_latents:
+        dataset["with_latents"] = True
+    if args.drop_filtered:
+        dataset["keep_filtered"] = False
+    if dataset:
+        overrides["dataset"] = dataset
     if args.job:
         return RenderJob.from_yaml(args.job, **overrides)
     return RenderJob.model_validate(overrides)
@@ -278,6 +286,13 @@ def _cmd_render(args) -> int:
         return 2
     except OSError as err:  # storage that keeps failing once its retries are spent
         print(f"error: storage failed: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a failure inside Ray: the run is recorded as failed, with the error
+        if args.verbose:
+            raise
+        first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        print(f"error: the render failed: {first} (the run's record is in {job.out}/runs/; -v shows the whole "
+              "error)", file=sys.stderr)
         return 2
     finally:
         if progress is not None:
@@ -452,6 +467,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages`, or stage=seconds,...): "
                    "sizes the pools when the job fixes none (default for kv11: the full-size networks' profile)")
     p.add_argument("--gpu-memory", type=float, help="GiB of one GPU, for the planner (default: the profile's, else 80)")
+    data = p.add_argument_group("dataset output (see README: Synthesize a dataset)")
+    data.add_argument("--layout", help="files (default: videos/ and meta/, one object each) or webdataset (tar shards, "
+                      "a Parquet index, a dataset card)")
+    data.add_argument("--shard-size", type=int, help="webdataset: samples per shard, at most (default 256)")
+    data.add_argument("--shard-bytes", help="webdataset: bytes per shard, at most (default 512MiB)")
+    data.add_argument("--with-latents", action="store_true", help="webdataset: also store the latents the decoder got")
+    data.add_argument("--filter", action="append", metavar="SIGNAL>=VALUE",
+                      help="quality threshold, repeatable, ANDed (quote it: 'motion>=0.5'); a video that fails one is "
+                           "`filtered`, with the reason")
+    data.add_argument("--drop-filtered", action="store_true", help="leave filtered videos out (default: keep them, marked)")
     p.add_argument("--dry-run", action="store_true",
                    help="validate every row and count pending, done and bad rows (with a cost profile: the GPU-hours "
                         "and the wall time on --gpus GPUs they need); writes nothing")

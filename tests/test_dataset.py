@@ -5,6 +5,7 @@ run against real outputs (local, and S3 on moto's server)."""
 from __future__ import annotations
 
 import io
+import json
 import re
 import runpy
 import subprocess
@@ -226,7 +227,7 @@ def make_sample(index: int, *, frames: np.ndarray | None = None, scenes: list[st
     key = video_id(request, "test-model")
     metadata = video_metadata(video, row_id=f"row-{index}", video_id=key, model_version="test-model",
                               video_format="mp4", seconds={s: 0.5 for s in STAGES},
-                              gpu_ids={"keyframes": ["0"], "decode": ["1"]}, uri="")
+                              placement={"keyframes": {"gpu_ids": ["0"]}, "decode": {"gpu_ids": ["1"]}}, uri="")
     dataset = DatasetConfig(layout="webdataset", with_latents=latents, filters=["motion>=2.5"])
     return dataset_sample(video, metadata, dataset, encoded=video.encode("mp4"),
                           latents=torch.full((12, 4, 4, 4), float(index)) if latents else None)
@@ -358,7 +359,7 @@ def test_index_columns_are_stable_and_flat():
     row = table.to_pylist()[1]
     assert row["members"] == sorted(f"{group[1].key}.{e}" for e in ("json", "latents.safetensors", "mp4", "txt"))
     assert row["request_scenes"] == ["a", "b"] and [s["prompt"] for s in row["scenes"]] == ["a", "b"]
-    assert row["seconds_decode"] == 0.5 and row["gpu_ids_decode"] == ["1"] and row["gpu_ids_text"] is None
+    assert row["seconds_decode"] == 0.5 and json.loads(row["placement"])["decode"]["gpu_ids"] == ["1"]
     assert row["fps"] == pytest.approx(24 / 11) and row["request_fps"] == "low"
     assert row["motion"] == group[1].metadata["quality"]["motion"]
     assert '"zoom": 1.5' in table.to_pylist()[2]["request_camera"]

@@ -67,7 +67,7 @@ def bench_dataset(models, runtime, sizes, *, fps: str = "medium", samples: int =
             encode_s, encoded = _timed(repeats, video.encode, "mp4")
             key = video_id(request, models.version)
             metadata = video_metadata(video, row_id="bench", video_id=key, model_version=models.version,
-                                      video_format="mp4", seconds={"decode": decode_s}, gpu_ids={}, uri="")
+                                      video_format="mp4", seconds={"decode": decode_s}, placement={}, uri="")
             quality_s, sample = _timed(max(3, repeats), dataset_sample, video, metadata, dataset,
                                          encoded=encoded)
             copies = [Sample(key=f"{i:032x}", video=encoded, metadata={**sample.metadata, "video_id": f"{i:032x}"},

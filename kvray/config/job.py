@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from .costs import CostError, parse_costs
+from .dataset import DatasetConfig
 from .images import ImagePolicy, manifest_location
 from .models import ModelSource
 from .runtime import RuntimeConfig
@@ -83,6 +84,8 @@ class RenderJob(_Strict):
     storage_options: dict = Field(default_factory=dict, description="fsspec options for the manifest and outputs")
     results_per_file: int = Field(10_000, ge=1, description="rows per results/*.parquet file")
     video_format: Literal["mp4", "gif", "webp"] = "mp4"
+    dataset: DatasetConfig = Field(DatasetConfig(), description="output layout (files or webdataset shards), "
+                                   "quality filters")
     images: ImagePolicy = Field(ImagePolicy(), description="where rows' images may come from, and their limits "
                                 "(default: under the manifest's own location, or public http(s))")
     # The planner sizes the pools when `deployment` fixes no stage's actors or gpus and the cluster has GPUs.

@@ -19,7 +19,7 @@ import ray
 from ..config.costs import CostProfile
 from ..config.job import RenderJob
 from ..config.stages import STAGES
-from ..io.layout import done_video_ids
+from ..io.layout import done_keys
 from ..io.manifest import open_manifest
 from ..io.storage import open_fs
 from .cluster import connect, disconnect
@@ -85,7 +85,7 @@ def dry_run(job: RenderJob, *, costs: CostProfile | None = None, gpus: int | Non
     start = time.perf_counter()
     manifest = open_manifest(job.manifest, job.storage_options)
     fs, root = open_fs(job.out, job.storage_options)
-    done = done_video_ids(fs, root)
+    done = done_keys(fs, root, job.dataset.layout)
     started = connect(job.ray, verbose)
     try:
         with execution_context(verbose=verbose):

@@ -92,8 +92,9 @@ def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, in
         pending = frame.index[frame["status"] == PENDING]
         done_before = pending[is_done(done, frame.loc[pending, "video_id"].tolist())]
         frame.loc[done_before, "status"] = SKIPPED
-        frame.loc[done_before, "uri"] = [out_fs.unstrip_protocol(video_path(root, v, job.video_format))
-                                         for v in frame.loc[done_before, "video_id"]]
+        if job.dataset.layout == "files":  # a webdataset sample's shard is in the index
+            frame.loc[done_before, "uri"] = [out_fs.unstrip_protocol(video_path(root, v, job.video_format))
+                                             for v in frame.loc[done_before, "video_id"]]
         for status in (PENDING, SKIPPED, ERROR):
             counts[status] += int((frame["status"] == status).sum())
         yield frame

@@ -18,6 +18,7 @@ import ray
 
 from ..config.job import RenderJob
 from ..config.stages import STAGES
+from .shard_writer import ShardWriter
 
 ROW_BLOCK_BYTES = 64 * 1024  # blocks above this size are cut, down to one row
 DEEP_QUEUE = 1.2  # a pool fed this many times as fast as it works has work waiting in front of it
@@ -76,6 +77,9 @@ def model_stages(planned, job: RenderJob, ledger_name: str, workers: dict[str, t
             num_gpus=deployment.gpus,
             num_cpus=deployment.cpus,
         )
+    if job.dataset.layout == "webdataset":
+        ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"job_json": job_json}, batch_format="pandas",
+                            batch_size=job.dataset.shard_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
     return ds
 
 

@@ -33,7 +33,9 @@ import ray
 
 from ..config.job import RenderJob
 from ..config.stages import STAGES
-from ..io.layout import done_video_ids, latest_run_path, results_dir, run_record_path
+from ..io.dataset_card import dataset_counts, write_dataset_card
+from ..io.layout import done_keys, latest_run_path, results_dir, run_record_path
+from ..io.shards import remove_orphans
 from ..io.manifest import Manifest, open_manifest
 from ..io.storage import open_fs, redact_storage_options, write_atomic, write_json
 from .cluster import check_resources, connect, on_this_node
@@ -350,12 +352,14 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False,
     run_id = new_run_id()
     summary = RenderSummary(run_id, fs.unstrip_protocol(root), rows=manifest.rows)
     start = time.perf_counter()
-    done = done_video_ids(fs, root)
+    done = done_keys(fs, root, job.dataset.layout)
     started_ray = connect(job.ray, verbose)
     ledger_actor = monitor = record = None
     try:
         job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
         check_resources(job)
+        if job.dataset.layout == "webdataset":
+            remove_orphans(fs, root)  # shards of a writer killed before their index part: render them again
         record = RunRecord(fs, root, run_id, job, manifest)
         if chosen is not None:
             for line in chosen.lines():
@@ -420,5 +424,15 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False,
             ray.shutdown()
         if record is not None:
             _planned_rows(fs, root, run_id, summary)
+            if job.dataset.layout == "webdataset":
+                summary.results.append(_card(fs, root, job, summary))
             record.update(status=summary.status, finished_at=_now(), reason=summary.reason, summary=summary.record())
     return summary
+
+
+def _card(fs, root: str, job: RenderJob, summary: RenderSummary) -> str:
+    """The dataset card of a webdataset output, from its committed index (every run so far)."""
+    return write_dataset_card(fs, root, counts=dataset_counts(fs, root), errors=summary.error, dataset=job.dataset,
+                              model_version=job.models.version, preset=job.models.preset,
+                              defaults=job.defaults.model_dump(mode="json"), video_format=job.video_format,
+                              storage_options=job.storage_options)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import time
 
 import pandas as pd
@@ -10,15 +11,15 @@ from safetensors.torch import load as unpack_tensors
 from safetensors.torch import save as pack_tensors
 
 from ..config.runtime import RuntimeConfig
-from ..config.sampling import FIRST_FRAME_SAMPLER, INTERPOLATION_SAMPLER
 from ..config.stages import STAGES
 from ..io.layout import meta_path, video_path
 from ..io.storage import open_fs, write_atomic, write_json
 from ..pipeline import VideoRequest, load_first_frames
 from ..pipeline.device import stack_description, torch_device
 from ..pipeline.pipeline import Video
+from ..pipeline.samples import dataset_sample, video_metadata
 from ..pipeline.stages import Decode, EncodeText, Interpolate, Keyframes, text_from_tensors, text_tensors
-from .rows import OK, StageWorker
+from .rows import FILTERED, OK, StageWorker
 
 
 class ModelWorker(StageWorker):
@@ -99,20 +100,17 @@ class InterpolateWorker(ModelWorker):
         return {i: {"payload": pack_tensors({"latents": v.contiguous()})} for i, v in zip(rows.index, videos)}
 
 
-def resolved_settings(request: VideoRequest) -> dict:
-    """The settings a request ran with, defaults filled in (the request leaves step counts None)."""
-    return {"steps": request.steps or FIRST_FRAME_SAMPLER.num_steps,
-            "interpolation_steps": request.interpolation_steps or INTERPOLATION_SAMPLER.num_steps,
-            "guidance": request.guidance.model_dump(), "motion": request.motion,
-            "noise_augmentation": request.noise_augmentation}
-
-
 class DecodeAndWriteWorker(ModelWorker):
+    """The last model stage: frames, quality signals and filters, then the outputs of the job's layout.
+    Files: the video (unless filtered out and not kept), then its metadata, the commit record. WebDataset:
+    the finished sample travels on to the shard writer, which commits it."""
+
     stage = "decode"
 
     def load(self, runtime):
         self.decode = Decode(self.job.models, runtime)
         self.fs, self.root = open_fs(self.job.out, self.job.storage_options)
+        self.dataset = self.job.dataset
 
     def process(self, rows):
         outcome = {}
@@ -120,27 +118,32 @@ class DecodeAndWriteWorker(ModelWorker):
             row = rows.loc[i]
             path = video_path(self.root, row["video_id"], self.job.video_format)
             uri = self.fs.unstrip_protocol(path)
-            if self.fs.exists(meta_path(self.root, row["video_id"])):
+            if self.dataset.layout == "files" and self.fs.exists(meta_path(self.root, row["video_id"])):
                 # A retried task (its actor died after writing) or the same request twice: written once.
                 outcome[i] = {"status": OK, "uri": uri, "payload": b""}
                 continue
             start = time.perf_counter()
             latents = unpack_tensors(row["payload"])["latents"]
             video = Video(request, self.decode(latents, request=request), bool(row["prompt_truncated"]))
-            write_atomic(self.fs, path, video.encode(self.job.video_format))
+            encoded = video.encode(self.job.video_format)
             seconds = {s: float(row[f"seconds_{s}"]) for s in STAGES}
             seconds["decode"] = time.perf_counter() - start
-            placement = {**json.loads(row["placement"]), "decode": self.placement}
+            metadata = video_metadata(video, row_id=row["id"], video_id=row["video_id"],
+                                      model_version=self.job.models.version, video_format=self.job.video_format,
+                                      seconds=seconds, placement={**json.loads(row["placement"]), "decode": self.placement},
+                                      uri=uri)
+            sample = dataset_sample(video, metadata, self.dataset, encoded=encoded, latents=latents)
+            status = FILTERED if sample.filtered else OK
+            reasons = "; ".join(sample.metadata["filter_reasons"])
+            if self.dataset.layout == "webdataset":
+                outcome[i] = {"status": status, "error": reasons, "payload": pickle.dumps(sample.to_row())}
+                continue
+            kept = status == OK or self.dataset.keep_filtered
+            if kept:
+                write_atomic(self.fs, path, encoded)
             # The metadata is written last: its presence marks the video as done (resume skips it).
-            write_json(self.fs, meta_path(self.root, row["video_id"]), {
-                "id": row["id"], "video_id": row["video_id"], "request": request.model_dump(mode="json"),
-                "resolved": resolved_settings(request), "seed": request.seed, "mode": request.mode,
-                "model_version": self.job.models.version, "frames": int(video.frames.shape[0]),
-                "width": request.width, "height": request.height, "fps": str(video.fps), "scenes": video.scenes,
-                "format": self.job.video_format, "prompt_truncated": video.prompt_truncated,
-                "seconds": seconds, "placement": placement, "uri": uri,
-            })
-            outcome[i] = {"status": OK, "uri": uri, "payload": b""}
+            write_json(self.fs, meta_path(self.root, row["video_id"]), {**sample.metadata, "uri": uri if kept else None})
+            outcome[i] = {"status": status, "uri": uri if kept else "", "error": reasons, "payload": b""}
         return outcome
 
 

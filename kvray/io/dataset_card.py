@@ -117,7 +117,7 @@ through the index, as below, and an interrupted write is never read. `key` is th
 address (the same request and model give the same key). `video_offset` and `video_size` locate the
 video's bytes inside its shard, for range reads of single samples.
 
-Nested metadata is flattened in the index: `seconds_{{stage}}`, `gpu_ids_{{stage}}`, `request_{{field}}`
+Nested metadata is flattened in the index: `seconds_{{stage}}`, `resolved_{{setting}}`, `request_{{field}}`
 (`request_guidance_{{weight}}`); `scenes` lists each scene's prompt, frames and times; `request_camera` is
 JSON. The columns:
 

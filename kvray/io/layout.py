@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from .shards import committed_keys
 from .storage import write_atomic, write_json
 
 log = logging.getLogger(__name__)
@@ -131,6 +132,14 @@ def _done_in(fs: AbstractFileSystem, folder: str, group: str) -> np.ndarray:
                 f"current layout once with: kvray migrate {fs.unstrip_protocol(root)}")
         ids.append(match.group(1))
     return np.array(ids, dtype=f"S{VIDEO_ID_LENGTH}")
+
+
+def done_keys(fs: AbstractFileSystem, root: str, layout: str) -> np.ndarray:
+    """The one notion of done, for either layout: the sorted ids (`S32`) of the videos whose commit
+    record exists (their metadata file; for the webdataset layout, a row of a committed index part)."""
+    if layout == "webdataset":
+        return np.array(sorted(committed_keys(fs, root)), dtype=f"S{VIDEO_ID_LENGTH}")
+    return done_video_ids(fs, root)
 
 
 def is_done(done: np.ndarray, video_ids: list[str]) -> np.ndarray:

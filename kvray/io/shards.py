@@ -36,10 +36,9 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-import webdataset as wds
 from fsspec import AbstractFileSystem
 
-from ..config.costs import STAGES
+from ..config.stages import STAGES
 from ..config.dataset import FILTERED, OK, SIGNALS, DatasetConfig
 from .storage import check_name, dumps_json, uri_of, write_atomic
 
@@ -81,7 +80,15 @@ INDEX_SCHEMA = pa.schema(
         ("uri", pa.string()),
         ("scenes", pa.list_(_SCENE)),
         *((f"seconds_{stage}", pa.float64()) for stage in STAGES),
-        *((f"gpu_ids_{stage}", pa.list_(pa.string())) for stage in STAGES),
+        ("placement", pa.string()),  # JSON: per stage, GPU ids, node, wall-clock times, the software stack
+        ("resolved_steps", pa.int64()),
+        ("resolved_interpolation_steps", pa.int64()),
+        ("resolved_guidance_key_frame_guidance_scale", pa.float64()),
+        ("resolved_guidance_guidance_weight_prompt", pa.float64()),
+        ("resolved_guidance_guidance_weight_image", pa.float64()),
+        ("resolved_guidance_interpolation_guidance_scale", pa.float64()),
+        ("resolved_motion", pa.string()),
+        ("resolved_noise_augmentation", pa.int64()),
         ("request_prompt", pa.string()),
         ("request_mode", pa.string()),
         ("request_image", pa.string()),
@@ -108,6 +115,8 @@ _CONVERT = {
     "fps": lambda v: float(Fraction(str(v))),
     "request_camera": lambda v: json.dumps(v, sort_keys=True),
 }
+# Metadata fields kept whole, as their JSON text: their inner keys vary (a GPU's stack is not a CPU's).
+_AS_JSON = ("placement",)
 
 
 @dataclass(frozen=True, eq=False)
@@ -214,6 +223,8 @@ def shard_name(member_names: Iterable[str]) -> str:
 
 def build_shard(samples: Sequence[Sample]) -> bytes:
     """The bytes of one tar holding the samples, in order (fixed mtime: the same samples, the same bytes)."""
+    import webdataset as wds  # here, not at the top: it imports torch, which readers of the index need not pay
+
     buffer = io.BytesIO()
     with wds.TarWriter(buffer, encoder=False, mtime=0) as writer:
         for sample in samples:
@@ -235,6 +246,8 @@ def _flatten(metadata: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     for name, value in metadata.items():
         if name == "quality" and not prefix:
             flat.update(value)
+        elif name in _AS_JSON and not prefix:
+            flat[name] = json.dumps(value, sort_keys=True)
         elif isinstance(value, Mapping):
             flat.update(_flatten(value, f"{prefix}{name}_"))
         else:

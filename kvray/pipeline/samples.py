@@ -12,22 +12,33 @@ import torch
 from safetensors.torch import save as pack_tensors
 
 from ..config.dataset import DatasetConfig
+from ..config.sampling import FIRST_FRAME_SAMPLER, INTERPOLATION_SAMPLER
 from ..io.shards import Sample
 from .pipeline import Video
 from .quality import quality_fields
 
 
+def resolved_settings(request) -> dict:
+    """The settings a request ran with, defaults filled in (a request leaves its step counts None)."""
+    return {"steps": request.steps or FIRST_FRAME_SAMPLER.num_steps,
+            "interpolation_steps": request.interpolation_steps or INTERPOLATION_SAMPLER.num_steps,
+            "guidance": request.guidance.model_dump(), "motion": request.motion,
+            "noise_augmentation": request.noise_augmentation}
+
+
 def video_metadata(video: Video, *, row_id: str, video_id: str, model_version: str, video_format: str,
-                   seconds: Mapping[str, float], gpu_ids: Mapping[str, Sequence[str]], uri: str) -> dict:
-    """Request, seed, model version, frames, size, frame rate (an exact fraction as text), scenes with
-    their times, seconds and GPU ids per stage, and where the video lies."""
+                   seconds: Mapping[str, float], placement: Mapping[str, Mapping], uri: str) -> dict:
+    """Request and the settings it resolved to, seed, model version, frames, size, frame rate (an exact
+    fraction as text), scenes with their times, seconds per stage, where and on what each stage ran
+    (GPU ids, node, wall-clock times, the software stack), and where the video lies."""
     request = video.request
     return {
-        "id": row_id, "video_id": video_id, "request": request.model_dump(mode="json"), "seed": request.seed,
+        "id": row_id, "video_id": video_id, "request": request.model_dump(mode="json"),
+        "resolved": resolved_settings(request), "seed": request.seed,
         "mode": request.mode, "model_version": model_version, "frames": int(video.frames.shape[0]),
         "width": request.width, "height": request.height, "fps": str(video.fps), "scenes": video.scenes,
         "format": video_format, "prompt_truncated": video.prompt_truncated, "seconds": dict(seconds),
-        "gpu_ids": {stage: list(ids) for stage, ids in gpu_ids.items()}, "uri": uri,
+        "placement": {stage: dict(where) for stage, where in placement.items()}, "uri": uri,
     }
 
 
