@@ -1,7 +1,8 @@
 """A fault-injecting HTTP proxy on loopback, in front of the S3 test server.
 
 One proxy injects one kind of fault into a share (`fault_rate`) of the requests, decided by a seeded
-random stream (one draw per request, in arrival order); the other requests are forwarded unchanged:
+random stream (one draw per request, in arrival order), or into every `every`-th one (the first, then
+every `every`); `methods` limits the faults to some HTTP methods. The other requests are forwarded unchanged:
 
 - `slowdown`: `503 SlowDown`, as S3 answers under load; the request never reaches the server;
 - `internal`: `500 InternalError`; the request never reaches the server;
@@ -43,7 +44,7 @@ ERROR_ANSWERS = {"slowdown": (503, SLOW_DOWN), "internal": (500, INTERNAL_ERROR)
 class FaultyProxy:
     def __init__(self, upstream: str, fault_rate: float = 1.0, seed: int = 0, *, fault: str = "slowdown",
                  stall_s: float | None = None, gone_after: int | None = None, after_upstream: bool = False,
-                 methods: tuple[str, ...] | None = None):
+                 methods: tuple[str, ...] | None = None, every: int | None = None):
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; one of {', '.join(FAULTS)}")
         if (fault == "gone") != (gone_after is not None):
@@ -52,6 +53,7 @@ class FaultyProxy:
         self.fault, self.fault_rate = fault, fault_rate
         self.stall_s, self.gone_after, self.after_upstream = stall_s, gone_after, after_upstream
         self.methods = methods  # None: every method may be faulted
+        self.every, self.eligible = every, 0
         self.random = random.Random(seed)
         self.lock = threading.Lock()
         self.closing = threading.Event()
@@ -95,7 +97,12 @@ class FaultyProxy:
                 fail = self.gone
             else:
                 draw = self.random.random()
-                fail = draw < self.fault_rate and (self.methods is None or method in self.methods)
+                eligible = self.methods is None or method in self.methods
+                if self.every is not None:
+                    fail = eligible and self.eligible % self.every == 0
+                else:
+                    fail = eligible and draw < self.fault_rate
+                self.eligible += eligible
             self.faults += fail
             if fail:
                 self.faulted[method] += 1
