@@ -26,6 +26,7 @@ import struct
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Self
 from urllib.parse import urlsplit
 
 FAULTS = ("slowdown", "internal", "reset", "truncate", "stall", "gone")
@@ -69,7 +70,7 @@ class FaultyProxy:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def __enter__(self) -> FaultyProxy:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 

@@ -32,13 +32,21 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Self
 
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
-from .storage import S3_PROTOCOLS, StorageError, dumps_json, safe_join, storage_errors, uri_of, write_atomic
+from .storage import (
+    S3_PROTOCOLS,
+    StorageError,
+    dumps_json,
+    safe_join,
+    storage_errors,
+    uri_of,
+    write_atomic,
+)
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +113,7 @@ class LeaseRecord:
 
 
 def _iso(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 # ----------------------------------------------------------------------------------------- stores
@@ -411,7 +419,7 @@ class Lease:
         """A background renewer for this lease (started by ``with`` or :meth:`LeaseRenewer.start`)."""
         return LeaseRenewer(self, interval_s=interval_s, on_lost=on_lost)
 
-    def __enter__(self) -> Lease:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -454,7 +462,7 @@ class LeaseRenewer:
         if self.lost is not None:
             raise self.lost
 
-    def __enter__(self) -> LeaseRenewer:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc) -> None:
