@@ -12,7 +12,7 @@ from torch import nn
 from ..config.models import DEFAULT_T5_REPO, ModelSource
 from ..models.text_encoder import build_tokenizer
 from .loader import load_network, random_network
-from .source import WeightsSource
+from .source import WeightsSource, hub_cache_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,4 +38,4 @@ def load_tokenizer(models: ModelSource):
         local = Path(models.resolved_weights) / TOKENIZER_DIR
         if local.is_dir():
             return build_tokenizer(str(local))
-    return build_tokenizer(models.model_preset.tokenizer, cache_dir=models.cache_dir)
+    return build_tokenizer(models.model_preset.tokenizer, cache_dir=hub_cache_dir(models.cache_dir))
