@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from kvray.io.manifest import manifest_files
 from kvray.io.storage import (
     S3_POLICY,
     RetryPolicy,
@@ -184,6 +185,9 @@ def test_an_endpoint_gone_half_way_is_a_clear_error_and_leaves_no_partial_object
         assert time.monotonic() - start <= RetryPolicy.of(fs).stall_bound_s
         with pytest.raises(StorageError, match="cannot connect"):
             list_files(fs, root)
+        with pytest.raises(StorageError, match=r"s3://.*/out/in\.parquet at http://127\.0\.0\.1:\d+: cannot connect"):
+            manifest_files(f"s3://{s3_bucket.name}/out/in.parquet", {**s3_bucket.storage_options,
+                           "client_kwargs": {"endpoint_url": proxy.url}, "config_kwargs": {"retries": {"max_attempts": 2}}})
     direct = _direct(s3_bucket)
     assert direct.cat_file(f"{s3_bucket.name}/out/meta/a.json") == SMALL
     assert direct.find(f"{s3_bucket.name}/out") == [f"{s3_bucket.name}/out/meta/a.json"]  # nothing partial

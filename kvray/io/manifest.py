@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .storage import open_fs
+from .storage import StorageError, open_fs, storage_errors
 
 
 class ManifestError(ValueError):
@@ -33,16 +33,18 @@ COLUMN_TYPES = {
 
 
 def manifest_files(uri: str, storage_options: dict | None = None) -> tuple[object, list[str]]:
-    """The filesystem and the Parquet files of a manifest, each checked to be Parquet with a usable schema."""
+    """The filesystem and the Parquet files of a manifest, each checked to be Parquet with a usable schema.
+    Storage that fails (once its retries are spent) raises StorageError, not ManifestError."""
     fs, path = open_fs(uri, storage_options)
-    if any(ch in path for ch in "*?["):
-        files = sorted(fs.glob(path))
-    elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
-    elif fs.isfile(path):
-        files = [path]
-    else:
-        raise ManifestError(f"manifest not found: {uri}")
+    with storage_errors(fs, path):
+        if any(ch in path for ch in "*?["):
+            files = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            files = sorted(p for p in fs.find(path) if p.endswith(".parquet"))
+        elif fs.isfile(path):
+            files = [path]
+        else:
+            raise ManifestError(f"manifest not found: {uri}")
     if not files:
         raise ManifestError(f"no Parquet files in manifest {uri}")
     for file in files:
@@ -52,8 +54,10 @@ def manifest_files(uri: str, storage_options: dict | None = None) -> tuple[objec
 
 def _read_schema(fs, file: str) -> pa.Schema:
     try:
-        with fs.open(file, "rb") as f:
+        with storage_errors(fs, file), fs.open(file, "rb") as f:
             return pq.read_schema(f)
+    except StorageError:
+        raise
     except (pa.ArrowInvalid, OSError) as err:
         raise ManifestError(f"{fs.unstrip_protocol(file)} is not a Parquet file: {err}") from err
 
