@@ -72,11 +72,16 @@ def test_processes_fetching_one_file_at_once_download_it_once(s3_bucket, tmp_pat
     assert _stamp(path)["checked"] == "S3 ETag (MD5)"
 
 
-def test_s3_checksum_sha256_is_checked_when_the_object_has_one(s3_bucket, tmp_path):
-    _boto_client(s3_bucket.endpoint_url).put_object(Bucket=s3_bucket.name, Key="w/t2v.pt", Body=WEIGHTS,
-                                                    ChecksumAlgorithm="SHA256")
-    path = WeightsSource(f"{s3_bucket.uri}/w", cache_dir=tmp_path, storage_options=s3_bucket.storage_options).path("t2v.pt")
-    assert path.read_bytes() == WEIGHTS and _stamp(path)["checked"] == "S3 ChecksumSHA256"
+def test_the_strongest_digest_s3_gives_is_checked(s3_bucket, tmp_path):
+    client = _boto_client(s3_bucket.endpoint_url)
+    client.put_object(Bucket=s3_bucket.name, Key="w/t2v.pt", Body=WEIGHTS, ChecksumAlgorithm="SHA256")
+    # Under SSE-KMS the ETag is not the MD5: the CRC32 botocore uploads by default is checked instead.
+    client.put_object(Bucket=s3_bucket.name, Key="w/movq.pt", Body=WEIGHTS, ServerSideEncryption="aws:kms",
+                      ChecksumAlgorithm="CRC32")
+    source = WeightsSource(f"{s3_bucket.uri}/w", cache_dir=tmp_path, storage_options=s3_bucket.storage_options)
+    for name, checked in (("t2v.pt", "S3 ChecksumSHA256"), ("movq.pt", "S3 ChecksumCRC32")):
+        path = source.path(name)
+        assert path.read_bytes() == WEIGHTS and _stamp(path)["checked"] == checked
 
 
 def test_a_corrupted_cached_copy_is_detected_and_fetched_again(tmp_path, caplog):

@@ -40,7 +40,6 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .storage import (
     S3_PROTOCOLS,
-    StorageError,
     dumps_json,
     safe_join,
     storage_errors,
@@ -95,10 +94,14 @@ class LeaseRecord:
     def expired(self, now: float) -> bool:
         return now > self.expires_at
 
-    def to_bytes(self) -> bytes:
+    def as_dict(self) -> dict[str, Any]:
+        """The record as stored (and for run.json): the fields, and its times as UTC text as well."""
         data = dataclasses.asdict(self)
         data.update({f"{k}_utc": _iso(getattr(self, k)) for k in ("started_at", "renewed_at", "expires_at")})
-        return dumps_json(data)
+        return data
+
+    def to_bytes(self) -> bytes:
+        return dumps_json(self.as_dict())
 
     @classmethod
     def from_bytes(cls, data: bytes) -> LeaseRecord:
@@ -476,7 +479,7 @@ class LeaseRenewer:
                 continue
             except LeaseLost as err:
                 lost = err
-            except (StorageError, OSError) as err:
+            except Exception as err:  # noqa: BLE001 - a renewer never dies silently: recorded, tried again
                 self.failures.append(str(err))
                 log.warning("renewing %s failed (tried again in %.0f s): %s", self.lease.uri, self.interval_s, err)
                 if not self.lease.record.expired(self.lease._clock()):
@@ -502,8 +505,3 @@ def read_lease(fs: AbstractFileSystem, root: str) -> LeaseRecord | None:
         return LeaseRecord.from_bytes(data)
     except ValueError:
         return None
-
-
-def as_record(record: LeaseRecord) -> dict[str, Any]:
-    """The lease record as JSON-ready data (for run.json)."""
-    return json.loads(record.to_bytes())

@@ -606,17 +606,6 @@ def _redacted_value(value: Any) -> Any:
     return value if value is None or is_reference(value) else REDACTED
 
 
-def redact_urls(obj: Any) -> Any:
-    """A copy of ``obj`` (JSON-like: dicts, lists, strings) with every string passed through :func:`redact_url`."""
-    if isinstance(obj, Mapping):
-        return {k: redact_urls(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [redact_urls(v) for v in obj]
-    if isinstance(obj, str):
-        return redact_url(obj)
-    return obj
-
-
 def redact_job(job: Mapping[str, Any]) -> dict[str, Any]:
     """A render job (``RenderJob.model_dump(mode="json")``, or any record holding one) safe to record:
     every ``storage_options`` mapping, at any depth, through :func:`redact_storage_options`; every other

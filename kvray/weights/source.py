@@ -65,16 +65,19 @@ def hub_cache_dir(cache_dir: str | os.PathLike | None) -> str | None:
 
 
 class _Digests:
-    """sha256, md5 and CRC32 of a file in one pass."""
+    """sha256 of a file (kept in the stamp), and the source's own digest kind when it has another, in one pass."""
 
-    def __init__(self, path: Path):
-        self.sha256, self.md5, crc = hashlib.sha256(), hashlib.md5(usedforsecurity=False), 0
+    def __init__(self, path: Path, kind: str | None):
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5(usedforsecurity=False) if kind == "md5" else None
+        self.crc32 = 0
         with open(path, "rb") as fh:
             while chunk := fh.read(_CHUNK):
                 self.sha256.update(chunk)
-                self.md5.update(chunk)
-                crc = zlib.crc32(chunk, crc)
-        self.crc32 = crc
+                if self.md5 is not None:
+                    self.md5.update(chunk)
+                if kind == "crc32-base64":
+                    self.crc32 = zlib.crc32(chunk, self.crc32)
 
     def matches(self, kind: str, expected: str) -> bool:
         if kind == "sha256":
@@ -82,7 +85,7 @@ class _Digests:
         if kind == "sha256-base64":
             return base64.b64encode(self.sha256.digest()).decode() == expected
         if kind == "md5":
-            return self.md5.hexdigest() == expected
+            return self.md5 is not None and self.md5.hexdigest() == expected
         if kind == "crc32-base64":
             return base64.b64encode(self.crc32.to_bytes(4, "big")).decode() == expected
         raise ValueError(f"unknown digest kind {kind}")
@@ -251,7 +254,7 @@ class WeightsSource:
                 size = temp.stat().st_size
                 if size != info["size"]:
                     raise WeightsCorrupt(f"{url}: fetched {size} bytes, the source has {info['size']}")
-                digests = _Digests(temp)
+                digests = _Digests(temp, check[0] if check else None)
                 if check is not None and not digests.matches(*check[:2]):
                     raise WeightsCorrupt(f"{url}: the fetched file does not match its {check[2]} ({check[1]})")
                 os.replace(temp, local)  # whole and verified, or not there at all
