@@ -13,6 +13,11 @@ Inside a Ray job the driver must join the job's cluster rather than start a Ray 
 supervisor sets to the cluster's GCS address). Run outside a job, this joins a running local Ray
 (`ray start --head`); to render without a cluster use `kvray render` instead.
 
+Secrets that `kvray submit` kept out of Ray's job record (sensitive storage options, `--env` values)
+arrive in a bundle among the job's py_modules: it is read and deleted before the render starts; the
+storage options are added to the arguments here, in this process, and the variables go into the
+driver's environment, from where the render hands them to its workers (a worker setup hook).
+
 The job's working directory is the repository (shipped as the runtime_env working_dir, or baked
 into the image at /home/ray/kvray): `kvray` is imported from there, so the repository root is put
 on sys.path when this file is run by path from elsewhere.
@@ -33,10 +38,23 @@ def with_address(args: list[str], default: str = "auto") -> list[str]:
     return [*args, "--address", default]
 
 
+def job_args(argv: list[str]) -> list[str]:
+    """`kvray render`'s arguments: `argv` with `--address auto` (see `with_address`) and the storage
+    options of the job's secret bundle, whose variables are put in the environment (the bundle is deleted)."""
+    from kvray.distributed.secrets import take_bundle
+
+    args = with_address(argv)
+    secrets = take_bundle()
+    if secrets:
+        secrets.apply_env()
+        args += secrets.render_args()
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = with_address(sys.argv[1:] if argv is None else argv)
     if str(REPO_ROOT) not in sys.path:
         sys.path.insert(0, str(REPO_ROOT))
+    args = job_args(sys.argv[1:] if argv is None else argv)
     from kvray.cli import main as kvray_main
 
     return kvray_main(["render", *args])

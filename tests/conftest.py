@@ -44,7 +44,7 @@ def _seeded():
 
 
 # A real S3 endpoint on loopback (moto's server), one per test session.
-from .s3 import s3_bucket, s3_endpoint  # noqa: E402,F401
+from .s3 import s3_bucket, s3_endpoint, s3_serial_endpoint  # noqa: E402,F401
 
 
 @pytest.fixture(scope="session")

@@ -85,6 +85,29 @@ def s3_endpoint():
             server.stop()
 
 
+@pytest.fixture(scope="session")
+def s3_serial_endpoint(s3_endpoint):
+    """URL of a second moto server that answers one request at a time, sharing the first one's buckets.
+
+    moto 5.2.5 checks a conditional write (If-None-Match: *, If-Match) and then writes, without a lock,
+    so two simultaneous requests to the threaded server can both pass (seen once in 60 rounds of 8
+    processes racing), which S3 itself never allows. Tests of races between conditional writes use this one.
+    """
+    import threading
+
+    from moto.server import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    server = make_server("127.0.0.1", 0, DomainDispatcherApplication(create_backend_app), threaded=False)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        thread.join()
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint) -> S3Bucket:
     """A new bucket for one test (removed with its objects afterwards)."""

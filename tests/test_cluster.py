@@ -1,16 +1,21 @@
 """Deployment files: cluster/ configs parse and point at files that exist, jobs/render.py joins the job's
 cluster, `kvray submit` builds the right job, and the example manifest is what its docs say.
 
-Fast tests start no Ray. The one `slow` test starts its own Ray head (own temp dir and ports,
-RAY_AUTH_MODE=disabled), submits two trivial jobs with `submit()` and then ends only that head's
-processes: never `ray stop`, which would end every Ray on the machine.
+Fast tests start no Ray. The two `slow` tests share a Ray head of their own (own temp dir and ports,
+RAY_AUTH_MODE=disabled): one submits two trivial jobs with `submit()`, the other a job with planted
+secrets and a driver joining the cluster with a secret on its command line, and looks for the secrets
+in Ray's job table, logs and files. Only that head's processes are ended afterwards: never `ray stop`,
+which would end every Ray on the machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import importlib.util
 import io
+import json
 import os
 import shlex
 import shutil
@@ -20,6 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -28,7 +34,9 @@ import yaml
 
 from kvray.config.job import RenderJob
 from kvray.config.stages import STAGES
+from kvray.distributed import secrets as sec
 from kvray.distributed import submit as sub
+from kvray.io.storage import parse_storage_options
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -392,6 +400,67 @@ def test_explicit_address_wins_over_ray_address_env(monkeypatch):
     assert os.environ["RAY_ADDRESS"] == "http://127.0.0.1:9"  # restored
 
 
+SECRET = "PLANTED-SECRET-7f3a9c"
+
+
+def test_submit_keeps_secrets_off_the_entrypoint_runtime_env_and_stderr(monkeypatch, capsys):
+    monkeypatch.setenv("KVRAY_TEST_KEY", "AKIA-FROM-ENV")
+    args = _submit_parser().parse_args([
+        "submit", "m", "--out", "s3://b/o", "--address", "h:8265", "--storage-option", f"secret={SECRET}",
+        "--storage-option", "anon=false", "--storage-option", "client_kwargs.endpoint_url=http://u:PW-9@minio:9000",
+        "--storage-option", "key=@env:KVRAY_TEST_KEY", "--env", f"HF_TOKEN={SECRET}", "--env", "PLAIN=1"])
+    client, bundles = FakeClient(), []
+    record = client.submit_job
+
+    def submit_job(**kwargs):  # the bundle, as Ray packages it
+        (package,) = kwargs["runtime_env"]["py_modules"]
+        path = Path(package) / sec.BUNDLE_FILE
+        bundles.append((package, path.stat().st_mode & 0o777, json.loads(path.read_text())))
+        return record(**kwargs)
+
+    client.submit_job = submit_job
+    monkeypatch.setattr(sub, "_client", lambda address, headers, source="": client)
+    assert args.run(args) == 0
+    (job,), ((package, mode, data),) = client.submitted, bundles
+    assert job["entrypoint"] == "python jobs/render.py m --out s3://b/o --storage-option anon=false"
+    assert "env_vars" not in job["runtime_env"]
+    assert mode == 0o600 and data == {
+        "storage_options": {"secret": SECRET, "client_kwargs.endpoint_url": "http://u:PW-9@minio:9000",
+                            "key": "AKIA-FROM-ENV"},
+        "env": {"HF_TOKEN": SECRET, "PLAIN": "1"}}
+    recorded = json.dumps(job) + "".join(capsys.readouterr())
+    assert not [secret for secret in (SECRET, "PW-9", "AKIA-FROM-ENV") if secret in recorded]
+    assert not Path(package).exists()  # removed once Ray has uploaded it
+    with pytest.raises(ValueError, match="MISSING_VAR is not set"):
+        sub.secrets_from_args(["secret=@env:MISSING_VAR"])
+
+
+def test_the_job_reads_its_bundle_once_and_hands_the_variables_to_workers(tmp_path, monkeypatch):
+    from ray import cloudpickle
+
+    for name in ("KVRAY_TEST_ENV", sec.WORKER_ENV_NAMES):
+        monkeypatch.delenv(name, raising=False)
+    secrets = sec.JobSecrets({"secret": "12345", "client_kwargs.aws_session_token": "t"}, {"KVRAY_TEST_ENV": SECRET})
+    driver_copy = sec.write_bundle(tmp_path / "driver", secrets)
+    monkeypatch.syspath_prepend(str(tmp_path / "driver"))
+    render = _load_render_script()
+    args = render.job_args(["m", "--out", "o"])
+    assert args[:5] == ["m", "--out", "o", "--address", "auto"]
+    parsed = _parses_as_render(args)
+    assert parse_storage_options(parsed.storage_option) == {"secret": "12345", "client_kwargs": {"aws_session_token": "t"}}
+    assert not (driver_copy / sec.BUNDLE_FILE).exists()  # read once, then gone
+    assert os.environ["KVRAY_TEST_ENV"] == SECRET and os.environ[sec.WORKER_ENV_NAMES] == "KVRAY_TEST_ENV"
+    assert render.job_args(["m", "--out", "o"]) == ["m", "--out", "o", "--address", "auto"]
+    # A worker on another node: Ray unpacked the bundle there too; the hook sets the variables and deletes it.
+    hook = cloudpickle.loads(cloudpickle.dumps(sec.worker_setup_hook()))
+    node_copy = sec.write_bundle(tmp_path / "node", secrets)
+    monkeypatch.syspath_prepend(str(tmp_path / "node"))
+    monkeypatch.delenv("KVRAY_TEST_ENV")
+    hook()
+    assert os.environ["KVRAY_TEST_ENV"] == SECRET and not (node_copy / sec.BUNDLE_FILE).exists()
+    assert hook.__name__ == "kvray_worker_secrets"  # all that Ray's runtime_env shows of it
+
+
 # ---------------------------------------------------------------------------------------------- examples/
 
 
@@ -486,16 +555,24 @@ def _stop_head(marker: str) -> None:
                 pass
 
 
-@pytest.fixture
+@dataclasses.dataclass(frozen=True)
+class RayHead:
+    url: str  # the dashboard
+    address: str  # the GCS, for a driver joining the cluster
+    temp_dir: Path  # every file the cluster writes (session logs, unpacked runtime envs)
+    env: dict  # an environment for processes talking to this head
+
+
+@pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head of this test's own: temp dir, ports, no token auth; its processes are ended afterwards."""
+    """A Ray head of this module's own: temp dir, ports, no token auth; its processes are ended afterwards."""
     temp_dir = tempfile.mkdtemp(prefix="kvray-head-", dir="/tmp")  # short: Ray's socket paths have a limit
-    dashboard = _free_port()
+    dashboard, gcs = _free_port(), _free_port()
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(name, None)
     command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={_free_port()}",
+        str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
         f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}", "--num-cpus=1", "--num-gpus=0",
         "--object-store-memory=100000000", "--disable-usage-stats",
@@ -503,7 +580,7 @@ def ray_head():
     try:
         started = subprocess.run(command, env=env, cwd=temp_dir, capture_output=True, text=True, timeout=120)
         assert started.returncode == 0, started.stderr[-2000:]
-        yield f"http://127.0.0.1:{dashboard}"
+        yield RayHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", Path(temp_dir), env)
     finally:
         _stop_head(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -515,6 +592,79 @@ def test_submit_to_a_real_head(ray_head, capsys):
     probe = ("import os, ray; ray.init(address='auto'); assert ray.cluster_resources()['CPU'] == 1; "
              "assert os.path.isfile('jobs/render.py') and not os.path.exists('.venv'); print('probe ok')")
     logs = io.StringIO()
-    assert sub.submit("m", "o", address=ray_head, entrypoint=shlex.join(["python", "-c", probe]), stream=logs) == 0
+    assert sub.submit("m", "o", address=ray_head.url, entrypoint=shlex.join(["python", "-c", probe]), stream=logs) == 0
     assert "probe ok" in logs.getvalue()
-    assert sub.submit("m", "o", address=ray_head, working_dir="", entrypoint="exit 3", stream=io.StringIO()) == 1
+    assert sub.submit("m", "o", address=ray_head.url, working_dir="", entrypoint="exit 3", stream=io.StringIO()) == 1
+
+
+# The job's driver, as jobs/render.py runs it: the bundle read, the variables handed to a worker.
+SECRETS_PROBE = """
+import hashlib, os, sys
+sys.path.insert(0, "jobs")
+import ray
+import render as job
+from kvray.distributed.secrets import BUNDLE_FILE, BUNDLE_PACKAGE, worker_setup_hook
+from kvray.io.storage import parse_storage_options
+
+digest = lambda value: hashlib.sha256(value.encode()).hexdigest()
+args = job.job_args(["m", "--out", "o"])
+options = parse_storage_options([args[i + 1] for i, a in enumerate(args) if a == "--storage-option"])
+assert digest(options["secret"]) == sys.argv[1], "the storage option"
+assert digest(os.environ["KVRAY_TEST_SECRET"]) == sys.argv[2], "the driver's variable"
+ray.init(address="auto", runtime_env={"worker_process_setup_hook": worker_setup_hook()})
+
+@ray.remote
+def in_a_worker():
+    bundles = [p for p in sys.path if os.path.isfile(os.path.join(p, BUNDLE_PACKAGE, BUNDLE_FILE))]
+    return digest(os.environ.get("KVRAY_TEST_SECRET", "")), bundles
+
+assert ray.get(in_a_worker.remote()) == (sys.argv[2], []), "the worker's variable"
+print("secrets ok")
+"""
+
+# A driver joining the cluster with a secret on its command line (`kvray render --address ...`).
+DRIVER_PROBE = """
+import sys
+from kvray.distributed.secrets import redact_command_line
+assert redact_command_line()
+import ray
+ray.init(address=sys.argv[1])
+ray.shutdown()
+"""
+
+
+def _files_holding(root: Path, needles: list[bytes]) -> list[str]:
+    found = []
+    for path in root.rglob("*"):
+        try:
+            if path.is_file() and not path.is_symlink() and any(n in path.read_bytes() for n in needles):
+                found.append(str(path))
+        except OSError:
+            pass  # sockets, files a process is removing
+    return found
+
+
+@pytest.mark.slow
+def test_secrets_stay_out_of_rays_job_records_logs_and_stderr(ray_head, capfd):
+    storage_secret, env_secret, argv_secret = (f"PLANTED-{kind}-{os.urandom(4).hex()}" for kind in ("OPTION", "ENV", "ARGV"))
+    public, secrets = sub.secrets_from_args([f"secret={storage_secret}", "anon=false"], [f"KVRAY_TEST_SECRET={env_secret}"])
+    assert public == ["anon=false"]
+    digests = [hashlib.sha256(v.encode()).hexdigest() for v in (storage_secret, env_secret)]
+    logs = io.StringIO()
+    status = sub.submit("m", "o", address=ray_head.url, render_args=sub.render_args_from(storage_options=public),
+                        entrypoint=shlex.join(["python", "-c", SECRETS_PROBE, *digests]), secrets=secrets, stream=logs)
+    assert status == 0 and "secrets ok" in logs.getvalue(), logs.getvalue()[-3000:]
+    # A driver that joins the cluster, with a secret on its command line.
+    joined = subprocess.run([sys.executable, "-c", DRIVER_PROBE, ray_head.address, "--storage-option", f"secret={argv_secret}"],
+                            env={**ray_head.env, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=180,
+                            check=False)
+    assert joined.returncode == 0, joined.stderr[-3000:]
+    with urllib.request.urlopen(f"{ray_head.url}/api/jobs/", timeout=30) as response:
+        jobs = response.read().decode()
+    drivers = [j["entrypoint"] for j in json.loads(jobs) if j["type"] == "DRIVER"]
+    assert any("secret=***" in e for e in drivers), drivers  # recorded, redacted
+    planted = [storage_secret, env_secret, argv_secret]
+    assert not [s for s in planted if s in jobs], "a secret in /api/jobs/"
+    out, err = capfd.readouterr()
+    assert not [s for s in planted if s in logs.getvalue() + out + err + joined.stdout + joined.stderr]
+    assert _files_holding(ray_head.temp_dir, [s.encode() for s in planted]) == []  # session logs, unpacked packages

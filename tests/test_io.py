@@ -351,3 +351,43 @@ def test_redact_storage_options():
     }
     assert options["key"] == "AKIA123" and options["client_kwargs"]["aws_session_token"] == "t"
     assert "s3cr3t" not in json.dumps(redacted)
+
+
+def test_storage_option_values_from_the_environment_and_files(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVRAY_TEST_SECRET", "from-env")
+    (tmp_path / "secret.txt").write_text("12345\n")
+    options = parse_storage_options(["secret=@env:KVRAY_TEST_SECRET", f"client_kwargs.aws_session_token=@file:{tmp_path}/secret.txt",
+                                     'literal="@env:NOT_A_REFERENCE"'])
+    assert options == {"secret": "from-env", "client_kwargs": {"aws_session_token": "12345"},  # a string, not JSON
+                       "literal": "@env:NOT_A_REFERENCE"}
+    monkeypatch.delenv("KVRAY_TEST_SECRET")
+    with pytest.raises(ValueError, match="KVRAY_TEST_SECRET is not set"):
+        parse_storage_options(["secret=@env:KVRAY_TEST_SECRET"])
+    with pytest.raises(ValueError, match="cannot read .*missing"):
+        parse_storage_options([f"secret=@file:{tmp_path}/missing"])
+    assert redact_storage_options({"secret": "@env:NAME", "key": "k"}) == {"secret": "@env:NAME", "key": "***"}
+
+
+def test_redacted_urls_argv_and_jobs():
+    from kvray.io.storage import redact_job, redact_url, redacted_argv
+
+    assert redact_url("https://h/m.parquet?X-Amz-Credential=AK&X-Amz-Signature=abc&part=1&sig=s") == (
+        "https://h/m.parquet?X-Amz-Credential=***&X-Amz-Signature=***&part=1&sig=***")
+    assert redact_url("https://u:pw@h/x") == "https://u:***@h/x" and redact_url("s3://b/k?versionId=1") == "s3://b/k?versionId=1"
+    argv = ["kvray", "render", "s3://b/m", "--out", "https://u:pw@h/o", "--storage-option", "secret=S1",
+            "--storage-option=client_kwargs.aws_session_token=S2", "--storage-option", "anon=false",
+            "--storage-option", "key=@env:AWS_KEY", "--env", "HF_TOKEN=S3", "--env=PLAIN=S4", "--auth-token", "S5"]
+    assert redacted_argv(argv) == [
+        "kvray", "render", "s3://b/m", "--out", "https://u:***@h/o", "--storage-option", "secret=***",
+        "--storage-option=client_kwargs.aws_session_token=***", "--storage-option", "anon=false",
+        "--storage-option", "key=@env:AWS_KEY", "--env", "HF_TOKEN=***", "--env=PLAIN=***", "--auth-token", "***"]
+    job = {"manifest": "https://u:pw@h/m.parquet", "out": "s3://b/o", "models": {"weights": "https://h/w?sig=x"},
+           "storage_options": {"secret": "S", "client_kwargs": {"endpoint_url": "http://u:pw@minio"}},
+           "defaults": {"guidance": {"key_frame_guidance_scale": 3.0}},
+           "runs": [{"storage_options": {"token": "T"}}]}
+    assert redact_job(job) == {
+        "manifest": "https://u:***@h/m.parquet", "out": "s3://b/o", "models": {"weights": "https://h/w?sig=***"},
+        "storage_options": {"secret": "***", "client_kwargs": {"endpoint_url": "http://u:***@minio"}},
+        "defaults": {"guidance": {"key_frame_guidance_scale": 3.0}},  # "key" in a number's name: not a secret
+        "runs": [{"storage_options": {"token": "***"}}]}
+    assert job["storage_options"]["secret"] == "S"  # the input is left alone

@@ -19,8 +19,13 @@ argument / --auth-token, else RAY_AUTH_TOKEN, else the file at RAY_AUTH_TOKEN_PA
 RAY_AUTH_MODE=token is set in the client's environment, so it is passed explicitly here. A head
 started with RAY_AUTH_MODE=disabled ignores the header.
 
+Secrets stay out of Ray's records (the job table at /api/jobs/, session logs) and off stderr:
+storage options with a sensitive key (key, secret, token, password, ...), `@env:` / `@file:` values and
+URLs with credentials, and every `--env` value, travel in a 0600 bundle shipped as one of the job's
+`py_modules` (see kvray/distributed/secrets.py); the rest of the options stay on the entrypoint.
+
 The parts that need no cluster (`build_entrypoint`, `build_runtime_env`, `auth_headers`,
-`render_args_from`) are pure functions, tested without Ray.
+`render_args_from`, `secrets_from_args`) are pure functions, tested without Ray.
 """
 
 from __future__ import annotations
@@ -32,9 +37,13 @@ import json
 import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, TextIO
+
+from ..io.storage import redacted_argv
+from .secrets import JobSecrets, remove_bundle_dir, split_storage_options, write_bundle
 
 # The repository holding this package: kvray/distributed/submit.py -> kvray/ -> root.
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -75,6 +84,14 @@ def render_args_from(*, preset: str | None = None, weights: str | None = None, j
     for option in storage_options:
         args += ["--storage-option", option]
     return args
+
+
+def secrets_from_args(storage_options: list[str] | tuple[str, ...] = (),
+                      env: list[str] | tuple[str, ...] = ()) -> tuple[list[str], JobSecrets]:
+    """(the storage options safe on the entrypoint, the job's secrets): secret storage options (see
+    `split_storage_options`, references resolved here) and every `KEY=VALUE` of `env`."""
+    public, secret_options = split_storage_options(storage_options)
+    return public, JobSecrets(storage_options=secret_options, env=dict(kv.split("=", 1) for kv in env))
 
 
 def _is_uri(path: str) -> bool:
@@ -253,6 +270,14 @@ def follow_logs(client, job_id: str, stream: TextIO, poll_s: float = 1.0) -> str
     return wait_for_status(client, job_id, poll_s=poll_s)
 
 
+def _shown(command: str) -> str:
+    """The entrypoint as printed: credentials a hand-written one may hold are masked (see redacted_argv)."""
+    try:
+        return shlex.join(redacted_argv(shlex.split(command)))
+    except ValueError:  # not a shell command line (unbalanced quotes): mask what can be found in it
+        return " ".join(redacted_argv(command.split()))
+
+
 def _status_name(status) -> str:
     """JobStatus is a str enum; fakes in tests may hand back plain strings."""
     return str(getattr(status, "value", status))
@@ -273,6 +298,7 @@ def submit(manifest: str, out: str, *, address: str | None, render_args: list[st
            pip: list[str] | None = None, env_vars: dict[str, str] | None = None, token: str | None = None,
            submission_id: str | None = None, metadata: dict[str, str] | None = None,
            entrypoint: str | None = None, entrypoint_num_cpus: float | None = None,
+           secrets: JobSecrets | None = None,
            stream: TextIO | None = None, client_factory: Callable | None = None) -> int:
     """Submits `python jobs/render.py MANIFEST --out OUT RENDER_ARGS` as a Ray job at `address`.
 
@@ -280,7 +306,9 @@ def submit(manifest: str, out: str, *, address: str | None, render_args: list[st
     SUCCEEDED, else 1; without, returns 0 once the job is accepted. Raises SubmitError with one
     readable line for an unreachable address, a missing token or a bad working dir.
 
-    `working_dir`, `runtime_env`, `pip`, `env_vars`: see `build_runtime_env`. `token`: the head's
+    `working_dir`, `runtime_env`, `pip`, `env_vars`: see `build_runtime_env` (`env_vars` are recorded by
+    Ray in the clear: secrets go in `secrets`, shipped as a bundle the job's driver reads and deletes,
+    see kvray/distributed/secrets.py). `token`: the head's
     auth token (default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token). `entrypoint`
     replaces the render command (tests, debugging). `stream`: where the logs go (default stdout).
     `client_factory(address, headers)` replaces Ray's JobSubmissionClient (tests).
@@ -298,11 +326,17 @@ def submit(manifest: str, out: str, *, address: str | None, render_args: list[st
     if entrypoint_num_cpus is not None:
         kwargs["entrypoint_num_cpus"] = entrypoint_num_cpus
     address = getattr(client, "_address", None) or address  # as Ray resolved it (None: from the environment)
+    bundle = write_bundle(tempfile.mkdtemp(prefix="kvray-secrets-"), secrets) if secrets else None
+    if bundle is not None:
+        env["py_modules"] = [*env.get("py_modules", []), str(bundle)]
     try:
         job_id = client.submit_job(**kwargs)
     except Exception as err:  # noqa: BLE001 - HTTP, auth and packaging errors all end the command the same way
         raise SubmitError(f"job submission to {address} failed: {err}") from err
-    print(f"submitted job {job_id} to {address}: {command}", file=sys.stderr, flush=True)
+    finally:
+        if bundle is not None:
+            remove_bundle_dir(bundle)  # uploaded with the job's packages, or not sent at all
+    print(f"submitted job {job_id} to {address}: {_shown(command)}", file=sys.stderr, flush=True)
     print(job_id, flush=True)
     if not follow:
         print(f"follow it with: ray job logs --follow {job_id} --address {address}", file=sys.stderr)
@@ -338,14 +372,18 @@ def _runtime_env_json(text: str) -> dict:
 
 
 def _cmd_submit(args) -> int:
+    try:
+        public, secrets = secrets_from_args(args.storage_option or [], args.env or [])
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     render_args = render_args_from(preset=args.preset, weights=args.weights, job=args.job, costs=args.costs,
-                                   gpu_memory=args.gpu_memory, storage_options=args.storage_option or [])
-    env_vars = dict(kv.split("=", 1) for kv in args.env or [])
+                                   gpu_memory=args.gpu_memory, storage_options=public)
     try:
         return submit(args.manifest, args.out, address=args.address, render_args=render_args,
                       working_dir=args.working_dir, runtime_env=args.runtime_env_json, follow=args.follow,
-                      pip=args.pip or None, env_vars=env_vars or None, token=args.auth_token,
-                      submission_id=args.submission_id)
+                      pip=args.pip or None, token=args.auth_token, submission_id=args.submission_id,
+                      secrets=secrets or None)
     except SubmitError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -370,7 +408,8 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--pip", action="append", help="pip requirement installed for the job (repeatable; "
                    "slow: prefer an image with the dependencies)")
     p.add_argument("--env", action="append", type=_key_value, metavar="KEY=VALUE",
-                   help="environment variable for the job (repeatable)")
+                   help="environment variable for the job's driver and workers (repeatable); values travel in a "
+                   "bundle Ray does not show, never in the job record")
     p.add_argument("--auth-token", help="the head's token when it uses token authentication "
                    "(default: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token)")
     p.add_argument("--submission-id", help="job id to use (default: Ray picks raysubmit_...)")
@@ -381,7 +420,8 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     render.add_argument("--weights", help="weights: hub repo id, fsspec URL, path on the cluster, or 'random'")
     render.add_argument("--job", help="RenderJob YAML, as the cluster sees it (e.g. cluster/job-kv11.yaml)")
     render.add_argument("--storage-option", action="append", type=_key_value, metavar="KEY=VALUE",
-                        help="fsspec option for the manifest and outputs (repeatable)")
+                        help="fsspec option for the manifest and outputs (repeatable); secret ones (key, secret, "
+                        "token, password..., KEY=@env:NAME, KEY=@file:PATH) travel in a bundle, not on the entrypoint")
     render.add_argument("--costs", help="cost profile for the planner: stage=seconds,... or a JSON file as the "
                         "cluster sees it (in the working dir)")
     render.add_argument("--gpu-memory", type=float, help="GiB of one GPU, for the planner")

@@ -23,7 +23,7 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from .storage import open_fs
+from .storage import StorageError, open_fs, storage_errors
 
 
 class ManifestError(ValueError):
@@ -115,14 +115,15 @@ def open_manifest(uri: str, storage_options: dict | None = None) -> Manifest:
     """The manifest's files, checked (a readable file of a known format, a `prompt` column, allowed
     types) and cut into parts; one `ManifestError` naming the file for anything wrong."""
     fs, path = open_fs(uri, storage_options)
-    if any(ch in path for ch in "*?["):
-        files = sorted(fs.glob(path))
-    elif fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if file_format(p))
-    elif fs.isfile(path):
-        files = [path]
-    else:
-        raise ManifestError(f"manifest not found: {uri}")
+    with storage_errors(fs, path):  # storage that keeps failing is a StorageError, not a bad manifest
+        if any(ch in path for ch in "*?["):
+            files = sorted(fs.glob(path))
+        elif fs.isdir(path):
+            files = sorted(p for p in fs.find(path) if file_format(p))
+        elif fs.isfile(path):
+            files = [path]
+        else:
+            raise ManifestError(f"manifest not found: {uri}")
     if not files:
         raise ManifestError(f"no manifest files ({', '.join(sorted(FORMATS))}) in {uri}")
     manifest = Manifest(uri, fs, files)
@@ -139,8 +140,10 @@ def _parts(fs: AbstractFileSystem, file: str, first_row: int) -> list[ManifestPa
     fmt = file_format(file) or "parquet"  # a single file of another name: Parquet, or a clear error
     if fmt == "parquet":
         try:
-            with fs.open(file, "rb") as f:
+            with storage_errors(fs, file), fs.open(file, "rb") as f:
                 metadata = pq.ParquetFile(f).metadata
+        except StorageError:
+            raise
         except (pa.ArrowInvalid, OSError) as err:
             raise ManifestError(f"{where} is not a Parquet file: {err}") from err
         check_schema(metadata.schema.to_arrow_schema(), where)
@@ -185,7 +188,7 @@ def check_schema(schema: pa.Schema, where: str) -> None:
 def _batches(fs: AbstractFileSystem, file: str, fmt: str, part: ManifestPart | None) -> Iterator[pa.RecordBatch]:
     where = fs.unstrip_protocol(file)
     try:
-        with fs.open(file, "rb") as f:
+        with storage_errors(fs, file), fs.open(file, "rb") as f:
             if fmt == "parquet":
                 reader = pq.ParquetFile(f)
                 columns = [c for c in reader.schema_arrow.names if c in MANIFEST_COLUMNS]
@@ -200,6 +203,8 @@ def _batches(fs: AbstractFileSystem, file: str, fmt: str, part: ManifestPart | N
                 yield from pajson.open_json(f, read_options=pajson.ReadOptions(block_size=1 << 20))
             else:
                 yield from _text_batches(f)
+    except StorageError:
+        raise
     except (pa.ArrowInvalid, pa.ArrowTypeError, OSError, UnicodeDecodeError) as err:
         raise ManifestError(f"{where} cannot be read as {fmt}: {err}") from err
 
