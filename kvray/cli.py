@@ -255,10 +255,11 @@ def _render_errors():
     from .distributed.cluster import ResourceError
     from .distributed.render import StallError
     from .io.layout import LegacyLayout
+    from .io.lease import LeaseHeld, LeaseLost
     from .io.manifest import ManifestError
     from .pipeline.device import DeviceError
 
-    return (ManifestError, LegacyLayout, ResourceError, StallError, DeviceError)
+    return (ManifestError, LegacyLayout, ResourceError, StallError, DeviceError, LeaseHeld, LeaseLost)
 
 
 def _cmd_render(args) -> int:
@@ -280,7 +281,8 @@ def _cmd_render(args) -> int:
     progress = None
     try:
         progress = RenderProgress(open_manifest(job.manifest, job.storage_options).rows)
-        summary = render(job, limit=args.limit, verbose=args.verbose, progress=progress)
+        summary = render(job, limit=args.limit, verbose=args.verbose, take_over=args.take_over,
+                         wait_for_lease_s=args.wait_for_lease, progress=progress)
     except _render_errors() as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -484,6 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, help="render only the first N pending rows (a cheap first look)")
     p.add_argument("--stall-timeout", type=float, help="stop with the reason when nothing moves for this many "
                    "seconds (default 3600)")
+    p.add_argument("--wait-for-lease", type=float, default=0.0, metavar="SECONDS",
+                   help="when another run holds --out, wait this long for it to end or for its lease to expire "
+                        "(a killed driver's expires 2 minutes after its last renewal)")
+    p.add_argument("--take-over", action="store_true",
+                   help="take the lease of a run known to be dead (its driver killed) without waiting for it to expire")
     p.set_defaults(run=_cmd_render)
 
     p = commands.add_parser("results", help="the latest status of every row of an output prefix")

@@ -280,3 +280,46 @@ def test_sigint_stops_cleanly_and_records_an_interrupted_run(ray_cluster, tmp_pa
 
     again = render(RenderJob(manifest=manifest, out=str(out)))
     assert again.ok + again.skipped == 8 and again.skipped >= 1
+
+
+def test_a_driver_killed_twice_then_resubmitted_loses_and_duplicates_nothing(ray_cluster, tmp_path):
+    """SIGKILL the driver mid-run, twice; each resubmission waits for the dead run's lease to expire (a
+    short TTL here) and the last one finishes: one result per input row, one video per ok row, no
+    partial file, the killed runs recorded as interrupted."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from kvray.distributed.render import render
+    from kvray.io.layout import latest_results
+    from kvray.io.storage import open_fs
+
+    rows = [{"id": f"row{i}", "prompt": f"scene {i}", **{**FAST, "steps": 3}} for i in range(14)]
+    manifest = _manifest(tmp_path / "m.parquet", rows)
+    out = tmp_path / "out"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({"lease_ttl_s": 3.0}))
+    address = ray_cluster.get_runtime_context().gcs_address
+    for kill in (1, 2):
+        driver = subprocess.Popen([sys.executable, "-m", "kvray.cli", "render", manifest, "--out", str(out),
+                                   "--job", str(tmp_path / "job.yaml"), "--address", address, "--wait-for-lease", "30"],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        written = len(list((out / "meta").rglob("*.json")))
+        deadline = time.time() + 240
+        while time.time() < deadline and driver.poll() is None and len(list((out / "meta").rglob("*.json"))) <= written:
+            time.sleep(0.1)
+        assert driver.poll() is None, ("the run ended before its driver could be killed", driver.stderr.read())
+        time.sleep(0.3 * kill)  # another point of the run each time
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=60)
+    job = RenderJob.from_yaml(tmp_path / "job.yaml", manifest=manifest, out=str(out))
+    summary = render(job, wait_for_lease_s=30)
+    assert summary.status == "finished" and summary.ok + summary.skipped == len(rows)
+    latest = latest_results(*open_fs(str(out))).to_pylist()
+    assert sorted(r["id"] for r in latest) == sorted(r["id"] for r in rows)
+    assert all(r["status"] in ("ok", "skipped") for r in latest)
+    videos = {p.stem for p in (out / "videos").rglob("*.mp4")}
+    assert videos == {r["video_id"] for r in latest} == {p.stem for p in (out / "meta").rglob("*.json")}
+    assert not [p for p in out.rglob("*.tmp")]  # nothing partial
+    runs = sorted(json.loads(p.read_text())["status"] for p in (out / "runs").glob("*.json"))
+    assert runs == ["finished", "interrupted", "interrupted"]

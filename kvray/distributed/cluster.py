@@ -21,7 +21,14 @@ def connect(options: RayOptions, verbose: bool = False) -> bool:
     Ray. Ray's own logs, and its workers' output, reach the terminal only when `verbose`."""
     if ray.is_initialized():
         return False
-    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose}
+    from .secrets import redact_command_line, worker_setup_hook
+
+    # Ray records a driver's command line and hands variables to workers in records anyone can read:
+    # neither may carry a secret (see secrets.py).
+    redact_command_line()
+    hook = worker_setup_hook()
+    quiet = {"logging_level": logging.INFO if verbose else logging.WARNING, "log_to_driver": verbose,
+             **({"runtime_env": {"worker_process_setup_hook": hook}} if hook else {})}
     # Ray's notice that token authentication is on comes with every start of a local Ray.
     notice = logging.getLogger("ray._private.authentication.authentication_token_setup")
     saved = notice.level

@@ -34,10 +34,12 @@ import ray
 from ..config.job import RenderJob
 from ..config.stages import STAGES
 from ..io.dataset_card import dataset_counts, write_dataset_card
-from ..io.layout import done_keys, latest_run_path, results_dir, run_record_path
+from ..io.layout import done_keys, latest_run_path, remove_temporaries, results_dir, run_record_path
+from ..io.lease import Lease, read_lease
+from ..io.storage import read_json
 from ..io.shards import remove_orphans
 from ..io.manifest import Manifest, open_manifest
-from ..io.storage import open_fs, redact_storage_options, write_atomic, write_json
+from ..io.storage import open_fs, redact_job, redact_url, write_atomic, write_json
 from .cluster import check_resources, connect, on_this_node
 from .plan import PlanInputs, planned_dataset, scan_manifest
 from .planner import plan_job, plan_summary
@@ -128,10 +130,10 @@ class RunRecord:
 
     def __init__(self, fs, root: str, run_id: str, job: RenderJob, manifest: Manifest):
         self.fs, self.root, self.run_id = fs, root, run_id
-        data = job.model_dump(mode="json")
-        data["storage_options"] = redact_storage_options(data["storage_options"])
-        self.data = {"run_id": run_id, "status": "running", "started_at": _now(), "job": data,
-                     "manifest_files": manifest.file_uris(), "manifest_rows": manifest.rows}
+        # Nothing recorded carries a secret: storage options, passwords or signatures in URIs.
+        self.data = {"run_id": run_id, "status": "running", "started_at": _now(),
+                     "job": redact_job(job.model_dump(mode="json")),
+                     "manifest_files": [redact_url(uri) for uri in manifest.file_uris()], "manifest_rows": manifest.rows}
 
     def update(self, **fields) -> None:
         self.data.update(fields)
@@ -335,14 +337,18 @@ def planning_tasks(job: RenderJob) -> int:
     return max(1, min(16, int(ray.cluster_resources().get("CPU", 1)) // 2))
 
 
-def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False,
-           progress: Callable[[RenderSummary, dict], None] | None = None, workers: dict[str, type] | None = None,
-           pool_options: PoolOptions | None = None, on_rows: Callable[[pd.DataFrame], None] | None = None,
-           ) -> RenderSummary:
+def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, take_over: bool = False,
+           wait_for_lease_s: float = 0.0, progress: Callable[[RenderSummary, dict], None] | None = None,
+           workers: dict[str, type] | None = None, pool_options: PoolOptions | None = None,
+           on_rows: Callable[[pd.DataFrame], None] | None = None) -> RenderSummary:
     """Runs the job to the end (or `limit` pending rows); returns its summary whether it finished or was
     interrupted (`status`, `exit_code`). Raises before anything is written if the manifest or the output
     prefix is unusable (`ManifestError`, `LegacyLayout`) or the pools cannot fit the cluster
     (`ResourceError`); a run that fails later is recorded as failed, then its error raised.
+
+    One run at a time per output prefix: the run holds its lease (`LeaseHeld` names the run that holds
+    it); `wait_for_lease_s` waits that long for it to be released or to expire, `take_over` takes a
+    live one (its holder is known to be dead). A run whose lease it takes is recorded as interrupted.
 
     `progress(summary, ledger_report)` is called every few seconds. Benchmarks replace the stages'
     `workers` (default `workers.WORKERS`), the `pool_options` (default: the renderer's, with the plan's
@@ -353,7 +359,36 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False,
     summary = RenderSummary(run_id, fs.unstrip_protocol(root), rows=manifest.rows)
     start = time.perf_counter()
     done = done_keys(fs, root, job.dataset.layout)
+    before = read_lease(fs, root)
+    lease = Lease.acquire(fs, root, run_id, ttl_s=job.lease_ttl_s, take_over=take_over, wait_s=wait_for_lease_s)
+    if before is not None and before.run_id != run_id:
+        _record_lost(fs, root, before.run_id, run_id)
+    renewer = lease.renewer().start()
+    try:
+        return _render(job, manifest, fs, root, summary, done, start, renewer, limit=limit, verbose=verbose,
+                       progress=progress, workers=workers, pool_options=pool_options, on_rows=on_rows)
+    finally:
+        renewer.stop()
+        lease.release()
+
+
+def _record_lost(fs, root: str, lost: str, by: str) -> None:
+    """The record of a run whose lease was taken over: it stopped without a word (its driver killed, or
+    its node lost), unless it had recorded how it ended."""
+    path = run_record_path(root, lost)
+    if fs.exists(path):
+        data = read_json(fs, path)
+        if data.get("status") == "running":
+            data.update(status=INTERRUPTED, reason=f"its driver stopped without a word (killed, or its node lost); "
+                        f"its lease was taken over by run {by}", finished_at=_now())
+            write_json(fs, path, data)
+
+
+def _render(job, manifest, fs, root, summary, done, start, renewer, *, limit, verbose, progress, workers,
+            pool_options, on_rows) -> RenderSummary:
+    remove_temporaries(fs, root)  # of writers killed mid-write: the lease says no other run writes here
     started_ray = connect(job.ray, verbose)
+    run_id = summary.run_id
     ledger_actor = monitor = record = None
     try:
         job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
@@ -394,6 +429,7 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False,
                         batches = iter(stream.iter_batches(batch_format="pandas", batch_size=None))
                     try:
                         for batch in batches:
+                            renewer.check()  # LeaseLost: another run took the prefix over
                             monitor.rows_out()
                             if on_rows is not None:
                                 on_rows(batch)

@@ -151,6 +151,21 @@ def is_done(done: np.ndarray, video_ids: list[str]) -> np.ndarray:
     return done[where] == query
 
 
+def remove_temporaries(fs: AbstractFileSystem, root: str) -> int:
+    """Temporary files that writers killed mid-write left on a local disk (object stores publish whole
+    objects and leave none); call it only while holding the prefix's lease. Returns how many went."""
+    if not isinstance(fs, LocalFileSystem) or not os.path.isdir(root):
+        return 0
+    removed = 0
+    for folder in ("videos", "meta", "results", "runs", "shards", "index", "dropped", "posters", "previews"):
+        for parent, _, names in os.walk(f"{root}/{folder}"):
+            for name in names:
+                if name.startswith(".") and name.endswith(".tmp"):
+                    os.unlink(os.path.join(parent, name))
+                    removed += 1
+    return removed
+
+
 # ---------------------------------------------------------------------------------------------- results
 
 
