@@ -134,6 +134,11 @@ def _cmd_generate(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     models = _model_source(args)
+    try:
+        _check_weights(models)
+    except FileNotFoundError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if models.is_random:
         print(f"note: preset {args.preset} with random weights (seed {models.random_seed}): expect noise, not a scene",
               file=sys.stderr)
@@ -205,9 +210,20 @@ def _render_job(args):
         dataset["keep_filtered"] = False
     if dataset:
         overrides["dataset"] = dataset
-    if args.job:
-        return RenderJob.from_yaml(args.job, **overrides)
-    return RenderJob.model_validate(overrides)
+    job = RenderJob.from_yaml(args.job, **overrides) if args.job else RenderJob.model_validate(overrides)
+    _check_weights(job.models)
+    return job
+
+
+def _check_weights(models) -> None:
+    """A weights source that cannot exist (a local path that is not there, and neither a URL nor a hub repo
+    id) is one clear error before any model loads (WeightsNotFound, a FileNotFoundError)."""
+    from .weights.source import WeightsSource
+
+    if not models.is_random:
+        WeightsSource(models.resolved_weights, cache_dir=models.cache_dir)
+        if models.t5:
+            WeightsSource(models.t5, cache_dir=models.cache_dir)
 
 
 class RenderProgress:

@@ -148,3 +148,12 @@ def test_render_refuses_a_bad_manifest_before_anything_starts(tmp_path, capsys):
     assert main(["render", str(tmp_path / "bad.parquet"), "--out", str(out)]) == 2
     assert "not a Parquet file" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_prompts_that_repeat_after_normalisation_are_counted(tmp_path):
+    path = _write(tmp_path / "m.parquet", prompt=["A red car", "a  red CAR ", "ａ red car", "a boat", "a red car"],
+                  seed=[None, None, None, None, 7])
+    prompts = scan_ids(open_manifest(path)).prompts
+    assert (prompts.distinct, prompts.duplicate_rows) == (3, 2)
+    assert prompts.positions.tolist() == [1, 2] and prompts.firsts.tolist() == [0, 0]  # another seed: not a repeat
+    assert prompts.most_repeated == ((0, 3),) and "row 0 x3" in prompts.line()

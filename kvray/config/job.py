@@ -96,6 +96,9 @@ class RenderJob(_Strict):
                                          "(default: the profile's device, else 80)")
     stall_timeout_s: float = Field(3600, gt=0, description="a render that moves nothing for this long (no actor "
                                    "started, no model call, no row finished) stops with the reason")
+    collapse_duplicate_prompts: bool = Field(False, description="render one video per distinct prompt and seed: a row "
+                                             "whose prompt (after NFKC, case folding and whitespace) and explicit "
+                                             "seed repeat an earlier row's is skipped, naming that row")
     lease_ttl_s: float = Field(120, gt=0, description="a run holds its output prefix with a lease renewed every "
                                "third of this; a lease not renewed for this long (a killed driver) is taken over")
 

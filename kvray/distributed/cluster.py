@@ -55,6 +55,8 @@ def check_resources(job: RenderJob) -> None:
     """Every actor of every pool fits on some alive node, and all of them together in the cluster."""
     nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
     totals = {"CPU": sum(n.get("CPU", 0) for n in nodes), "GPU": sum(n.get("GPU", 0) for n in nodes)}
+    if job.runtime.device.startswith("cuda") and not totals["GPU"]:
+        raise ResourceError(f"device {job.runtime.device!r} asked for, but the cluster has no GPUs")
     needs = {s: {"CPU": job.deployment.stage(s).cpus, "GPU": job.deployment.stage(s).gpus} for s in STAGES}
     for stage, need in needs.items():
         if not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):

@@ -25,7 +25,7 @@ from ..io.storage import open_fs
 from .cluster import connect, disconnect
 from .plan import PlanInputs, planned_dataset, scan_manifest
 from .pools import execution_context
-from .render import new_run_id, planning_tasks
+from .render import collapsed_rows, new_run_id, planning_tasks
 from .rows import ERROR, PENDING, SKIPPED
 
 FIRST_REASONS = 5
@@ -45,13 +45,14 @@ class DryRun:
     duplicates: int = 0  # ids given to more than one row
     seconds: float = 0.0
     first_errors: list[str] = field(default_factory=list)
+    prompts: str = ""
     work: Counter = field(default_factory=Counter)  # per stage: the pending rows' work, in profile videos
     estimate: dict | None = None
 
     def lines(self) -> list[str]:
         out = [f"rows {self.rows}: pending {self.pending}, done (would be skipped) {self.skipped}, "
                f"bad {self.error}" + (f", identical to an earlier row {self.repeats}" if self.repeats else ""),
-               f"planned in {self.seconds:.1f} s; nothing was written"]
+               self.prompts, f"planned in {self.seconds:.1f} s; nothing was written"]
         if self.first_errors:
             out.append("first bad rows:")
             out.extend(f"  {e}" for e in self.first_errors)
@@ -91,8 +92,9 @@ def dry_run(job: RenderJob, *, costs: CostProfile | None = None, gpus: int | Non
         with execution_context(verbose=verbose):
             scan = scan_manifest(manifest, job.storage_options, planning_tasks(job))
             report.rows, report.repeats, report.duplicates = manifest.rows, len(scan.repeats), len(scan.duplicates)
+            report.prompts = scan.prompts.line()
             inputs = PlanInputs(job.model_dump_json(), new_run_id(), "", ray.put(scan.duplicates),
-                                ray.put(scan.repeats), ray.put(done), dry_run=True)
+                                ray.put(scan.repeats), ray.put(done), collapsed_rows(job, scan), dry_run=True)
             # The video the profile was measured on (kvray bench stages records it); else the official one.
             measured = costs.meta if costs is not None else {}
             reference = {"width": 512, "height": 512, "fps": "medium",

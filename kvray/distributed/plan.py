@@ -47,6 +47,7 @@ class PlanInputs:
     duplicates: ray.ObjectRef  # dict: id -> count, for ids given to several rows
     repeats: ray.ObjectRef  # sorted int64 positions of repeats of identical rows without ids
     done: ray.ObjectRef  # sorted S32 ids of done videos
+    collapsed: ray.ObjectRef | None = None  # (positions, positions of the rows they repeat), sorted by position
     dry_run: bool = False
 
 
@@ -56,15 +57,17 @@ def _job(job_json: str) -> RenderJob:
 
 
 @functools.lru_cache(maxsize=8)
-def _shared(duplicates: ray.ObjectRef, repeats: ray.ObjectRef, done: ray.ObjectRef):
-    return ray.get(duplicates), ray.get(repeats), ray.get(done)
+def _shared(duplicates: ray.ObjectRef, repeats: ray.ObjectRef, done: ray.ObjectRef, collapsed: ray.ObjectRef | None):
+    empty = np.array([], dtype=np.int64)
+    return ray.get(duplicates), ray.get(repeats), ray.get(done), ray.get(collapsed) if collapsed else (empty, empty)
 
 
 def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, int]):
     """Every row of the part, planned, in DataFrames of a read batch each; repeats of identical rows
     without ids are counted in `counts` and left out."""
     job = _job(inputs.job_json)
-    duplicates, repeats, done = _shared(inputs.duplicates, inputs.repeats, inputs.done)
+    duplicates, repeats, done, (collapsed, firsts) = _shared(inputs.duplicates, inputs.repeats, inputs.done,
+                                                              inputs.collapsed)
     manifest_fs = open_fs(job.manifest, job.storage_options)[0]
     out_fs, root = open_fs(job.out, job.storage_options)
     preset = job.models.model_preset
@@ -79,7 +82,12 @@ def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, in
             planned = plan_row(record, job.defaults, job.models.version, size)
             row = empty_row(planned.id, position)
             request = planned.request
-            if request is None:
+            index = np.searchsorted(collapsed, position)
+            if index < len(collapsed) and collapsed[index] == position and request is not None:
+                row.update(status=SKIPPED, prompt=request.prompt, seed=request.seed,
+                           error=f"same prompt and seed as row {firsts[index]} after normalisation: not rendered "
+                                 "(collapse_duplicate_prompts)")
+            elif request is None:
                 row.update(status=ERROR, error=planned.error, prompt=str(record.get("prompt") or ""))
             elif planned.id in duplicates:
                 row.update(status=ERROR, prompt=request.prompt,

@@ -74,6 +74,7 @@ class RenderSummary:
     results: list[str] = field(default_factory=list)
     first_errors: list[str] = field(default_factory=list)
     reason: str = ""  # why a run failed or stopped
+    prompts: str = ""  # duplicates among the prompts, after normalisation
 
     @property
     def done(self) -> int:
@@ -101,6 +102,8 @@ class RenderSummary:
             actors = self.stages.get("actors", {}).get(stage, [])
             gpus = ",".join(g for a in actors for g in a["gpu_ids"]) or "-"
             out.append(f"  {stage:<12} busy {self.busy_seconds.get(stage, 0.0):8.2f} s, {len(actors)} actor(s), GPUs {gpus}")
+        if self.prompts:
+            out.append(self.prompts)
         if self.first_errors:
             out.append(f"first error rows (all in {self.out}/results/{self.run_id}/):")
             out.extend(f"  {e}" for e in self.first_errors)
@@ -113,7 +116,8 @@ class RenderSummary:
                 "filtered": self.filtered, "repeats": self.repeats,
                 "startup_seconds": round(self.startup_seconds, 3), "render_seconds": round(self.seconds, 3),
                 "videos_per_second": self.videos_per_second, "busy_seconds": self.busy_seconds,
-                "stages": self.stages, "results": self.results, "first_errors": self.first_errors}
+                "stages": self.stages, "results": self.results, "first_errors": self.first_errors,
+                "prompts": self.prompts}
 
 
 def new_run_id() -> str:
@@ -316,6 +320,13 @@ def _row_of(line: str) -> int:
     return int(line.split(" ", 2)[1])
 
 
+def collapsed_rows(job: RenderJob, scan):
+    """The rows `collapse_duplicate_prompts` leaves out, for the planning tasks (None when it is off)."""
+    if not job.collapse_duplicate_prompts or not scan.prompts.duplicate_rows:
+        return None
+    return ray.put((scan.prompts.positions, scan.prompts.firsts))
+
+
 PROBE_ROWS = 2_000
 
 
@@ -353,6 +364,10 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, t
     `progress(summary, ledger_report)` is called every few seconds. Benchmarks replace the stages'
     `workers` (default `workers.WORKERS`), the `pool_options` (default: the renderer's, with the plan's
     queued calls) and watch the finished rows (`on_rows(batch)`)."""
+    if job.runtime.device.startswith("cuda") and not job.ray.address:
+        from ..pipeline.device import torch_device
+
+        torch_device(job.runtime)  # a local Ray on a machine without CUDA: one clear DeviceError, now
     manifest = open_manifest(job.manifest, job.storage_options)
     fs, root = open_fs(job.out, job.storage_options)
     run_id = new_run_id()
@@ -412,7 +427,8 @@ def _render(job, manifest, fs, root, summary, done, start, renewer, *, limit, ve
                 ledger_name = f"kvray-ledger-{run_id}"
                 ledger_actor = RunLedger.options(name=ledger_name, scheduling_strategy=on_this_node()).remote()
                 inputs = PlanInputs(job.model_dump_json(), run_id, ledger_name, ray.put(scan.duplicates),
-                                    ray.put(scan.repeats), ray.put(done))
+                                    ray.put(scan.repeats), ray.put(done), collapsed_rows(job, scan))
+                summary.prompts = scan.prompts.line()
                 planned = planned_dataset(manifest.parts, inputs, planning_tasks(job))
                 if limit is not None:
                     planned = planned.limit(limit)

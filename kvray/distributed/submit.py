@@ -98,6 +98,16 @@ def _is_uri(path: str) -> bool:
     return "://" in path
 
 
+def check_out(out: str) -> None:
+    """A job's --out must mean the same on the cluster as here: a URI, or an absolute path (one the
+    cluster's nodes share). A relative path would land in the job's temporary working directory on the
+    cluster, and vanish with it."""
+    if not _is_uri(out) and not Path(out).is_absolute():
+        raise SubmitError(f"--out {out} is a relative path: on the cluster it would land in the job's temporary "
+                          "working directory and vanish with it; give a URI (s3://bucket/prefix, gs://...) or an "
+                          "absolute path that every node shares")
+
+
 def build_runtime_env(working_dir: str | None = None, runtime_env: dict | None = None, *,
                       pip: list[str] | None = None, env_vars: dict[str, str] | None = None,
                       extra_excludes: list[str] | tuple[str, ...] = ()) -> dict:
@@ -314,6 +324,7 @@ def submit(manifest: str, out: str, *, address: str | None, render_args: list[st
     `client_factory(address, headers)` replaces Ray's JobSubmissionClient (tests).
     """
     stream = stream or sys.stdout
+    check_out(out)
     address = normalize_address(address)
     env = build_runtime_env(working_dir, runtime_env, pip=pip, env_vars=env_vars,
                             extra_excludes=_output_exclude(out, working_dir))

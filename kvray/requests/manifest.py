@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from ..config.job import RequestDefaults
 from ..io.manifest import KNOWN_COLUMNS, Manifest, ManifestPart, part_batches
 from ..config.validation import validation_message
+from .prompts import prompt_key
 from ..config.sampling import GuidanceConfig
 from .request import VideoRequest, default_size as mode_default_size
 
@@ -161,29 +162,74 @@ def _strict_numbers(fields: dict) -> dict:
 
 @dataclass(frozen=True)
 class IdScan:
-    """What planning must know about the whole manifest before it streams: which ids repeat."""
+    """What planning must know about the whole manifest before it streams: which ids repeat, and which
+    prompts repeat after normalisation (NFKC, case, whitespace)."""
 
     rows: int
     # Ids given to more than one row (and their counts): every such row is refused.
     duplicates: dict[str, int]
     # Sorted positions of the rows identical to an earlier row without an id: one row, rendered once.
     repeats: np.ndarray
+    prompts: PromptDuplicates = None  # type: ignore[assignment]
+
+
+@dataclass(frozen=True)
+class PromptDuplicates:
+    """Rows whose normalised prompt(s) and explicit seed (if any) repeat an earlier row's."""
+
+    distinct: int
+    duplicate_rows: int
+    most_repeated: tuple[tuple[int, int], ...]  # (position of the first such row, rows), most rows first
+    # Sorted positions of the repeating rows, and of the earlier row each repeats.
+    positions: np.ndarray
+    firsts: np.ndarray
+
+    def line(self) -> str:
+        if not self.duplicate_rows:
+            return "prompts: no duplicates after normalisation (NFKC, case, whitespace)"
+        top = ", ".join(f"row {row} x{count}" for row, count in self.most_repeated)
+        return (f"prompts: {self.distinct} distinct after normalisation, {self.duplicate_rows} rows repeat an "
+                f"earlier row's prompt and seed (most repeated: {top})")
+
+
+def prompt_duplicates(keys: np.ndarray, positions: np.ndarray, top: int = 3) -> PromptDuplicates:
+    """From each row's (prompt key, seed) digest and position."""
+    if not len(keys):
+        empty = np.array([], dtype=np.int64)
+        return PromptDuplicates(0, 0, (), empty, empty)
+    order = np.lexsort((positions, keys))
+    grouped, where = keys[order], positions[order]
+    first = np.ones(len(grouped), dtype=bool)
+    first[1:] = grouped[1:] != grouped[:-1]
+    starts = np.flatnonzero(first)
+    counts = np.diff(np.append(starts, len(grouped)))
+    group_first = np.repeat(where[starts], counts)
+    repeat = ~first
+    ranked = np.argsort(-counts, kind="stable")[:top]
+    most = tuple((int(where[starts[i]]), int(counts[i])) for i in ranked if counts[i] > 1)
+    by_position = np.argsort(where[repeat])
+    return PromptDuplicates(distinct=len(starts), duplicate_rows=int(repeat.sum()), most_repeated=most,
+                            positions=where[repeat][by_position], firsts=group_first[repeat][by_position])
 
 
 @dataclass(frozen=True)
 class PartIds:
-    """The ids of one manifest part, with each row's position and whether the manifest wrote the id."""
+    """The ids of one manifest part, with each row's position and whether the manifest wrote the id;
+    and every row's prompt digest (its normalised prompt(s) and explicit seed) with its position."""
 
     ids: pa.Array
     positions: np.ndarray
     written: np.ndarray
+    prompt_keys: np.ndarray
+    prompt_positions: np.ndarray
 
 
 def part_ids(fs, part: ManifestPart) -> PartIds:
     """Ids straight from the `id` column; for rows without one, derived from the content (the costly
     part: a digest per row)."""
-    ids, positions, written = [], [], []
+    ids, positions, written, keys = [], [], [], []
     for start, batch in part_batches(fs, part):
+        keys.append(_prompt_keys(batch))
         given = np.zeros(batch.num_rows, dtype=bool)
         if "id" in batch.schema.names:
             column = batch.column("id")
@@ -197,9 +243,26 @@ def part_ids(fs, part: ManifestPart) -> PartIds:
             ids.append(pa.array([row_identity(row)[0] for row in rows], pa.string()))
             positions.append(missing + start)
             written.append(np.zeros(len(missing), dtype=bool))
+    prompt_keys = np.concatenate(keys) if keys else np.array([], np.uint64)
+    prompt_positions = np.arange(part.first_row, part.first_row + len(prompt_keys), dtype=np.int64)
     if not ids:
-        return PartIds(pa.array([], pa.string()), np.array([], np.int64), np.array([], bool))
-    return PartIds(pa.concat_arrays(ids), np.concatenate(positions), np.concatenate(written))
+        return PartIds(pa.array([], pa.string()), np.array([], np.int64), np.array([], bool), prompt_keys,
+                       prompt_positions)
+    return PartIds(pa.concat_arrays(ids), np.concatenate(positions), np.concatenate(written), prompt_keys,
+                   prompt_positions)
+
+
+def _prompt_keys(batch: pa.RecordBatch) -> np.ndarray:
+    """Per row, a 64-bit digest of its normalised prompt(s) (a mini-movie: its scenes) and explicit seed."""
+    columns = batch.to_pydict()
+    prompts, scenes = columns.get("prompt", [None] * batch.num_rows), columns.get("scenes", [None] * batch.num_rows)
+    seeds = columns.get("seed", [None] * batch.num_rows)
+    keys = np.empty(batch.num_rows, dtype=np.uint64)
+    for i, (prompt, scene, seed) in enumerate(zip(prompts, scenes, seeds)):
+        text = scene if isinstance(scene, list) else (json.loads(scene) if isinstance(scene, str) else None)
+        shown = text if isinstance(text, list) and all(isinstance(t, str) for t in text) else [str(prompt)]
+        keys[i] = int(prompt_key([*shown, f"seed={seed}"]), 16)
+    return keys
 
 
 def scan_ids(manifest: Manifest, parts: list[PartIds] | None = None) -> IdScan:
@@ -208,9 +271,11 @@ def scan_ids(manifest: Manifest, parts: list[PartIds] | None = None) -> IdScan:
     that a million rows take seconds and little memory."""
     if parts is None:
         parts = [part_ids(manifest.fs, part) for part in manifest.parts]
+    prompts = prompt_duplicates(np.concatenate([p.prompt_keys for p in parts] or [np.array([], np.uint64)]),
+                                np.concatenate([p.prompt_positions for p in parts] or [np.array([], np.int64)]))
     parts = [p for p in parts if len(p.ids)]
     if not parts:
-        return IdScan(manifest.rows, {}, np.array([], dtype=np.int64))
+        return IdScan(manifest.rows, {}, np.array([], dtype=np.int64), prompts)
     every = pa.concat_arrays([p.ids for p in parts])
     where = np.concatenate([p.positions for p in parts])
     written = np.concatenate([p.written for p in parts])
@@ -218,7 +283,7 @@ def scan_ids(manifest: Manifest, parts: list[PartIds] | None = None) -> IdScan:
     codes = encoded.indices.to_numpy(zero_copy_only=False)
     counts = np.bincount(codes)
     if not (counts > 1).any():
-        return IdScan(manifest.rows, {}, np.array([], dtype=np.int64))
+        return IdScan(manifest.rows, {}, np.array([], dtype=np.int64), prompts)
     order = np.lexsort((where, codes))  # by id, then by position
     grouped = codes[order]
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
@@ -230,4 +295,4 @@ def scan_ids(manifest: Manifest, parts: list[PartIds] | None = None) -> IdScan:
     first[1:] = grouped[1:] != grouped[:-1]
     values = encoded.dictionary
     duplicates = {values[int(c)].as_py(): int(counts[c]) for c in np.flatnonzero(refused)}
-    return IdScan(manifest.rows, duplicates, np.sort(where[order][repeated[grouped] & ~first]))
+    return IdScan(manifest.rows, duplicates, np.sort(where[order][repeated[grouped] & ~first]), prompts)
