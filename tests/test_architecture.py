@@ -1,0 +1,31 @@
+"""Rules of the code base that no linter here checks (ruff and import-linter run in CI for the rest:
+see pyproject.toml): no module imports another module's private names."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent.parent / "kvray"
+
+
+def _private_imports(path: Path, root: Path = PACKAGE.parent) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("kvray")):
+            for alias in node.names:
+                if alias.name.startswith("_") and not alias.name.startswith("__"):
+                    found.append(f"{path.relative_to(root)}:{node.lineno} imports {alias.name} "
+                                 f"from {'.' * node.level}{node.module or ''}")
+    return found
+
+
+def test_no_module_imports_another_modules_private_names():
+    assert [] == [line for path in sorted(PACKAGE.rglob("*.py")) for line in _private_imports(path)]
+
+
+def test_the_check_sees_a_private_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("from kvray.sampling.loops import _guided\nfrom .stages import _groups\nfrom os import __all__\n")
+    assert len(_private_imports(bad, tmp_path)) == 2
