@@ -47,9 +47,23 @@ def normalized_uri(uri: str) -> str:
     return urlunsplit((parts.scheme.lower(), host, parts.path, "", ""))
 
 
+def _is_file_name(name: str) -> bool:
+    """A manifest's last path component names a file (it has an extension), not a directory."""
+    return bool(os.path.splitext(name)[1])
+
+
 def manifest_location(manifest: str) -> str:
     """The directory (or bucket prefix) a manifest lives in, ending in "/": the manifest itself when it
-    names a directory, else the directory of its file or of its glob's first wildcard."""
+    names a directory, else the directory of its file or of its glob's first wildcard. A relative local
+    manifest gives a relative directory: it is resolved where images are read, as the rows' relative
+    image paths are (a job's working directory on each node)."""
+    if is_local(manifest) and not os.path.isabs(manifest.removeprefix("file://")):
+        path = os.path.normpath(manifest.removeprefix("file://"))
+        parts = path.split("/")
+        keep = next((i for i, part in enumerate(parts) if _GLOB.search(part)), len(parts))
+        if keep == len(parts) and _is_file_name(parts[-1]) and not os.path.isdir(path):
+            keep -= 1
+        return ("/".join(parts[:keep]) or ".") + "/"
     if is_local(manifest):
         scheme, path = "", local_path(manifest)
     else:
@@ -57,7 +71,7 @@ def manifest_location(manifest: str) -> str:
         scheme += "://"
     parts = path.rstrip("/").split("/")
     keep = next((i for i, part in enumerate(parts) if _GLOB.search(part)), len(parts))
-    if keep == len(parts) and parts[-1].endswith(".parquet"):
+    if keep == len(parts) and _is_file_name(parts[-1]):
         keep -= 1
     # Never above the bucket (remote) or "/" (local).
     return scheme + "/".join(parts[:max(keep, 1)]) + "/"

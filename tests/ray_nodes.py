@@ -1,0 +1,122 @@
+"""A Ray cluster of this test module's own on this machine: a head and more nodes, each `ray start`ed in
+one temp dir with free ports and no token auth; only its own processes are stopped (by PID, never
+`ray stop`, which would end every Ray of the machine)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class LocalCluster:
+    url: str  # the dashboard
+    address: str  # the GCS, for a driver joining the cluster
+    temp_dir: Path  # every file the cluster writes (session logs, unpacked runtime envs)
+    env: dict  # an environment for processes talking to this cluster
+
+    def add_node(self, cpus: int, gpus: int = 0) -> int:
+        """Starts another node (its own raylet) and returns its raylet's PID. It gets a temp dir of its own
+        (below the cluster's), as a real node has its own disk: nodes sharing one would unpack a job's
+        working dir over each other."""
+        before = set(self.raylets())
+        own = self.temp_dir / f"n{len(before)}"
+        own.mkdir()
+        _ray_start([f"--address={self.address}", f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={own}",
+                    "--object-store-memory=100000000", "--disable-usage-stats"], self.env, self.temp_dir)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            added = set(self.raylets()) - before
+            if added:
+                return added.pop()
+            time.sleep(0.2)
+        raise RuntimeError("the new node's raylet did not start")
+
+    def raylets(self) -> list[int]:
+        return [p.pid for p in processes(str(self.temp_dir)) if "raylet" in p.name()]
+
+    def stop(self) -> None:
+        stop_processes(str(self.temp_dir))
+
+
+def _ray_start(arguments: list[str], env: dict, cwd: Path) -> None:
+    command = [str(Path(sys.executable).parent / "ray"), "start", *arguments]
+    started = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
+    assert started.returncode == 0, started.stderr[-2000:]
+
+
+def start_head(cpus: int, gpus: int = 0) -> LocalCluster:
+    temp_dir = Path(tempfile.mkdtemp(prefix="kvray-head-", dir="/tmp"))  # short: Ray's socket paths have a limit
+    dashboard, gcs = free_port(), free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(name, None)
+    _ray_start(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",
+                f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
+                f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
+                "--object-store-memory=100000000", "--disable-usage-stats"], env, temp_dir)
+    return LocalCluster(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, env)
+
+
+def processes(marker: str) -> list[psutil.Process]:
+    """Every process whose command line names `marker`, and their descendants."""
+    found: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        if any(marker in part for part in process.info["cmdline"] or ()):
+            found[process.pid] = process
+            try:
+                found.update({child.pid: child for child in process.children(recursive=True)})
+            except psutil.Error:
+                pass
+    return list(found.values())
+
+
+def stop_processes(marker: str) -> None:
+    running = processes(marker)
+    for process in running:
+        try:
+            process.send_signal(signal.SIGTERM)
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(running, timeout=6)  # gcs_server can sit on SIGTERM
+    for process in alive:
+        try:
+            process.kill()
+        except psutil.Error:
+            pass
+
+
+LEDGER_PROBE = """
+import json, sys
+import ray
+ray.init(address=sys.argv[1], logging_level="ERROR")
+found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvray-ledger-")]
+report = ray.get(ray.get_actor(found[0]["name"], namespace=found[0]["namespace"]).report.remote()) if found else None
+print(json.dumps(report))
+"""
+
+
+def ledger_report(cluster: LocalCluster) -> dict | None:
+    """The report of the render running on `cluster` (its ledger lives in that driver's namespace), read
+    by a process of its own (a test process may already hold another Ray)."""
+    import json
+
+    probe = subprocess.run([sys.executable, "-c", LEDGER_PROBE, cluster.address], env=cluster.env,
+                           capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    return json.loads(probe.stdout.strip().splitlines()[-1])
