@@ -11,7 +11,6 @@ which would end every Ray on the machine.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import importlib.util
 import io
@@ -19,12 +18,10 @@ import json
 import os
 import shlex
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
@@ -37,6 +34,8 @@ from kvray.config.stages import STAGES
 from kvray.distributed import secrets as sec
 from kvray.distributed import submit as sub
 from kvray.io.storage import parse_storage_options
+
+from .ray_nodes import start_head
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -371,7 +370,7 @@ def test_submit_follows_logs_and_returns_the_job_outcome(status, code, capsys, m
 def test_submit_without_follow_returns_once_accepted(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     client = FakeClient(status="RUNNING")
-    assert sub.submit("m", "o", address="http://h:8265", follow=False, client_factory=lambda a, h: client) == 0
+    assert sub.submit("m", "s3://bucket/o", address="http://h:8265", follow=False, client_factory=lambda a, h: client) == 0
 
 
 def test_submit_reports_an_unreachable_address():
@@ -379,7 +378,7 @@ def test_submit_reports_an_unreachable_address():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with pytest.raises(sub.SubmitError, match="cannot reach the Ray dashboard"):
-        sub.submit("m", "o", address=f"127.0.0.1:{port}", working_dir="")
+        sub.submit("m", "s3://bucket/o", address=f"127.0.0.1:{port}", working_dir="")
     args = _submit_parser().parse_args(["submit", "m", "--out", "o", "--address", f"127.0.0.1:{port}", "--working-dir", ""])
     assert args.run(args) == 2
 
@@ -496,94 +495,16 @@ def test_example_manifest_rows_become_valid_requests():
 # ---------------------------------------------------------------------------------- a real head (slow)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _process_table() -> dict[int, tuple[int, list[str]]]:
-    table = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace").split("\0")
-            ppid = int(Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        table[int(entry)] = (ppid, cmdline)
-    return table
-
-
-def _head_processes(marker: str) -> set[int]:
-    """Processes whose command line names `marker` (this head's temp dir), and all their descendants."""
-    table = _process_table()
-    found = {pid for pid, (_, cmd) in table.items() if pid != os.getpid() and any(marker in a for a in cmd)}
-    todo = list(found)
-    while todo:
-        parent = todo.pop()
-        for pid, (ppid, _) in table.items():
-            if ppid == parent and pid not in found:
-                found.add(pid)
-                todo.append(pid)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return False
-
-
-def _stop_head(marker: str) -> None:
-    pids = _head_processes(marker)
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + 6  # gcs_server can sit on SIGTERM; SIGKILL after that
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in pids:
-        if _alive(pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-
-@dataclasses.dataclass(frozen=True)
-class RayHead:
-    url: str  # the dashboard
-    address: str  # the GCS, for a driver joining the cluster
-    temp_dir: Path  # every file the cluster writes (session logs, unpacked runtime envs)
-    env: dict  # an environment for processes talking to this head
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    """A Ray head of this module's own: temp dir, ports, no token auth; its processes are ended afterwards."""
-    temp_dir = tempfile.mkdtemp(prefix="kvray-head-", dir="/tmp")  # short: Ray's socket paths have a limit
-    dashboard, gcs = _free_port(), _free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
-        env.pop(name, None)
-    command = [
-        str(Path(sys.executable).parent / "ray"), "start", "--head", f"--port={gcs}",
-        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--ray-client-server-port={_free_port()}",
-        f"--dashboard-agent-listen-port={_free_port()}", f"--temp-dir={temp_dir}", "--num-cpus=1", "--num-gpus=0",
-        "--object-store-memory=100000000", "--disable-usage-stats",
-    ]
+    """A Ray head of this module's own (1 CPU, no GPU): temp dir, ports, no token auth; its processes are
+    ended afterwards."""
+    cluster = start_head(cpus=1)
     try:
-        started = subprocess.run(command, env=env, cwd=temp_dir, capture_output=True, text=True, timeout=120)
-        assert started.returncode == 0, started.stderr[-2000:]
-        yield RayHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", Path(temp_dir), env)
+        yield cluster
     finally:
-        _stop_head(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        cluster.stop()
+        shutil.rmtree(cluster.temp_dir, ignore_errors=True)
 
 
 @pytest.mark.slow
@@ -592,9 +513,9 @@ def test_submit_to_a_real_head(ray_head, capsys):
     probe = ("import os, ray; ray.init(address='auto'); assert ray.cluster_resources()['CPU'] == 1; "
              "assert os.path.isfile('jobs/render.py') and not os.path.exists('.venv'); print('probe ok')")
     logs = io.StringIO()
-    assert sub.submit("m", "o", address=ray_head.url, entrypoint=shlex.join(["python", "-c", probe]), stream=logs) == 0
+    assert sub.submit("m", "s3://bucket/o", address=ray_head.url, entrypoint=shlex.join(["python", "-c", probe]), stream=logs) == 0
     assert "probe ok" in logs.getvalue()
-    assert sub.submit("m", "o", address=ray_head.url, working_dir="", entrypoint="exit 3", stream=io.StringIO()) == 1
+    assert sub.submit("m", "s3://bucket/o", address=ray_head.url, working_dir="", entrypoint="exit 3", stream=io.StringIO()) == 1
 
 
 # The job's driver, as jobs/render.py runs it: the bundle read, the variables handed to a worker.
@@ -651,7 +572,7 @@ def test_secrets_stay_out_of_rays_job_records_logs_and_stderr(ray_head, capfd):
     assert public == ["anon=false"]
     digests = [hashlib.sha256(v.encode()).hexdigest() for v in (storage_secret, env_secret)]
     logs = io.StringIO()
-    status = sub.submit("m", "o", address=ray_head.url, render_args=sub.render_args_from(storage_options=public),
+    status = sub.submit("m", "s3://bucket/o", address=ray_head.url, render_args=sub.render_args_from(storage_options=public),
                         entrypoint=shlex.join(["python", "-c", SECRETS_PROBE, *digests]), secrets=secrets, stream=logs)
     assert status == 0 and "secrets ok" in logs.getvalue(), logs.getvalue()[-3000:]
     # A driver that joins the cluster, with a secret on its command line.
@@ -668,3 +589,8 @@ def test_secrets_stay_out_of_rays_job_records_logs_and_stderr(ray_head, capfd):
     out, err = capfd.readouterr()
     assert not [s for s in planted if s in logs.getvalue() + out + err + joined.stdout + joined.stderr]
     assert _files_holding(ray_head.temp_dir, [s.encode() for s in planted]) == []  # session logs, unpacked packages
+
+
+def test_submit_refuses_a_relative_out():
+    with pytest.raises(sub.SubmitError, match="relative path"):
+        sub.submit("m", "./out", address="http://h:8265", follow=False, client_factory=lambda a, h: None)
