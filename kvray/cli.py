@@ -389,16 +389,6 @@ def pa_strings(values):
     return pa.array(values, pa.string())
 
 
-def _cmd_bench_soak(args) -> int:
-    from .bench.soak import soak
-
-    totals = soak(args.minutes, rows=args.rows, kill_every=args.kill_every, seed=args.seed, out=args.out)
-    print(f"rounds {totals['rounds']}, rows {totals['rows']}: ok {totals['ok']}, error {totals['error']}; "
-          f"actors killed {totals['kills']}")
-    print(f"rows lost {totals['lost']}, rows duplicated {totals['duplicated']}")
-    return 0 if totals["lost"] == totals["duplicated"] == 0 else 1
-
-
 def _runtime(args):
     from .config import RuntimeConfig
 
@@ -539,23 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(p)
     p.set_defaults(run=_cmd_bench_generate)
 
-    p = bench.add_parser("soak", help="render for N minutes while stage actors are killed; rows lost / duplicated")
-    p.add_argument("--minutes", type=float, default=5.0)
-    p.add_argument("--rows", type=int, default=12, help="rows per round (default 12)")
-    p.add_argument("--kill-every", type=float, default=5.0, help="mean seconds between SIGKILLs (default 5)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="where rounds write (default: a temporary directory)")
-    p.set_defaults(run=_cmd_bench_soak)
-
     from .bench.dataset import add_dataset_parser
     from .bench.pipeline import add_pipeline_parser
     from .bench.scale import add_scale_parser
+    from .bench.soak import add_soak_parser
     from .bench.stages import add_stages_parser
     from .distributed.planner import add_plan_parser
 
     add_stages_parser(bench)
     add_pipeline_parser(bench)
     add_scale_parser(bench)
+    add_soak_parser(bench)
     add_dataset_parser(bench)
     add_plan_parser(commands)
 

@@ -35,7 +35,7 @@ from kvray.distributed import secrets as sec
 from kvray.distributed import submit as sub
 from kvray.io.storage import parse_storage_options
 
-from .ray_nodes import start_head
+from kvray.distributed.local_cluster import start_head
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

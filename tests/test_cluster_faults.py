@@ -21,7 +21,7 @@ import yaml
 
 from kvray.distributed import submit as sub
 
-from .ray_nodes import ledger_report, start_head
+from kvray.distributed.local_cluster import ledger_report, start_head
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import pytest
 from kvray.io.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost, read_lease
 from kvray.io.storage import open_fs
 
-from .faulty_proxy import FaultyProxy
+from kvray.bench.fault_proxy import FaultyProxy
 from .s3 import _ENV
 
 

@@ -18,7 +18,7 @@ import s3fs
 from kvray.config.job import RenderJob
 
 from .bad_images import broken_chunk_png
-from .faulty_proxy import FaultyProxy
+from kvray.bench.fault_proxy import FaultyProxy
 
 pytestmark = pytest.mark.slow
 

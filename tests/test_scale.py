@@ -18,7 +18,7 @@ from kvray.io.manifest import open_manifest
 from kvray.io.storage import open_fs, write_json
 from kvray.requests.manifest import plan_row
 
-from .faulty_proxy import FaultyProxy
+from kvray.bench.fault_proxy import FaultyProxy
 
 FAST = {"width": 64, "height": 64, "steps": 2, "interpolation_steps": 2}
 

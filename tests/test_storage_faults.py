@@ -29,7 +29,7 @@ from kvray.io.storage import (
     write_atomic,
 )
 
-from .faulty_proxy import FaultyProxy
+from kvray.bench.fault_proxy import FaultyProxy
 
 SMALL = os.urandom(4 << 10)
 LARGE = os.urandom(6 << 20)

@@ -1,6 +1,7 @@
-"""A Ray cluster of this test module's own on this machine: a head and more nodes, each `ray start`ed in
-one temp dir with free ports and no token auth; only its own processes are stopped (by PID, never
-`ray stop`, which would end every Ray of the machine)."""
+"""A Ray cluster of several nodes on this machine, for tests and soaks: a head and more nodes, each
+`ray start`ed with its own temp dir and free ports and no token auth; only its own processes are stopped
+(by PID, never `ray stop`, which would end every Ray of the machine). Drives Ray through its command
+line: nothing here imports Ray."""
 
 from __future__ import annotations
 
@@ -53,11 +54,16 @@ class LocalCluster:
     def stop(self) -> None:
         stop_processes(str(self.temp_dir))
 
+    def stage_actors(self) -> list[psutil.Process]:
+        """The processes of the stage actors of the renders running on this cluster."""
+        return [p for p in processes(str(self.temp_dir)) if _title(p).startswith("ray::MapWorker(MapBatches(")]
+
 
 def _ray_start(arguments: list[str], env: dict, cwd: Path) -> None:
     command = [str(Path(sys.executable).parent / "ray"), "start", *arguments]
     started = subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=120)
-    assert started.returncode == 0, started.stderr[-2000:]
+    if started.returncode:
+        raise RuntimeError(f"ray start failed: {started.stderr[-2000:]}")
 
 
 def start_head(cpus: int, gpus: int = 0) -> LocalCluster:
@@ -71,6 +77,13 @@ def start_head(cpus: int, gpus: int = 0) -> LocalCluster:
                 f"--temp-dir={temp_dir}", f"--num-cpus={cpus}", f"--num-gpus={gpus}",
                 "--object-store-memory=100000000", "--disable-usage-stats"], env, temp_dir)
     return LocalCluster(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, env)
+
+
+def _title(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
 
 
 def processes(marker: str) -> list[psutil.Process]:
@@ -113,10 +126,11 @@ print(json.dumps(report))
 
 def ledger_report(cluster: LocalCluster) -> dict | None:
     """The report of the render running on `cluster` (its ledger lives in that driver's namespace), read
-    by a process of its own (a test process may already hold another Ray)."""
+    by a process of its own (the caller may hold another Ray, or none)."""
     import json
 
     probe = subprocess.run([sys.executable, "-c", LEDGER_PROBE, cluster.address], env=cluster.env,
                            capture_output=True, text=True, timeout=120)
-    assert probe.returncode == 0, probe.stderr[-2000:]
+    if probe.returncode:
+        raise RuntimeError(f"the ledger probe failed: {probe.stderr[-2000:]}")
     return json.loads(probe.stdout.strip().splitlines()[-1])

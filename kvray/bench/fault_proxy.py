@@ -1,4 +1,4 @@
-"""A fault-injecting HTTP proxy on loopback, in front of the S3 test server.
+"""A fault-injecting HTTP proxy on loopback, in front of an S3 server (the tests' and `kvray bench soak`'s).
 
 One proxy injects one kind of fault into a share (`fault_rate`) of the requests, decided by a seeded
 random stream (one draw per request, in arrival order), or into every `every`-th one (the first, then
