@@ -504,12 +504,14 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.scale import add_scale_parser
     from .bench.stages import add_stages_parser
     from .distributed.planner import add_plan_parser
+    from .gallery.command import add_gallery_parser
 
     add_stages_parser(bench)
     add_pipeline_parser(bench)
     add_scale_parser(bench)
     add_dataset_parser(bench)
     add_plan_parser(commands)
+    add_gallery_parser(commands)
 
     p = commands.add_parser("parity", help="replay the official networks' golden calls and compare")
     p.add_argument("golden_dir")
