@@ -18,6 +18,7 @@ from ..config.dataset import SIGNALS
 
 STYLESHEET, SCRIPT = "gallery.css", "gallery.js"
 INDEX = "index.html"
+RUN_FIELDS = ("run_id", "status", "reason", "error", "started_at", "finished_at")  # of run.json, where present
 
 # C0 and C1 control characters but tab and newline, and lone surrogates (JSON may carry "\ud800").
 _UNPRINTABLE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f\ud800-\udfff]")
@@ -220,7 +221,7 @@ def index_html(site: Site, *, counts: Mapping[str, int], scope: str, pages: Sequ
              for s, n in sorted(counts.items())),
            f"<tr><td>all</td><td>{total:,}</td></tr></table>\n"]
     if run:
-        shown = ", ".join(f"{text(k)} {text(run[k])}" for k in ("run_id", "status", "error") if run.get(k))
+        shown = ", ".join(f"{text(k)} {text(run[k])}" for k in RUN_FIELDS if run.get(k))
         out.append(f"<p>latest run: {shown}</p>\n")
     if errors:
         out.append("<h2>first error rows</h2>\n<ul>"
