@@ -127,8 +127,7 @@ class Links:
 
 def build_gallery(out: str, *, storage_options: Mapping[str, Any] | None = None, local: str | os.PathLike | None = None,
                   statuses: Sequence[str] = (), page_size: int = DEFAULT_PAGE_SIZE, max_pages: int | None = None,
-                  expires: int = DEFAULT_EXPIRES, now: datetime | None = None,
-                  progress: Callable[[int, int], None] | None = None) -> Gallery:
+                  expires: int = DEFAULT_EXPIRES, progress: Callable[[int, int], None] | None = None) -> Gallery:
     """Write the gallery of the output prefix `out`: `index.html` (counts per status, the latest run,
     the first error rows, a link per page) and pages of `page_size` cards in manifest order, with the
     rows of `statuses` only (default all), the first `max_pages` pages only (default all). The pages
@@ -140,7 +139,7 @@ def build_gallery(out: str, *, storage_options: Mapping[str, Any] | None = None,
         raise GalleryError(f"max pages must be at least 1, got {max_pages}")
     if not 1 <= expires <= MAX_EXPIRES:
         raise GalleryError(f"expiry must be within 1..{MAX_EXPIRES} seconds (7 days), got {expires}")
-    now = (now or datetime.now(UTC)).replace(microsecond=0)
+    now = datetime.now(UTC).replace(microsecond=0)
     fs, root = open_fs(out, storage_options)
     links = Links(fs, root, local=local is not None, expires=expires)
 
@@ -172,9 +171,9 @@ def build_gallery(out: str, *, storage_options: Mapping[str, Any] | None = None,
             progress(number, written)
     _remove_stale_pages(dest_fs, dest, written)
     errors = [(_card(row, {}, None), page) for row, page in _first_errors(selected, page_size, written)]
-    page = index_html(site, counts=counts, scope=scope, pages=_summaries(selected, page_size), written=written,
-                      errors=errors, run=_latest_run(fs, root))
-    _write(dest_fs, f"{dest}/{INDEX_PAGE}", page.encode())
+    index_page = index_html(site, counts=counts, scope=scope, pages=_summaries(selected, page_size), written=written,
+                            errors=errors, run=_latest_run(fs, root))
+    _write(dest_fs, f"{dest}/{INDEX_PAGE}", index_page.encode())
     return Gallery(index=uri_of(dest_fs, f"{dest}/{INDEX_PAGE}"),
                    local_index=f"{dest}/{INDEX_PAGE}" if isinstance(dest_fs, LocalFileSystem) else None,
                    pages=pages, written=written, cards=selected.num_rows, counts=counts, expires=expiry)
