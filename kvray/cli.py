@@ -535,6 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.soak import add_soak_parser
     from .bench.stages import add_stages_parser
     from .distributed.planner import add_plan_parser
+    from .gallery.command import add_gallery_parser
 
     add_stages_parser(bench)
     add_pipeline_parser(bench)
@@ -542,6 +543,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_soak_parser(bench)
     add_dataset_parser(bench)
     add_plan_parser(commands)
+    add_gallery_parser(commands)
 
     p = commands.add_parser("parity", help="replay the official networks' golden calls and compare")
     p.add_argument("golden_dir")

@@ -43,7 +43,9 @@ def _seeded():
     torch.manual_seed(0)
 
 
-# A real S3 endpoint on loopback (moto's server), one per test session.
+# A real S3 endpoint on loopback (moto's server), one per test session; headless Chromium for the
+# gallery's browser test.
+from .chromium import browser  # noqa: E402,F401
 from .s3 import s3_bucket, s3_endpoint, s3_serial_endpoint  # noqa: E402,F401
 
 

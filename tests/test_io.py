@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from fractions import Fraction
 
 import fsspec
@@ -69,6 +70,31 @@ def test_mp4_round_trip(fps):
     assert float(read_fps) == pytest.approx(float(fps), rel=1e-6)
     error = np.abs(decoded.astype(np.int16) - frames.astype(np.int16)).mean()
     assert error < 4, f"mean abs error {error:.2f}"
+
+
+def top_level_boxes(data: bytes) -> list[str]:
+    """The types of an ISO media file's top-level boxes, in file order (size, type; size 1: 64-bit size follows)."""
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        if size == 1:
+            size = struct.unpack(">Q", data[offset + 8:offset + 16])[0]
+        elif size == 0:  # the box runs to the end of the file
+            size = len(data) - offset
+        assert size >= 8, f"box {kind!r} at {offset} has size {size}"
+        boxes.append(kind.decode("ascii"))
+        offset += size
+    assert offset == len(data), "the boxes do not tile the file"
+    return boxes
+
+
+def test_mp4_is_faststart():
+    """The index (moov) comes before the frames (mdat): a browser plays before it has the whole file."""
+    data = encode_video(smooth_frames(f=6), clip_fps(6))
+    boxes = top_level_boxes(data)
+    assert boxes[0] == "ftyp" and boxes.count("moov") == boxes.count("mdat") == 1
+    assert boxes.index("moov") < boxes.index("mdat"), boxes
+    assert read_video(data)[0].shape == (6, 64, 96, 3)
 
 
 def test_mp4_fractional_rate_is_exact():

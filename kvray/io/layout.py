@@ -3,10 +3,13 @@ every row.
 
     videos/ab/{video_id}.mp4     the video (ab = the id's first two hex digits)
     meta/ab/{video_id}.json      its metadata, written after the video: the video's commit record
+    posters/ab/{video_id}.jpg    its poster frame, written before the metadata (`kvray.io.posters`)
+    previews/ab/{video_id}.webp  a small animated preview, written before the metadata
     results/{run_id}/*.parquet   one row per input row that run handled
     runs/{run_id}.json           each run: status, error, timings, plan, counts
     run.json                     the latest run's record
     lease.json                   the run that holds the prefix
+    gallery/                     `kvray gallery`: static HTML pages of the outputs (index.html)
 
 Keys are spread over 256 prefixes so that no single prefix carries a large cluster's request rate (S3
 scales each prefix separately). Done videos are found by listing `meta/` once, in 16 groups of
@@ -54,6 +57,18 @@ def video_path(root: str, video_id: str, fmt: str) -> str:
 
 def meta_path(root: str, video_id: str) -> str:
     return f"{root}/meta/{spread(video_id)}.json"
+
+
+def poster_path(root: str, video_id: str) -> str:
+    return f"{root}/posters/{spread(video_id)}.jpg"
+
+
+def preview_path(root: str, video_id: str) -> str:
+    return f"{root}/previews/{spread(video_id)}.webp"
+
+
+def gallery_dir(root: str) -> str:
+    return f"{root}/gallery"
 
 
 def results_dir(root: str, run_id: str) -> str:

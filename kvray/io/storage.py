@@ -350,24 +350,38 @@ def _protocols(fs: AbstractFileSystem) -> set[str]:
     return {protocol} if isinstance(protocol, str) else set(protocol)
 
 
-def write_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
+def write_atomic(fs: AbstractFileSystem, path: str, data: bytes, *, content_type: str | None = None) -> None:
     """Write ``data`` to ``path`` so that readers see the old file (or none) or the whole new one.
 
     * local: a temporary file in the same directory, fsync, ``os.replace`` (then fsync of the directory);
     * object stores (S3, GCS, Azure) and memory: one upload to the final key is already atomic;
     * other filesystems: a temporary name in the same directory, then ``fs.mv`` onto ``path``.
     A failed write removes its temporary file; storage failures raise :class:`StorageError`.
+    ``content_type`` (e.g. ``text/html; charset=utf-8``) is stored with S3 and GCS objects, so that a
+    browser shows them instead of downloading them; other filesystems keep no content type.
     """
     if not isinstance(data, (bytes, bytearray, memoryview)):
         raise TypeError(f"write_atomic takes bytes, got {type(data).__name__}")
     data = bytes(data)
+    protocols = _protocols(fs)
     with storage_errors(fs, path):
         if isinstance(fs, LocalFileSystem):
             _write_local_atomic(fs._strip_protocol(path), data)
-        elif _protocols(fs) & ATOMIC_PUT_PROTOCOLS:
-            fs.pipe_file(path, data)
+        elif protocols & ATOMIC_PUT_PROTOCOLS:
+            fs.pipe_file(path, data, **_content_type_option(protocols, content_type))
         else:
             _write_via_rename(fs, path, data)
+
+
+def _content_type_option(protocols: set[str], content_type: str | None) -> dict[str, str]:
+    """The upload keyword that sets an object's content type, where the store keeps one."""
+    if content_type is None:
+        return {}
+    if protocols & {"s3", "s3a"}:
+        return {"ContentType": content_type}  # put_object's own parameter, passed on by s3fs
+    if protocols & {"gs", "gcs"}:
+        return {"content_type": content_type}
+    return {}
 
 
 def _temp_name(path: str) -> str:

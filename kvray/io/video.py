@@ -12,6 +12,7 @@ import io
 import logging
 import math
 import os
+import tempfile
 from fractions import Fraction
 from pathlib import PurePath
 from typing import Literal, Union
@@ -111,8 +112,8 @@ def encode_video(
     The format is ``format`` if given, else the extension of ``path`` (only used for that), else mp4.
 
     * mp4: H.264 (libx264), yuv420p (plays everywhere; needs even width and height), ``crf`` and
-      ``preset`` as x264's, exact rational frame rate. (No ``+faststart``: the muxer's second pass
-      needs a named file; players fetch the index at the end with a range request.)
+      ``preset`` as x264's, exact rational frame rate, "faststart": the index (``moov``) before the
+      frames (``mdat``), so that a browser starts playing before it has the whole file.
     * gif: Pillow, a palette per frame; delays are whole 1/100 s, spread so the clip keeps its length.
       Pillow merges identical consecutive frames into one longer frame.
     * webp: Pillow's animated WebP, ``quality`` 0..100 or ``lossless``; delays in ms, spread likewise.
@@ -138,20 +139,27 @@ def _encode_mp4(frames: np.ndarray, rate: Fraction, *, crf: int, preset: str) ->
         )
     if not 0 <= crf <= 51:
         raise ValueError(f"crf must be within 0..51, got {crf}")
-    buf = io.BytesIO()
-    with av.open(buf, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=rate, options={"crf": str(crf), "preset": preset})
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        # One tick per frame: the codec time base is exactly 1/fps, so fractional rates stay exact
-        # (the mp4 muxer picks its own finer track time base from this).
-        stream.codec_context.time_base = 1 / rate
-        for index, array in enumerate(frames):
-            frame = av.VideoFrame.from_ndarray(array, format="rgb24")
-            frame.pts = index
-            frame.time_base = stream.codec_context.time_base
-            container.mux(stream.encode(frame))
-        container.mux(stream.encode(None))
-    return buf.getvalue()
+    # The muxer's faststart pass reopens its output by name to move the index in front of the frames,
+    # so it writes a temporary file rather than a BytesIO (it fails with "No such file" there).
+    with tempfile.TemporaryDirectory(prefix="kvray-mp4-") as folder:
+        path = os.path.join(folder, "video.mp4")
+        with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
+            # One encoder thread: x264's frame threads make the bytes depend on scheduling, and a
+            # re-rendered row must give the same file (the renderer's retries and tests compare bytes).
+            options = {"crf": str(crf), "preset": preset, "threads": "1"}
+            stream = container.add_stream("libx264", rate=rate, options=options)
+            stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+            # One tick per frame: the codec time base is exactly 1/fps, so fractional rates stay exact
+            # (the mp4 muxer picks its own finer track time base from this).
+            stream.codec_context.time_base = 1 / rate
+            for index, array in enumerate(frames):
+                frame = av.VideoFrame.from_ndarray(array, format="rgb24")
+                frame.pts = index
+                frame.time_base = stream.codec_context.time_base
+                container.mux(stream.encode(frame))
+            container.mux(stream.encode(None))
+        with open(path, "rb") as file:
+            return file.read()
 
 
 def _frame_durations(count: int, rate: Fraction, tick_ms: int) -> list[int]:
