@@ -84,6 +84,11 @@ def test_render_to_s3_then_resume(ray_cluster, s3_bucket, manifest_job):
         assert set(meta["placement"]) == {"text", "keyframes", "interpolate", "decode"}
         assert meta["resolved"]["steps"] == 2 and row["prompt"] == prompt
         assert meta["placement"]["keyframes"]["stack"]["threads"] >= 1
+        # Poster and preview next to the video, and content types a browser plays inline.
+        spread = f"{row['video_id'][:2]}/{row['video_id']}"
+        assert fs.info(row["uri"])["ContentType"] == "video/mp4"
+        assert fs.info(f"{s3_bucket.name}/out/posters/{spread}.jpg")["ContentType"] == "image/jpeg"
+        assert fs.info(f"{s3_bucket.name}/out/previews/{spread}.webp")["ContentType"] == "image/webp"
     # Each stage's actors held their own GPUs, as many as configured.
     actors = summary.stages["actors"]
     held = {stage: [g for a in actors[stage] for g in a["gpu_ids"]] for stage in DEPLOYMENT}

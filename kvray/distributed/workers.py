@@ -13,7 +13,9 @@ from safetensors.torch import save as pack_tensors
 from ..config.runtime import RuntimeConfig
 from ..config.stages import STAGES
 from ..io.layout import meta_path, video_path
+from ..io.posters import write_stills
 from ..io.storage import open_fs, write_atomic, write_json
+from ..io.video import CONTENT_TYPES
 from ..pipeline import VideoRequest, load_first_frames
 from ..pipeline.device import stack_description, torch_device
 from ..pipeline.pipeline import Video
@@ -135,12 +137,13 @@ class DecodeAndWriteWorker(ModelWorker):
             sample = dataset_sample(video, metadata, self.dataset, encoded=encoded, latents=latents)
             status = FILTERED if sample.filtered else OK
             reasons = "; ".join(sample.metadata["filter_reasons"])
+            write_stills(self.fs, self.root, row["video_id"], video.frames, video.fps)
             if self.dataset.layout == "webdataset":
                 outcome[i] = {"status": status, "error": reasons, "payload": pickle.dumps(sample.to_row())}
                 continue
             kept = status == OK or self.dataset.keep_filtered
             if kept:
-                write_atomic(self.fs, path, encoded)
+                write_atomic(self.fs, path, encoded, content_type=CONTENT_TYPES[self.job.video_format])
             # The metadata is written last: its presence marks the video as done (resume skips it).
             write_json(self.fs, meta_path(self.root, row["video_id"]), {**sample.metadata, "uri": uri if kept else None})
             outcome[i] = {"status": status, "uri": uri if kept else "", "error": reasons, "payload": b""}
