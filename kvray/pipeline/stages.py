@@ -118,10 +118,11 @@ class EncodeText:
 
     networks = ("text_encoder",)
 
-    def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig()):
+    def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(), tokenizer=None):
+        """`tokenizer`: instead of the preset's (estimates run offline with a stand-in)."""
         self.device = runtime.torch_device()
         self.encoder = load_model(models, "text_encoder", self.device, runtime.dtype("text_encoder"))
-        self.tokenizer = load_tokenizer(models)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(models)
         self.tokens_length = models.model_preset.text_encoder.tokens_length
 
     @torch.inference_mode()
@@ -148,9 +149,11 @@ class EncodeText:
 
         unique = list(dict.fromkeys(prompts))
         tokens = tokenize(self.tokenizer, unique, self.tokens_length)
-        context, mask = self.encoder(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
-        # Each prompt cut to its own length (real tokens + 1), as the official encoder cuts a prompt alone.
+        # Each prompt cut to its own length (real tokens + 1), as the official encoder cuts a prompt alone;
+        # the lengths come from the tokens on the host, so the encoder need not read them off the device.
         lengths = (tokens.attention_mask.sum(-1) + 1).clamp(max=self.tokens_length)
+        context, mask = self.encoder(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device),
+                                     length=int(lengths.max()))
         texts = TextCondition.from_batch(context.float().cpu(), mask.cpu(), lengths)
         by_prompt = {p: (t, truncated) for p, t, truncated in zip(unique, texts, tokens.truncated)}
         return [by_prompt[p][0] for p in prompts], [by_prompt[p][1] for p in prompts]
