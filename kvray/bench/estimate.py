@@ -1,0 +1,528 @@
+"""`kvray bench estimate`: every stage at full size without a GPU: FLOPs, peak device memory, bytes out.
+
+The four stages run their own code (`EncodeText`, `Keyframes`, `Interpolate`, `Decode`, built with
+random weights as `kvray bench stages` builds them) under a `DryRun` (`meter.py`): fake tensors, no
+memory, no compute, so that a shape or dtype error anywhere at full size fails here as it would on a
+GPU. Each stage runs alone, as a renderer actor runs it: its networks are built, it is called for a
+batch of requests fed by the previous stage's outputs, then it is dropped. Per stage:
+
+* FLOPs per video at the requests' own step counts (official 50 / 50 / 10): every sampling loop
+  runs all its steps; a network call that repeats an earlier one (same shapes) is credited with the
+  FLOPs and memory of the first instead of being traced again (`kvray.bench.meter.instrument`).
+* peak device memory: weights + activations + the stage's inputs and outputs on the device, the
+  high-water mark of live tensor storage (not counted: kernel workspaces, the allocator's rounding,
+  the CUDA context);
+* bytes a video hands to the next stage (the renderer's payload tensors; nothing after decoding).
+
+Dtypes: "auto" is what a GPU run uses (the official U-Nets fp16, text encoder and MoVQs fp32), not
+the CPU's float32. The kv11 tokenizer (Flan-UL2's) is not needed: a byte tokenizer stands in, with
+prompts of `prompt_tokens` tokens (128 by default, the longest context the networks take).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..config.gpus import DEFAULT_GPU, DEFAULT_UTILISATION, get_gpu
+from ..config.runtime import OFFICIAL_GPU_DTYPES
+
+STAGE_NETWORKS = {"text": ("text_encoder",), "keyframes": ("keyframe_unet", "image_movq"),
+                  "interpolate": ("interpolation_unet",), "decode": ("video_movq",)}
+NETWORK_NAMES = tuple(OFFICIAL_GPU_DTYPES)
+# Named precisions: per-network dtypes (RuntimeConfig field values).
+PRECISIONS: dict[str, dict[str, str]] = {
+    "official": {n: str(d).removeprefix("torch.") for n, d in OFFICIAL_GPU_DTYPES.items()},
+    "bf16": dict.fromkeys(OFFICIAL_GPU_DTYPES, "bfloat16"),
+}
+DEFAULT_PROMPT_TOKENS = 128
+GIB = 2**30
+
+
+@dataclass
+class StageEstimate:
+    stage: str
+    videos: int  # videos per call
+    flops: dict[tuple[str, str], int]  # (dtype, kind) -> FLOPs of the call (all its videos)
+    weights_bytes: int
+    peak_bytes: int  # weights + activations + inputs and outputs, the call's high-water mark
+    output_bytes: int  # per video, handed to the next stage
+    seconds: float  # wall time of the dry run itself
+    dtypes: dict[str, str] = field(default_factory=dict)
+    calls: dict = field(default_factory=dict)  # (network, entry point, input shape) -> meter.Calls
+
+    @property
+    def flops_per_video(self) -> float:
+        return sum(self.flops.values()) / self.videos
+
+    @property
+    def peak_gib(self) -> float:
+        return self.peak_bytes / GIB
+
+
+def resolved_dtypes(dtypes: dict[str, str] | None = None) -> dict[str, str]:
+    """Every network's dtype name for a GPU run: the given ones, "auto" (or missing) as a GPU resolves it."""
+    official = PRECISIONS["official"]
+    given = dtypes or {}
+    return {n: official[n] if given.get(n, "auto") == "auto" else given[n] for n in NETWORK_NAMES}
+
+
+def estimate_runtime(dtypes: dict[str, str] | None = None):
+    """The RuntimeConfig a dry run uses: the simulated device and explicit dtypes."""
+    from ..config import RuntimeConfig
+    from .meter import SIMULATED_DEVICE
+
+    return RuntimeConfig(device=str(SIMULATED_DEVICE), **{f"{n}_dtype": d for n, d in resolved_dtypes(dtypes).items()})
+
+
+def request_batch(request, batch: int, prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> list:
+    """`batch` copies of a request with distinct seeds and prompts (every scene's) of `prompt_tokens` byte
+    tokens (the end-of-text token included)."""
+    def prompt(i: int, scene: int) -> str:
+        head = f"{i}.{scene} "
+        return (head + "x" * max(0, prompt_tokens - 1 - len(head)))[: max(1, prompt_tokens - 1)]
+
+    out = []
+    for i in range(batch):
+        update = {"seed": (request.seed or 0) + i, "prompt": prompt(i, 0)}
+        if request.scenes:
+            update["scenes"] = tuple(prompt(i, s) for s in range(request.num_scenes))
+        out.append(request.model_copy(update=update))
+    return out
+
+
+def stand_in_images(requests) -> list:
+    """A first frame of the video's size for each request that has one (image2video, animation from an image)."""
+    from PIL import Image
+
+    return [Image.new("RGB", (r.width, r.height)) if r.image else None for r in requests]
+
+
+def estimate_stages(preset: str, requests, dtypes: dict[str, str] | None = None, **kwargs) -> dict[str, StageEstimate]:
+    """Each stage alone under a dry run for one batch of `requests` (see `request_batch`)."""
+    return estimate_cases(preset, [requests], dtypes, **kwargs)[0]
+
+
+def estimate_cases(preset: str, cases, dtypes: dict[str, str] | None = None, *, sampling=None,
+                   stages: tuple[str, ...] = tuple(STAGE_NETWORKS), replay: bool = True) -> list[dict[str, StageEstimate]]:
+    """Each stage under a dry run for every case (a batch of requests), as an actor serves batch after
+    batch: the stage is built once, called for each case in turn, then dropped, and the next stage is
+    fed each case's outputs. `stages`: run up to the last of these (each stage feeds the next).
+
+    A case's peak: the stage's weights + the case's inputs + the call's high-water mark above what was
+    live before it (other cases' outputs, kept for the next stage, do not count)."""
+    import transformers
+    from torch import nn
+
+    from ..config.models import ModelSource
+    from ..pipeline.stages import Decode, EncodeText, Interpolate, Keyframes, text_tensors
+    from ..sampling import SamplingConfig
+    from .meter import Calls, DryRun, Meter, instrument
+
+    models = ModelSource(preset=preset, weights="random")  # the weights' values do not matter: there are none
+    sampling = sampling or SamplingConfig()
+    runtime = estimate_runtime(dtypes)
+    network_dtypes = resolved_dtypes(dtypes)
+    order = list(STAGE_NETWORKS)
+    last = max(order.index(s) for s in stages)
+    results: list[dict[str, StageEstimate]] = [{} for _ in cases]
+    dry = DryRun()
+
+    def run(stage: str, build, call, inputs, output_bytes):
+        """`call(worker, i)`: case i's outputs; `inputs(i)`: the tensors case i is fed; `output_bytes(i, out)`:
+        what a video of case i hands on."""
+        outs = []
+        with dry.fake, Meter() as meter:
+            start = time.perf_counter()
+            worker = build()
+            for module in vars(worker).values():
+                if isinstance(module, nn.Module):
+                    instrument(module, meter, type(module).__name__, replay=replay)
+            weights, build_seconds = meter.live, time.perf_counter() - start
+            for index, requests in enumerate(cases):
+                start = time.perf_counter()
+                flops, calls, live = Counter(meter.flops), {k: (c.count, c.flops) for k, c in meter.calls.items()}, meter.live
+                meter.reset_peak()
+                out = call(worker, index)
+                outs.append(out)
+                flops = Counter(meter.flops) - flops
+                results[index][stage] = StageEstimate(
+                    stage=stage, videos=len(requests), flops=dict(flops), weights_bytes=weights,
+                    peak_bytes=weights + _nbytes(inputs(index)) + meter.peak - live,
+                    output_bytes=output_bytes(index, out), seconds=time.perf_counter() - start + build_seconds,
+                    dtypes={n: network_dtypes[n] for n in STAGE_NETWORKS[stage]},
+                    calls={k: Calls(c.count - calls.get(k, (0, 0))[0], c.flops - calls.get(k, (0, 0))[1])
+                           for k, c in meter.calls.items() if c.count > calls.get(k, (0, 0))[0]})
+                build_seconds = 0.0
+            del worker
+        return outs
+
+    tokenizer = transformers.ByT5Tokenizer()
+    texts = [t for t, _ in run(
+        "text", lambda: EncodeText(models, runtime, tokenizer=tokenizer), lambda w, i: w([r.prompts for r in cases[i]]),
+        lambda i: [], lambda i, out: _mean(_nbytes(text_tensors(t).values()) for t in out[0]))]
+    payloads = [[t for text in case for t in text_tensors(text).values()] for case in texts]
+    if last >= 1:
+        keyframes = run(
+            "keyframes", lambda: Keyframes(models, runtime, sampling),
+            lambda w, i: w(cases[i], texts[i], stand_in_images(cases[i])), lambda i: payloads[i],
+            lambda i, out: _mean(_nbytes(text_tensors(t).values()) + k.nbytes for t, k in zip(texts[i], out)))
+    if last >= 2:
+        videos = run(
+            "interpolate", lambda: Interpolate(models, runtime, sampling),
+            lambda w, i: w(cases[i], texts[i], keyframes[i]), lambda i: payloads[i] + list(keyframes[i]),
+            lambda i, out: _mean(v.nbytes for v in out))
+    if last >= 3:
+        run("decode", lambda: Decode(models, runtime),
+            lambda w, i: [w(v, request=r) for v, r in zip(videos[i], cases[i])], lambda i: list(videos[i]),
+            lambda i, out: 0)
+    return [{s: case[s] for s in stages} for case in results]
+
+
+def _flat(payloads) -> list:
+    return [t for p in payloads for t in p]
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.nbytes for t in tensors)
+
+
+def _mean(values) -> int:
+    values = list(values)
+    return round(sum(values) / len(values)) if values else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cost profiles from estimates
+
+HEAVY_STAGES = ("keyframes", "interpolate", "decode")
+MIN_SECONDS = 1e-6  # a stage with no work (interpolation at fps low) still has a positive cost in a profile
+
+
+def alternative_dtypes(stage: str, dtypes: dict[str, str]) -> list[dict[str, str]]:
+    """Smaller precisions worth suggesting for a stage: bfloat16 for its fp32 networks, and weight-only
+    int8 for the text encoder (not fp16: T5 encoders are known to overflow in it)."""
+    options = []
+    full = [n for n in STAGE_NETWORKS[stage] if dtypes[n] == "float32"]
+    if full:
+        options.append(dict.fromkeys(full, "bfloat16"))
+    if stage == "text" and dtypes["text_encoder"] != "int8":
+        options.append({"text_encoder": "int8"})
+    return options
+
+
+def dtype_setting(dtypes: dict[str, str]) -> str:
+    """`--dtype` spelling of per-network dtypes: text_encoder=int8,..."""
+    return ",".join(f"{n}={d}" for n, d in dtypes.items())
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_estimate(preset: str, request_json: str, dtypes: tuple, batch_sizes: tuple, stage: str | None,
+                     prompt_tokens: int) -> dict[str, StageEstimate]:
+    from ..pipeline import VideoRequest
+
+    request = VideoRequest.model_validate_json(request_json)
+    dtypes, batch_sizes = dict(dtypes), dict(batch_sizes)
+    stages = (stage,) if stage else tuple(STAGE_NETWORKS)
+    heavy = [s for s in stages if s != "text"]
+    out = {}
+    if heavy:
+        sizes = sorted({batch_sizes[s] for s in heavy})
+        runs = estimate_cases(preset, [request_batch(request, b, prompt_tokens) for b in sizes], dtypes, stages=tuple(heavy))
+        out.update({s: runs[sizes.index(batch_sizes[s])][s] for s in heavy})
+    if "text" in stages:
+        out["text"] = estimate_stages(preset, request_batch(request, batch_sizes["text"], prompt_tokens), dtypes,
+                                      stages=("text",))["text"]
+    return out
+
+
+def cached_estimate(preset: str, request, dtypes: dict[str, str] | None = None, batch_sizes: dict[str, int] | None = None,
+                    stage: str | None = None, prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> dict[str, StageEstimate]:
+    """Every stage (or one) at its own batch size (default: the deployment's defaults); the same question is
+    answered once per process."""
+    from ..config.job import Deployment
+
+    sizes = {s: (batch_sizes or {}).get(s, Deployment().stage(s).batch_size) for s in STAGE_NETWORKS}
+    return _cached_estimate(preset, request.model_dump_json(), tuple(sorted(resolved_dtypes(dtypes).items())),
+                            tuple(sorted(sizes.items())), stage, prompt_tokens)
+
+
+def estimated_profile(preset: str, request, *, dtypes: dict[str, str] | None = None, gpu: str = DEFAULT_GPU,
+                      gpu_memory_gib: float | None = None, utilisation: float = DEFAULT_UTILISATION,
+                      batch_sizes: dict[str, int] | None = None, prompt_tokens: int = DEFAULT_PROMPT_TOKENS):
+    """A planner cost profile from the dry run: seconds on a named GPU from each stage's FLOPs (at
+    `utilisation` of the GPU's peaks), peak memory from the accountant. For a stage that does not fit
+    `gpu_memory_gib` (default: the GPU's) with a CUDA context, its peak in smaller precisions is added
+    (`StageCost.alternatives`), which the planner names when it refuses the plan."""
+    from ..config.costs import CostProfile, StageCost
+    from ..distributed.planner import DEFAULT_CONTEXT_GIB
+
+    spec = get_gpu(gpu)
+    memory = gpu_memory_gib or spec.memory_gib
+    dtypes = resolved_dtypes(dtypes)
+    estimates = cached_estimate(preset, request, dtypes, batch_sizes, prompt_tokens=prompt_tokens)
+    stages = {}
+    for s, e in estimates.items():
+        alternatives = {}
+        if e.peak_gib + DEFAULT_CONTEXT_GIB > memory:
+            for option in alternative_dtypes(s, dtypes):
+                other = cached_estimate(preset, request, {**dtypes, **option}, batch_sizes, stage=s,
+                                        prompt_tokens=prompt_tokens)[s]
+                alternatives[dtype_setting(option)] = round(other.peak_gib, 3)
+        per_video = {k: v / e.videos for k, v in e.flops.items()}
+        stages[s] = StageCost(seconds=max(MIN_SECONDS, spec.seconds(per_video, utilisation)),
+                              peak_memory_gib=round(e.peak_gib, 3), output_bytes=e.output_bytes,
+                              batch_size=e.videos, alternatives=alternatives)
+    return CostProfile(
+        stages=stages, device=f"{spec.name} (estimated)", device_memory_gib=memory,
+        meta={"estimate": True, "preset": preset, "request": request.model_dump(mode="json", exclude_none=True),
+              "dtypes": dtypes, "gpu": gpu, "utilisation": utilisation, "prompt_tokens": prompt_tokens,
+              "tflop_per_video": {s: round(e.flops_per_video / 1e12, 3) for s, e in estimates.items()}},
+    )
+
+
+def planning_request(preset: str, *, width: int | None = None, height: int | None = None, fps: str = "medium",
+                     motion: str = "medium", mode: str = "text2video", steps: int | None = None,
+                     interpolation_steps: int | None = None):
+    """The request a profile is estimated for: text2video by default (the first frame is drawn; image2video
+    skips it), the preset's size unless given."""
+    from ..config import get_preset
+    from ..pipeline.request import VideoRequest, default_size
+
+    sizes = default_size(mode, (get_preset(preset).default_width, get_preset(preset).default_height))
+    fields = {"prompt": "x", "seed": 0, "mode": mode, "width": width or sizes[0], "height": height or sizes[1],
+              "fps": fps, "motion": motion, "steps": steps, "interpolation_steps": interpolation_steps}
+    if mode == "image2video":
+        fields["image"] = "stand-in.png"
+    if mode == "animation":
+        fields.update(camera="zoom-in", fps="low")
+    return VideoRequest(**{k: v for k, v in fields.items() if v is not None})
+
+
+def job_profile(job):
+    """The profile the renderer plans a job's pools with when the job gives none: estimated for the job's
+    default request (its `defaults`), precisions (`runtime`), batch sizes (`deployment`) and GPU (`gpu`,
+    `gpu_memory_gib`)."""
+    from ..config.costs import STAGES
+
+    defaults = job.defaults
+    request = planning_request(job.models.preset, width=defaults.width, height=defaults.height, fps=defaults.fps,
+                               motion=defaults.motion, steps=defaults.steps,
+                               interpolation_steps=defaults.interpolation_steps)
+    dtypes = {n: getattr(job.runtime, f"{n}_dtype") for n in NETWORK_NAMES}
+    return estimated_profile(job.models.preset, request, dtypes=dtypes, gpu=job.gpu or DEFAULT_GPU,
+                             gpu_memory_gib=job.gpu_memory_gib,
+                             batch_sizes={s: job.deployment.stage(s).batch_size for s in STAGES})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The matrix of requests users ask for
+
+MATRIX_SIZES = ((512, 512), (640, 384), (384, 640), (2048, 2048))  # the official ones and the largest supported
+ANIMATION_SIZES = ((640, 640), (2048, 2048))
+MATRIX_FPS = ("low", "medium", "high")
+MOVIE_SCENES = 3
+
+
+@dataclass(frozen=True)
+class Case:
+    mode: str  # text2video, image2video, animation, movie
+    width: int
+    height: int
+    fps: str
+    batch: int
+
+    @property
+    def label(self) -> str:
+        fps = "" if self.mode == "animation" else f" fps {self.fps}"
+        return f"{self.mode} {self.width}x{self.height}{fps} x{self.batch}"
+
+    def request(self, steps: int | None = None, interpolation_steps: int | None = None):
+        from ..pipeline import VideoRequest
+
+        fields = {"prompt": "x", "seed": 0, "width": self.width, "height": self.height, "steps": steps,
+                  "interpolation_steps": interpolation_steps}
+        if self.mode == "animation":
+            fields.update(mode="animation", camera="zoom-in")
+        else:
+            fields.update(fps=self.fps, mode="image2video" if self.mode == "image2video" else "text2video")
+            if self.mode == "image2video":
+                fields["image"] = "stand-in.png"
+            if self.mode == "movie":
+                fields["scenes"] = [f"scene {i}" for i in range(MOVIE_SCENES)]
+        return VideoRequest(**{k: v for k, v in fields.items() if v is not None})
+
+
+def matrix(batches=(1,), sizes=MATRIX_SIZES, animation_sizes=ANIMATION_SIZES, fps=MATRIX_FPS) -> list[Case]:
+    """Every mode x fps x size x batch size (animation: its own sizes, no fps)."""
+    cases = [Case(mode, w, h, f, b) for mode in ("text2video", "image2video", "movie") for w, h in sizes for f in fps
+             for b in batches]
+    return cases + [Case("animation", w, h, "low", b) for w, h in animation_sizes for b in batches]
+
+
+def estimate_matrix(preset: str, cases: list[Case], dtypes=None, *, steps: int | None = None,
+                    interpolation_steps: int | None = None, prompt_tokens: int = DEFAULT_PROMPT_TOKENS,
+                    replay: bool = True) -> list[dict[str, StageEstimate]]:
+    """Every case through the four stages under one dry run per stage (see `estimate_cases`)."""
+    batches = [request_batch(c.request(steps, interpolation_steps), c.batch, prompt_tokens) for c in cases]
+    return estimate_cases(preset, batches, dtypes, replay=replay)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def _size(text: str) -> tuple[int, int]:
+    width, _, height = text.lower().partition("x")
+    try:
+        return int(width), int(height)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not WIDTHxHEIGHT, e.g. 640x384") from None
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of batch sizes, e.g. 1,2,4")
+    return values
+
+
+def add_estimate_parser(bench_subparsers) -> argparse.ArgumentParser:
+    from .stages import dtype_argument
+
+    p = bench_subparsers.add_parser(
+        "estimate", help="every stage at full size without a GPU: FLOPs, peak memory, bytes out, seconds on a named GPU",
+        description="Runs the four stages' own code at the preset's full size under torch's fake tensors (no memory, "
+                    "no compute) and prints, per stage, the FLOPs per video at the real step counts, the peak device "
+                    "memory (weights + activations), the bytes handed on, and seconds on a named GPU at a stated "
+                    "share of its peak. --out writes the cost profile `kvray plan --costs` and `kvray render --costs` "
+                    "read. --matrix runs every mode, fps and size users ask for.")
+    p.add_argument("--preset", default="kv11", choices=["kv11", "tiny"], help="network sizes (default kv11)")
+    p.add_argument("--mode", default="text2video", choices=["text2video", "image2video", "animation", "movie"],
+                   help=f"movie: {MOVIE_SCENES} scenes (default text2video)")
+    p.add_argument("--fps", default="medium", choices=list(MATRIX_FPS), help="default medium")
+    p.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the preset's; 640x640 for kv11 animation)")
+    p.add_argument("--batch", type=int, default=1, help="videos per stage call (default 1)")
+    p.add_argument("--dtype", type=dtype_argument, default={}, metavar="NETWORK=DTYPE,...",
+                   help="per-network dtypes (default the official GPU ones: U-Nets fp16, text encoder and MoVQs fp32)")
+    p.add_argument("--precision", choices=sorted(PRECISIONS), help="every network's dtype at once (--dtype overrides)")
+    p.add_argument("--gpu", default=DEFAULT_GPU, help=f"named GPU for the seconds (default {DEFAULT_GPU}; see docs/sizing.md)")
+    p.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
+                   help=f"share of the GPU's peak TFLOP/s (default {DEFAULT_UTILISATION})")
+    p.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
+                   help=f"tokens per prompt, end token included (default {DEFAULT_PROMPT_TOKENS}, the most: the longest context)")
+    p.add_argument("--steps", type=int, help="first-frame and keyframe steps (default the official 50)")
+    p.add_argument("--interpolation-steps", type=int, help="interpolation steps (default the official 10)")
+    p.add_argument("--out", help="write the cost profile here (JSON)")
+    p.add_argument("--matrix", action="store_true", help="every mode x fps x size (--batches) instead of one request")
+    p.add_argument("--batches", type=_batches, default=(1,), help="--matrix: batch sizes, e.g. 1,2,4 (default 1)")
+    p.add_argument("--validate", action="store_true",
+                   help="instead: the tiny pipeline on this CPU, its measured peak memory against its dry run")
+    p.set_defaults(run=run_estimate_command)
+    return p
+
+
+def _dtypes_of(args) -> dict[str, str]:
+    return {**(PRECISIONS[args.precision] if args.precision else {}), **args.dtype}
+
+
+def run_estimate_command(args) -> int:
+    from pydantic import ValidationError
+
+    from ..config.validation import validation_message
+
+    try:
+        spec = get_gpu(args.gpu)
+        if args.validate:
+            return _print_validation()
+        if args.matrix:
+            return _print_matrix(args, spec)
+        width, height = args.size or (None, None)
+        request = planning_request(args.preset, width=width, height=height, fps=args.fps,
+                                   mode="text2video" if args.mode == "movie" else args.mode, steps=args.steps,
+                                   interpolation_steps=args.interpolation_steps)
+        if args.mode == "movie":
+            request = Case("movie", request.width, request.height, args.fps, 1).request(args.steps, args.interpolation_steps)
+    except ValidationError as err:
+        print(f"error: {validation_message(err, 'request')}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    dtypes = resolved_dtypes(_dtypes_of(args))
+    start = time.perf_counter()
+    estimates = estimate_stages(args.preset, request_batch(request, args.batch, args.prompt_tokens), dtypes)
+    print(f"estimate (dry run, fake tensors) for {args.preset} {Case(args.mode, request.width, request.height, request.fps, args.batch).label}, "
+          f"{request.steps or 50}/{request.interpolation_steps or 10} steps, prompts of {args.prompt_tokens} tokens; "
+          f"dtypes {dtype_setting(dtypes)}; seconds on {spec.name} at {args.utilisation:g} of its peak")
+    print(f"  {'stage':<12}{'TFLOP/video':>12}{'weights GiB':>13}{'peak GiB':>10}{'out bytes':>12}{'s/video':>9}")
+    total_flops = total_seconds = 0.0
+    for stage, e in estimates.items():
+        seconds = spec.seconds({k: v / e.videos for k, v in e.flops.items()}, args.utilisation)
+        total_flops, total_seconds = total_flops + e.flops_per_video, total_seconds + seconds
+        print(f"  {stage:<12}{e.flops_per_video / 1e12:>12.1f}{e.weights_bytes / GIB:>13.2f}{e.peak_gib:>10.2f}"
+              f"{e.output_bytes:>12}{seconds:>9.3g}")
+        for (network, entry, shape), calls in e.calls.items():
+            print(f"      {network}.{entry} {tuple(shape)}: {calls.count} call(s), {calls.flops / e.videos / 1e12:.1f} TFLOP/video")
+    print(f"  {'total':<12}{total_flops / 1e12:>12.1f}{'':>35}{total_seconds:>9.3g}")
+    print(f"dry run: {time.perf_counter() - start:.1f} s")
+    if args.out:
+        from ..io.storage import open_fs, write_atomic
+
+        profile = estimated_profile(args.preset, request, dtypes=dtypes, gpu=args.gpu, utilisation=args.utilisation,
+                                    batch_sizes=dict.fromkeys(STAGE_NETWORKS, args.batch),
+                                    prompt_tokens=args.prompt_tokens)
+        fs, path = open_fs(args.out)
+        write_atomic(fs, path, profile.to_json().encode())
+        print(f"wrote {args.out}: {profile.inline()}")
+    return 0
+
+
+def _print_matrix(args, spec) -> int:
+    cases = matrix(args.batches)
+    dtypes = resolved_dtypes(_dtypes_of(args))
+    start = time.perf_counter()
+    results = estimate_matrix(args.preset, cases, dtypes, steps=args.steps, interpolation_steps=args.interpolation_steps,
+                              prompt_tokens=args.prompt_tokens)
+    print(f"estimate (dry run, fake tensors) for {args.preset}, dtypes {dtype_setting(dtypes)}, prompts of "
+          f"{args.prompt_tokens} tokens; peak GiB per stage actor, TFLOP and seconds per video on {spec.name} at "
+          f"{args.utilisation:g} of its peak")
+    stages = list(STAGE_NETWORKS)
+    print(f"  {'case':<38}" + "".join(f"{s + ' GiB':>16}" for s in stages) + f"{'TFLOP':>9}{'s/video':>9}")
+    for case, result in zip(cases, results):
+        flops = sum(e.flops_per_video for e in result.values())
+        seconds = sum(spec.seconds({k: v / e.videos for k, v in e.flops.items()}, args.utilisation) for e in result.values())
+        print(f"  {case.label:<38}" + "".join(f"{result[s].peak_gib:>16.2f}" for s in stages)
+              + f"{flops / 1e12:>9.0f}{seconds:>9.1f}")
+    worst = {s: max(r[s].peak_gib for r in results) for s in stages}
+    print("  largest peak per stage: " + ", ".join(f"{s} {g:.1f} GiB" for s, g in worst.items()))
+    print(f"dry run of {len(cases)} cases: {time.perf_counter() - start:.1f} s")
+    return 0
+
+
+def _print_validation() -> int:
+    from ..config import RuntimeConfig
+    from ..config.models import ModelSource
+    from ..pipeline import VideoPipeline, VideoRequest
+    from .memcheck import estimate_cpu, measure_cpu
+
+    request = VideoRequest(prompt="a red car drifting on a mountain road", fps="medium", seed=0, steps=2,
+                           interpolation_steps=1, width=128, height=128)
+
+    def run():
+        VideoPipeline(ModelSource(preset="tiny"), RuntimeConfig(device="cpu")).generate([request])
+
+    measured, estimated = measure_cpu(run), estimate_cpu(run)
+    mib = 2**20
+    print(f"tiny pipeline, one {request.width}x{request.height} fps {request.fps} text2video, all four stages resident:")
+    print(f"  measured on this CPU: {measured.boundary_peak / mib:.2f} MiB held between ops "
+          f"({measured.peak / mib:.2f} MiB with the CPU kernels' own buffers)")
+    print(f"  dry run: {estimated / mib:.2f} MiB, {estimated / measured.boundary_peak - 1:+.1%}")
+    return 0 if abs(estimated / measured.boundary_peak - 1) <= 0.1 else 1
