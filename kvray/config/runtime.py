@@ -5,9 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, model_validator
 
-DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+# "int8": weight-only int8 (torchao, the `kvray[int8]` extra), the text encoder only: each linear
+# layer's weight in int8 with a scale per output row, everything else and the activations in bfloat16.
+DtypeName = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+INT8_NETWORKS = ("text_encoder",)
 
 # The official dtype_map on a GPU: U-Nets in fp16, text encoder and MoVQs in fp32.
 OFFICIAL_GPU_DTYPES = {
@@ -35,13 +38,41 @@ class RuntimeConfig(BaseModel):
     image_movq_dtype: DtypeName = "auto"
     video_movq_dtype: DtypeName = "auto"
 
+    @model_validator(mode="after")
+    def _int8_where_offered(self):
+        for network in OFFICIAL_GPU_DTYPES:
+            if network not in INT8_NETWORKS and getattr(self, f"{network}_dtype") == "int8":
+                raise ValueError(f"{network}_dtype: int8 is offered for {', '.join(INT8_NETWORKS)} only")
+        return self
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
 
     def dtype(self, network: str) -> torch.dtype:
+        """torch.int8 stands for weight-only int8 (resolved where the network is built)."""
         name = getattr(self, f"{network}_dtype")
         if name != "auto":
             return getattr(torch, name)
         return OFFICIAL_GPU_DTYPES[network] if self.torch_device().type == "cuda" else torch.float32
+
+
+def parse_dtype_setting(text: str) -> dict[str, str]:
+    """`NETWORK=DTYPE,...` (as `--dtype` takes it) -> {network: dtype name}, checked as RuntimeConfig checks them."""
+    from pydantic import ValidationError
+
+    from .validation import validation_message
+
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, dtype = item.partition("=")
+        if name not in OFFICIAL_GPU_DTYPES or dtype not in DtypeName.__args__:
+            raise ValueError(f"{item!r} is not NETWORK=DTYPE with NETWORK one of {', '.join(OFFICIAL_GPU_DTYPES)} "
+                             f"and DTYPE one of {', '.join(DtypeName.__args__)}")
+        out[name] = dtype
+    try:
+        RuntimeConfig(**{f"{n}_dtype": d for n, d in out.items()})
+    except ValidationError as err:
+        raise ValueError(validation_message(err, "dtype")) from None
+    return out
