@@ -158,16 +158,14 @@ def to_profile(result: dict, command: str | None = None):
 # Command line
 
 
-def _dtypes(text: str) -> dict[str, str]:
-    out = {}
-    for item in filter(None, text.split(",")):
-        name, _, dtype = item.partition("=")
-        if name not in NETWORKS or dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise argparse.ArgumentTypeError(
-                f"--dtype: {item!r} is not NETWORK=DTYPE with NETWORK one of {', '.join(NETWORKS)} and DTYPE one of "
-                "auto, float32, float16, bfloat16")
-        out[name] = dtype
-    return out
+def dtype_argument(text: str) -> dict[str, str]:
+    """argparse type of `--dtype NETWORK=DTYPE,...`."""
+    from ..config.runtime import parse_dtype_setting
+
+    try:
+        return parse_dtype_setting(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"--dtype: {err}") from None
 
 
 def add_stages_parser(bench_subparsers) -> argparse.ArgumentParser:
@@ -184,9 +182,10 @@ def add_stages_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--t5", help="T5 encoder checkpoint for official weights")
     p.add_argument("--cache-dir", help="where remote weights are cached")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", type=_dtypes, default={}, metavar="NETWORK=DTYPE,...",
-                   help=f"per-network dtype ({', '.join(NETWORKS)}); default auto: the official dtypes on a GPU "
-                        "(U-Nets fp16, text encoder and MoVQs fp32), fp32 on the CPU")
+    p.add_argument("--dtype", type=dtype_argument, default={}, metavar="NETWORK=DTYPE,...",
+                   help=f"per-network dtype ({', '.join(NETWORKS)}): float32, float16, bfloat16, or int8 for the text "
+                        "encoder (weight-only, torchao); default auto: the official dtypes on a GPU (U-Nets fp16, "
+                        "text encoder and MoVQs fp32), fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each stage's networks (warm-up compiles)")
     p.add_argument("--prompt", default="a red car drifting on a mountain road")
     p.add_argument("--width", type=int, help="multiple of 64 (default: the preset's)")

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from ..sampling.config import GuidanceConfig
 from .costs import STAGES, CostError, parse_costs
+from .gpus import get_gpu
 from .models import ModelSource
 from .runtime import RuntimeConfig
 
@@ -83,10 +84,19 @@ class RenderJob(_Strict):
     video_format: Literal["mp4", "gif", "webp"] = "mp4"
     # The planner sizes the pools when `deployment` fixes no stage's actors or gpus and the cluster has GPUs.
     costs: str | None = Field(None, description="cost profile for the planner: a JSON file of `kvray bench stages` "
-                              "or stage=seconds[@GiB],...; default: the full-size networks' profile for kv11, none "
-                              "(the deployment as given) for other presets")
+                              "or `kvray bench estimate`, or stage=seconds[@GiB],...; default for kv11: estimated "
+                              "for the job's default request on `gpu`; none (the deployment as given) for other presets")
+    gpu: str | None = Field(None, description="named GPU of the estimated profile (kvray.config.gpus): its speeds "
+                            "and memory (default h100)")
     gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU for the planner "
                                          "(default: the profile's device, else 80)")
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, gpu: str | None) -> str | None:
+        if gpu is not None:
+            get_gpu(gpu)
+        return gpu
 
     @field_validator("costs")
     @classmethod
