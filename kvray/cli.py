@@ -313,11 +313,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="where rounds write (default: a temporary directory)")
     p.set_defaults(run=_cmd_bench_soak)
 
+    from .bench.estimate import add_estimate_parser
+    from .bench.gpu import add_gpu_parser
     from .bench.pipeline import add_pipeline_parser
+    from .bench.precision import add_precision_parser
     from .bench.stages import add_stages_parser
     from .distributed.planner import add_plan_parser
 
     add_stages_parser(bench)
+    add_estimate_parser(bench)
+    add_precision_parser(bench)
+    add_gpu_parser(bench)
     add_pipeline_parser(bench)
     add_plan_parser(commands)
 
@@ -344,6 +350,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # transformers imports torchao when it is installed; its warnings (no Triton, deprecated pytree
+    # registrations) concern kernels and APIs kvray never uses.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     return args.run(args)
 
 
