@@ -180,6 +180,8 @@ def _render_job(args):
         overrides["costs"] = args.costs
     if args.gpu_memory:
         overrides["gpu_memory_gib"] = args.gpu_memory
+    if args.gpu:
+        overrides["gpu"] = args.gpu
     if args.job:
         return RenderJob.from_yaml(args.job, **overrides)
     return RenderJob.model_validate(overrides)
@@ -197,11 +199,12 @@ def _cmd_render(args) -> int:
         message = validation_message(err, "request") if isinstance(err, ValidationError) else str(err)
         print(f"error: {message}", file=sys.stderr)
         return 2
+    from .distributed.planner import DoesNotFit
     from .distributed.render import render
 
     try:
         summary = render(job)
-    except ManifestError as err:
+    except (ManifestError, DoesNotFit) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except OSError as err:  # storage that keeps failing once its retries are spent
@@ -286,8 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
     p.add_argument("--cache-dir", help="where remote weights are cached")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, ...")
-    p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages`, or stage=seconds,...): "
-                   "sizes the pools when the job fixes none (default for kv11: the full-size networks' profile)")
+    p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages` or `kvray bench estimate`, "
+                   "or stage=seconds,...): sizes the pools when the job fixes none (default for kv11: estimated for "
+                   "the job's default request on --gpu)")
+    p.add_argument("--gpu", help="named GPU of the estimated profile: h100 (default), a100, h200, l4, ... (docs/sizing.md)")
     p.add_argument("--gpu-memory", type=float, help="GiB of one GPU, for the planner (default: the profile's, else 80)")
     p.set_defaults(run=_cmd_render)
 

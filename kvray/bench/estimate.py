@@ -22,7 +22,6 @@ prompts of `prompt_tokens` tokens (128 by default, the longest context the netwo
 from __future__ import annotations
 
 import argparse
-import functools
 import sys
 import time
 from collections import Counter
@@ -107,7 +106,7 @@ def estimate_stages(preset: str, requests, dtypes: dict[str, str] | None = None,
     return estimate_cases(preset, [requests], dtypes, **kwargs)[0]
 
 
-def estimate_cases(preset: str, cases, dtypes: dict[str, str] | None = None, *, sampling=None,
+def estimate_cases(preset: str, cases, dtypes: dict[str, str] | None = None, *,
                    stages: tuple[str, ...] = tuple(STAGE_NETWORKS), replay: bool = True) -> list[dict[str, StageEstimate]]:
     """Each stage under a dry run for every case (a batch of requests), as an actor serves batch after
     batch: the stage is built once, called for each case in turn, then dropped, and the next stage is
@@ -120,11 +119,9 @@ def estimate_cases(preset: str, cases, dtypes: dict[str, str] | None = None, *, 
 
     from ..config.models import ModelSource
     from ..pipeline.stages import Decode, EncodeText, Interpolate, Keyframes, text_tensors
-    from ..sampling import SamplingConfig
     from .meter import Calls, DryRun, Meter, instrument
 
     models = ModelSource(preset=preset, weights="random")  # the weights' values do not matter: there are none
-    sampling = sampling or SamplingConfig()
     runtime = estimate_runtime(dtypes)
     network_dtypes = resolved_dtypes(dtypes)
     order = list(STAGE_NETWORKS)
@@ -168,23 +165,20 @@ def estimate_cases(preset: str, cases, dtypes: dict[str, str] | None = None, *, 
     payloads = [[t for text in case for t in text_tensors(text).values()] for case in texts]
     if last >= 1:
         keyframes = run(
-            "keyframes", lambda: Keyframes(models, runtime, sampling),
+            "keyframes", lambda: Keyframes(models, runtime),
             lambda w, i: w(cases[i], texts[i], stand_in_images(cases[i])), lambda i: payloads[i],
             lambda i, out: _mean(_nbytes(text_tensors(t).values()) + k.nbytes for t, k in zip(texts[i], out)))
     if last >= 2:
         videos = run(
-            "interpolate", lambda: Interpolate(models, runtime, sampling),
+            "interpolate", lambda: Interpolate(models, runtime),
             lambda w, i: w(cases[i], texts[i], keyframes[i]), lambda i: payloads[i] + list(keyframes[i]),
             lambda i, out: _mean(v.nbytes for v in out))
     if last >= 3:
+        # Only the frames' shapes are kept: the frames themselves (host memory, black) go at once.
         run("decode", lambda: Decode(models, runtime),
-            lambda w, i: [w(v, request=r) for v, r in zip(videos[i], cases[i])], lambda i: list(videos[i]),
+            lambda w, i: [w(v, request=r).shape for v, r in zip(videos[i], cases[i])], lambda i: list(videos[i]),
             lambda i, out: 0)
     return [{s: case[s] for s in stages} for case in results]
-
-
-def _flat(payloads) -> list:
-    return [t for p in payloads for t in p]
 
 
 def _nbytes(tensors) -> int:
@@ -199,7 +193,6 @@ def _mean(values) -> int:
 # ---------------------------------------------------------------------------------------------------------
 # Cost profiles from estimates
 
-HEAVY_STAGES = ("keyframes", "interpolate", "decode")
 MIN_SECONDS = 1e-6  # a stage with no work (interpolation at fps low) still has a positive cost in a profile
 
 
@@ -220,35 +213,37 @@ def dtype_setting(dtypes: dict[str, str]) -> str:
     return ",".join(f"{n}={d}" for n, d in dtypes.items())
 
 
-@functools.lru_cache(maxsize=32)
-def _cached_estimate(preset: str, request_json: str, dtypes: tuple, batch_sizes: tuple, stage: str | None,
-                     prompt_tokens: int) -> dict[str, StageEstimate]:
-    from ..pipeline import VideoRequest
-
-    request = VideoRequest.model_validate_json(request_json)
-    dtypes, batch_sizes = dict(dtypes), dict(batch_sizes)
-    stages = (stage,) if stage else tuple(STAGE_NETWORKS)
-    heavy = [s for s in stages if s != "text"]
-    out = {}
-    if heavy:
-        sizes = sorted({batch_sizes[s] for s in heavy})
-        runs = estimate_cases(preset, [request_batch(request, b, prompt_tokens) for b in sizes], dtypes, stages=tuple(heavy))
-        out.update({s: runs[sizes.index(batch_sizes[s])][s] for s in heavy})
-    if "text" in stages:
-        out["text"] = estimate_stages(preset, request_batch(request, batch_sizes["text"], prompt_tokens), dtypes,
-                                      stages=("text",))["text"]
-    return out
+# (preset, request JSON, stage, the stage's network dtypes, batch size, prompt tokens) -> StageEstimate. A stage's
+# figures depend on its own networks' dtypes only: what it is fed (float32 contexts and latents) does not change.
+_ESTIMATES: dict[tuple, StageEstimate] = {}
 
 
 def cached_estimate(preset: str, request, dtypes: dict[str, str] | None = None, batch_sizes: dict[str, int] | None = None,
                     stage: str | None = None, prompt_tokens: int = DEFAULT_PROMPT_TOKENS) -> dict[str, StageEstimate]:
-    """Every stage (or one) at its own batch size (default: the deployment's defaults); the same question is
-    answered once per process."""
+    """Every stage (or one) at its own batch size (default: the deployment's defaults); a stage estimated once
+    in this process for the same request, dtypes and batch size is not estimated again."""
     from ..config.job import Deployment
 
+    dtypes = resolved_dtypes(dtypes)
     sizes = {s: (batch_sizes or {}).get(s, Deployment().stage(s).batch_size) for s in STAGE_NETWORKS}
-    return _cached_estimate(preset, request.model_dump_json(), tuple(sorted(resolved_dtypes(dtypes).items())),
-                            tuple(sorted(sizes.items())), stage, prompt_tokens)
+    request_json = request.model_dump_json()
+
+    def key(s: str) -> tuple:
+        return (preset, request_json, s, tuple(dtypes[n] for n in STAGE_NETWORKS[s]), sizes[s], prompt_tokens)
+
+    wanted = (stage,) if stage else tuple(STAGE_NETWORKS)
+    missing = [s for s in wanted if key(s) not in _ESTIMATES]
+    heavy = [s for s in missing if s != "text"]
+    if heavy:
+        batches = sorted({sizes[s] for s in heavy})
+        runs = estimate_cases(preset, [request_batch(request, b, prompt_tokens) for b in batches], dtypes,
+                              stages=tuple(heavy))
+        for s in heavy:
+            _ESTIMATES[key(s)] = runs[batches.index(sizes[s])][s]
+    if "text" in missing:
+        _ESTIMATES[key("text")] = estimate_stages(preset, request_batch(request, sizes["text"], prompt_tokens), dtypes,
+                                                  stages=("text",))["text"]
+    return {s: _ESTIMATES[key(s)] for s in wanted}
 
 
 def estimated_profile(preset: str, request, *, dtypes: dict[str, str] | None = None, gpu: str = DEFAULT_GPU,
@@ -353,15 +348,20 @@ class Case:
             if self.mode == "image2video":
                 fields["image"] = "stand-in.png"
             if self.mode == "movie":
-                fields["scenes"] = [f"scene {i}" for i in range(MOVIE_SCENES)]
+                fields["scenes"] = ["x", *(f"scene {i}" for i in range(1, MOVIE_SCENES))]
         return VideoRequest(**{k: v for k, v in fields.items() if v is not None})
 
 
-def matrix(batches=(1,), sizes=MATRIX_SIZES, animation_sizes=ANIMATION_SIZES, fps=MATRIX_FPS) -> list[Case]:
+MODES = ("text2video", "image2video", "movie", "animation")
+
+
+def matrix(batches=(1,), modes=MODES, sizes=MATRIX_SIZES, animation_sizes=ANIMATION_SIZES, fps=MATRIX_FPS) -> list[Case]:
     """Every mode x fps x size x batch size (animation: its own sizes, no fps)."""
-    cases = [Case(mode, w, h, f, b) for mode in ("text2video", "image2video", "movie") for w, h in sizes for f in fps
+    cases = [Case(mode, w, h, f, b) for mode in modes if mode != "animation" for w, h in sizes for f in fps
              for b in batches]
-    return cases + [Case("animation", w, h, "low", b) for w, h in animation_sizes for b in batches]
+    if "animation" in modes:
+        cases += [Case("animation", w, h, "low", b) for w, h in animation_sizes for b in batches]
+    return cases
 
 
 def estimate_matrix(preset: str, cases: list[Case], dtypes=None, *, steps: int | None = None,
@@ -394,9 +394,34 @@ def _batches(text: str) -> tuple[int, ...]:
     return values
 
 
-def add_estimate_parser(bench_subparsers) -> argparse.ArgumentParser:
+def _modes(text: str) -> tuple[str, ...]:
+    modes = tuple(filter(None, text.split(",")))
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise argparse.ArgumentTypeError(f"{text!r}: modes are {', '.join(MODES)}")
+    return modes
+
+
+def add_profile_options(parser) -> None:
+    """What an estimated profile is for: shared by `kvray bench estimate` and `kvray plan`."""
+    from ..config.gpus import GPUS
     from .stages import dtype_argument
 
+    parser.add_argument("--preset", default="kv11", choices=["kv11", "tiny"], help="network sizes (default kv11)")
+    parser.add_argument("--fps", default="medium", choices=list(MATRIX_FPS), help="default medium")
+    parser.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the preset's; 640x640 for a kv11 animation)")
+    parser.add_argument("--dtype", type=dtype_argument, default={}, metavar="NETWORK=DTYPE,...",
+                        help="per-network dtypes (default the official GPU ones: U-Nets fp16, text encoder and MoVQs "
+                             "fp32; text_encoder=int8 is weight-only int8)")
+    parser.add_argument("--gpu", default=DEFAULT_GPU, choices=sorted(GPUS),
+                        help=f"whose datasheet speeds (and memory) turn FLOPs into seconds (default {DEFAULT_GPU})")
+    parser.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
+                        help=f"share of the GPU's peak TFLOP/s reached (default {DEFAULT_UTILISATION})")
+    parser.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
+                        help=f"tokens per prompt, end token included (default {DEFAULT_PROMPT_TOKENS}, the longest context)")
+
+
+def add_estimate_parser(bench_subparsers) -> argparse.ArgumentParser:
     p = bench_subparsers.add_parser(
         "estimate", help="every stage at full size without a GPU: FLOPs, peak memory, bytes out, seconds on a named GPU",
         description="Runs the four stages' own code at the preset's full size under torch's fake tensors (no memory, "
@@ -404,25 +429,17 @@ def add_estimate_parser(bench_subparsers) -> argparse.ArgumentParser:
                     "memory (weights + activations), the bytes handed on, and seconds on a named GPU at a stated "
                     "share of its peak. --out writes the cost profile `kvray plan --costs` and `kvray render --costs` "
                     "read. --matrix runs every mode, fps and size users ask for.")
-    p.add_argument("--preset", default="kv11", choices=["kv11", "tiny"], help="network sizes (default kv11)")
-    p.add_argument("--mode", default="text2video", choices=["text2video", "image2video", "animation", "movie"],
+    add_profile_options(p)
+    p.add_argument("--mode", default="text2video", choices=list(MODES),
                    help=f"movie: {MOVIE_SCENES} scenes (default text2video)")
-    p.add_argument("--fps", default="medium", choices=list(MATRIX_FPS), help="default medium")
-    p.add_argument("--size", type=_size, help="WIDTHxHEIGHT (default: the preset's; 640x640 for kv11 animation)")
     p.add_argument("--batch", type=int, default=1, help="videos per stage call (default 1)")
-    p.add_argument("--dtype", type=dtype_argument, default={}, metavar="NETWORK=DTYPE,...",
-                   help="per-network dtypes (default the official GPU ones: U-Nets fp16, text encoder and MoVQs fp32)")
     p.add_argument("--precision", choices=sorted(PRECISIONS), help="every network's dtype at once (--dtype overrides)")
-    p.add_argument("--gpu", default=DEFAULT_GPU, help=f"named GPU for the seconds (default {DEFAULT_GPU}; see docs/sizing.md)")
-    p.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
-                   help=f"share of the GPU's peak TFLOP/s (default {DEFAULT_UTILISATION})")
-    p.add_argument("--prompt-tokens", type=int, default=DEFAULT_PROMPT_TOKENS,
-                   help=f"tokens per prompt, end token included (default {DEFAULT_PROMPT_TOKENS}, the most: the longest context)")
     p.add_argument("--steps", type=int, help="first-frame and keyframe steps (default the official 50)")
     p.add_argument("--interpolation-steps", type=int, help="interpolation steps (default the official 10)")
     p.add_argument("--out", help="write the cost profile here (JSON)")
     p.add_argument("--matrix", action="store_true", help="every mode x fps x size (--batches) instead of one request")
     p.add_argument("--batches", type=_batches, default=(1,), help="--matrix: batch sizes, e.g. 1,2,4 (default 1)")
+    p.add_argument("--modes", type=_modes, default=MODES, help=f"--matrix: modes (default {','.join(MODES)})")
     p.add_argument("--validate", action="store_true",
                    help="instead: the tiny pipeline on this CPU, its measured peak memory against its dry run")
     p.set_defaults(run=run_estimate_command)
@@ -486,7 +503,7 @@ def run_estimate_command(args) -> int:
 
 
 def _print_matrix(args, spec) -> int:
-    cases = matrix(args.batches)
+    cases = matrix(args.batches, args.modes)
     dtypes = resolved_dtypes(_dtypes_of(args))
     start = time.perf_counter()
     results = estimate_matrix(args.preset, cases, dtypes, steps=args.steps, interpolation_steps=args.interpolation_steps,

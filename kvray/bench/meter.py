@@ -13,7 +13,7 @@ are raised as in a real run). Every op passes through `Meter`, which
   dies, as the allocator frees it; `peak` is their high-water mark. Not counted, as they are not
   tensors a Python op returns: workspaces inside kernels (cuDNN, cuBLAS) and the allocator's
   rounding; `kvray bench gpu` measures what they add on a GPU.
-* counts FLOPs with torch's own formulas (`torch.utils.flop_counter`, the table `FlopCounterMode`
+* counts the simulated ops' FLOPs with torch's own formulas (`torch.utils.flop_counter`, the table `FlopCounterMode`
   uses: convolutions, matrix products, attention; 2 FLOPs per multiply-add), keyed by the dtype of
   the op's input and its kind (conv, matmul, attention), which is what sets its speed on a GPU.
   Composite ops are decomposed first, as `FlopCounterMode` does, so that `linear` under
@@ -95,13 +95,16 @@ class Meter(TorchDispatchMode):
             if out is not NotImplemented:
                 return out
         inputs = [t for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        if any(is_fake(t) or t.is_meta for t in inputs):
+        simulated = any(is_fake(t) or t.is_meta for t in inputs)
+        if simulated:
             out = func(*args, **kwargs)
         else:
             with unset_fake_temporarily():
                 out = func(*args, **kwargs)
         formula = _FORMULAS.get(packet)
-        if formula is not None and inputs:
+        # Only simulated ops are the device's work (they involve the fake weights); an op on real tensors
+        # alone is host arithmetic on data, such as an animation's camera path in float64.
+        if formula is not None and simulated:
             flops = formula(*args, **kwargs, out_val=out)
             self.flops[(str(inputs[0].dtype).removeprefix("torch."), flop_kind(packet.__name__))] += flops
         for tensor in tree_leaves(out):

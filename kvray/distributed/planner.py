@@ -413,8 +413,7 @@ def add_plan_parser(subparsers):
     """Registers `kvray plan` on the CLI's subparsers."""
     import argparse
 
-    from ..bench.stages import dtype_argument
-    from ..config.gpus import DEFAULT_GPU, DEFAULT_UTILISATION, GPUS
+    from ..bench.estimate import add_profile_options
 
     p = subparsers.add_parser(
         "plan", help="pool size and GPUs per actor for each stage, from measured or estimated stage costs",
@@ -428,18 +427,7 @@ def add_plan_parser(subparsers):
     p.add_argument("--costs", help="cost profile (JSON from `kvray bench stages` or `kvray bench estimate`) or "
                                    "stage=seconds[@GiB],...; default: estimated for --preset")
     p.add_argument("--gpu-memory", type=float, help="GiB of one GPU (default: the profile's device)")
-    estimate = p.add_argument_group("estimated profile (without --costs)")
-    estimate.add_argument("--preset", default="kv11", choices=["kv11", "tiny"], help="network sizes (default kv11)")
-    estimate.add_argument("--gpu", default=DEFAULT_GPU, choices=sorted(GPUS),
-                          help=f"whose speeds (and memory, unless --gpu-memory) the profile takes (default {DEFAULT_GPU})")
-    estimate.add_argument("--dtype", type=dtype_argument, default={}, metavar="NETWORK=DTYPE,...",
-                          help="per-network dtypes (default: the official: U-Nets fp16, text encoder and MoVQs fp32; "
-                               "text_encoder=int8 is weight-only int8)")
-    estimate.add_argument("--width", type=int, help="video width (default: the preset's)")
-    estimate.add_argument("--height", type=int, help="video height (default: the preset's)")
-    estimate.add_argument("--fps", default="medium", choices=["low", "medium", "high"], help="default medium")
-    estimate.add_argument("--utilisation", type=float, default=DEFAULT_UTILISATION,
-                          help=f"share of the GPU's peak TFLOP/s reached (default {DEFAULT_UTILISATION})")
+    add_profile_options(p.add_argument_group("estimated profile (without --costs)"))
     p.add_argument("--max-share", type=int, default=DEFAULT_MAX_SHARE, help=f"most actors on one GPU (default {DEFAULT_MAX_SHARE})")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"throughput given up for fewer actors (default {DEFAULT_TOLERANCE}; 0: throughput alone)")
@@ -458,9 +446,10 @@ def _plan_costs(args) -> CostProfile:
         return parse_costs(args.costs)
     from ..bench.estimate import estimated_profile, planning_request
 
-    request = planning_request(args.preset, width=args.width, height=args.height, fps=args.fps)
+    width, height = args.size or (None, None)
+    request = planning_request(args.preset, width=width, height=height, fps=args.fps)
     return estimated_profile(args.preset, request, dtypes=args.dtype, gpu=args.gpu, gpu_memory_gib=args.gpu_memory,
-                             utilisation=args.utilisation)
+                             utilisation=args.utilisation, prompt_tokens=args.prompt_tokens)
 
 
 def run_plan_command(args) -> int:

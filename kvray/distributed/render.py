@@ -75,7 +75,12 @@ def render(job: RenderJob) -> RenderSummary:
 
     start = time.perf_counter()
     started_ray = connect(job.ray)
-    job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
+    try:
+        job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
+    except ValueError:  # no plan fits the cluster (DoesNotFit, too few GPUs): nothing was started
+        if started_ray:
+            ray.shutdown()
+        raise
     if chosen is not None:
         for line in chosen.lines():
             log.info("%s", line)

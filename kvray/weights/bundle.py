@@ -25,7 +25,8 @@ def load_model(models: ModelSource, name: str, device: torch.device | str = "cpu
     """`dtype` torch.int8: weight-only int8 (`quantize.int8_weight_only`), quantized on the CPU before it
     moves to `device`, so that the device never holds the bfloat16 weights."""
     if dtype == torch.int8:
-        return int8_weight_only(_load(models, name, "cpu", torch.bfloat16)).to(device)
+        module = int8_weight_only(_load(models, name, "cpu", torch.bfloat16))
+        return module if torch.device(device).type == "cpu" else module.to(device)
     return _load(models, name, device, dtype)
 
 
