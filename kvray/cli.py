@@ -198,7 +198,7 @@ def _render_job(args):
         overrides["storage_options"] = parse_storage_options(args.storage_option)
     if args.device:
         overrides["runtime"] = {"device": args.device}
-    for name, value in (("costs", args.costs), ("gpu_memory_gib", args.gpu_memory),
+    for name, value in (("costs", args.costs), ("gpu", args.gpu), ("gpu_memory_gib", args.gpu_memory),
                         ("stall_timeout_s", args.stall_timeout)):
         if value is not None:
             overrides[name] = value
@@ -269,13 +269,14 @@ class RenderProgress:
 def _render_errors():
     """The errors a render reports as one line and exit status 2."""
     from .distributed.cluster import ResourceError
+    from .distributed.planner import DoesNotFit
     from .distributed.render import StallError
     from .io.layout import LegacyLayout
     from .io.lease import LeaseHeld, LeaseLost
     from .io.manifest import ManifestError
     from .pipeline.device import DeviceError
 
-    return (ManifestError, LegacyLayout, ResourceError, StallError, DeviceError, LeaseHeld, LeaseLost)
+    return (ManifestError, LegacyLayout, ResourceError, StallError, DeviceError, LeaseHeld, LeaseLost, DoesNotFit)
 
 
 def _cmd_render(args) -> int:
@@ -323,11 +324,11 @@ def _cmd_render(args) -> int:
 def _dry_run(job, args) -> int:
     from .config.costs import CostError, parse_costs
     from .distributed.dryrun import dry_run
-    from .distributed.planner import FULL_SIZE_COSTS
+    from .distributed.planner import job_costs
 
     try:
-        costs = args.costs or job.costs or (FULL_SIZE_COSTS if job.models.preset == "kv11" else None)
-        report = dry_run(job, costs=parse_costs(costs) if costs else None, gpus=args.gpus, verbose=args.verbose)
+        costs = parse_costs(args.costs) if args.costs else job_costs(job)
+        report = dry_run(job, costs=costs, gpus=args.gpus, verbose=args.verbose)
     except CostError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -472,8 +473,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
     p.add_argument("--cache-dir", help="where remote weights are cached")
     p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, ...")
-    p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages`, or stage=seconds,...): "
-                   "sizes the pools when the job fixes none (default for kv11: the full-size networks' profile)")
+    p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages` or `kvray bench estimate`, "
+                   "or stage=seconds,...): sizes the pools when the job fixes none (default for kv11: estimated for "
+                   "the job's default request on --gpu)")
+    p.add_argument("--gpu", help="named GPU of the estimated profile: h100 (default), a100, h200, l4, ... (docs/sizing.md)")
     p.add_argument("--gpu-memory", type=float, help="GiB of one GPU, for the planner (default: the profile's, else 80)")
     data = p.add_argument_group("dataset output (see README: Synthesize a dataset)")
     data.add_argument("--layout", help="files (default: videos/ and meta/, one object each) or webdataset (tar shards, "
@@ -530,7 +533,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_bench_generate)
 
     from .bench.dataset import add_dataset_parser
+    from .bench.estimate import add_estimate_parser
+    from .bench.gpu import add_gpu_parser
     from .bench.pipeline import add_pipeline_parser
+    from .bench.precision import add_precision_parser
     from .bench.scale import add_scale_parser
     from .bench.soak import add_soak_parser
     from .bench.stages import add_stages_parser
@@ -538,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .gallery.command import add_gallery_parser
 
     add_stages_parser(bench)
+    add_estimate_parser(bench)
+    add_precision_parser(bench)
+    add_gpu_parser(bench)
     add_pipeline_parser(bench)
     add_scale_parser(bench)
     add_soak_parser(bench)
@@ -568,6 +577,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # transformers imports torchao when it is installed; its warnings (no Triton, deprecated pytree
+    # registrations) concern kernels and APIs kvray never uses.
+    for noisy in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
     return args.run(args)
 
 

@@ -171,14 +171,22 @@ def test_memory_limits_how_many_actors_share_a_gpu():
     assert free.efficiency >= P.plan(costs, 4, gpu_memory_gib=40, tolerance=0.0).efficiency
 
 
-def test_a_stage_larger_than_a_gpu_gets_whole_gpus():
+def test_a_stage_larger_than_a_gpu_is_refused_with_what_would_fit():
+    # A stage runs its networks on one device: a second GPU per actor would sit idle while the first overflows.
     costs = P.parse_costs("text=0.001@2,keyframes=0.62@100,interpolate=0.08@7,decode=0.30@17")
-    plan = P.plan(costs, 8, gpu_memory_gib=80)
-    keyframes = plan.stages["keyframes"]
-    assert keyframes.gpus_per_actor == 2 and keyframes.seconds_per_video == pytest.approx(0.62)
-    assert all(len(gpu) == 1 for gpu in plan.layout if "keyframes" in gpu)
-    with pytest.raises(ValueError, match="cannot hold"):
-        P.plan(costs, 2, gpu_memory_gib=80)
+    with pytest.raises(P.DoesNotFit, match=r"one keyframes actor needs 100.5 GiB .* 80 GiB GPU .* 101 GiB or more") as err:
+        P.plan(costs, 8, gpu_memory_gib=80)
+    assert (err.value.stage, err.value.need_gib, err.value.gpu_memory_gib) == ("keyframes", 100.5, 80)
+    assert P.plan(costs, 8, gpu_memory_gib=141).stages["keyframes"].gpus_per_actor == 1
+    # With the peak in smaller precisions (an estimated profile carries them), the message names them.
+    text = P.StageCost(seconds=0.001, peak_memory_gib=32.7, alternatives={"text_encoder=bfloat16": 16.3,
+                                                                          "text_encoder=int8": 8.4})
+    smaller = costs.model_copy(update={"stages": {**costs.stages, "text": text, "keyframes": P.StageCost(seconds=0.62)}})
+    with pytest.raises(P.DoesNotFit, match=r"one text actor .* --dtype text_encoder=bfloat16 \(16.8 GiB\); "
+                                           r"--dtype text_encoder=int8 \(8.9 GiB\)"):
+        P.plan(smaller, 8, gpu_memory_gib=24)
+    with pytest.raises(P.DoesNotFit, match=r"bfloat16 \(16.8 GiB, still too much\)"):
+        P.plan(smaller, 8, gpu_memory_gib=16)
 
 
 def test_the_profile_device_memory_is_the_default():
@@ -314,13 +322,19 @@ def test_the_job_keeps_pools_it_fixes():
     assert P.plan_job(only_batches, gpus=0) == (only_batches, None)  # no GPUs: nothing to plan
 
 
-def test_the_job_plans_with_the_full_size_profile_for_kv11_only():
+def test_the_job_plans_with_the_estimated_profile_for_kv11_only():
+    from kvray.sizing.estimate import job_profile
     from kvray.config.job import RenderJob
 
-    kv11 = RenderJob(manifest="m", out="o", models={"preset": "kv11"})
-    assert P.plan_job(kv11, gpus=8)[1] == P.plan(P.FULL_SIZE_COSTS, 8, P.DEFAULT_GPU_MEMORY_GIB)
+    kv11 = RenderJob(manifest="m", out="o", models={"preset": "kv11"}, gpu="a100")
+    profile = job_profile(kv11)
+    assert profile.meta["estimate"] and profile.meta["request"]["fps"] == "low" and profile.device_memory_gib == 80
+    assert P.plan_job(kv11, gpus=8)[1] == P.plan(profile, 8, 80)
     tiny = RenderJob(manifest="m", out="o", models={"preset": "tiny"})
     assert P.plan_job(tiny, gpus=8) == (tiny, None)
+    # A 24 GiB GPU cannot hold the fp32 text encoder: the render is refused before any actor starts.
+    with pytest.raises(P.DoesNotFit, match="one text actor"):
+        P.plan_job(kv11.model_copy(update={"gpu_memory_gib": 24.0}), gpus=8)
 
 
 def test_a_job_with_unreadable_costs_is_refused(tmp_path):

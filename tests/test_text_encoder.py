@@ -179,6 +179,9 @@ def test_tiny_shapes_cut_and_determinism():
         assert alone.shape == (1, 3, config.context_dim)
         torch.testing.assert_close(alone, context[1:, :3], rtol=0, atol=1e-6)
         assert torch.equal(alone_mask, mask[1:, :3])
+        # The cut length given from the host tokens (no read-back of the mask) is the same cut.
+        given = encoder(tokens.input_ids, tokens.attention_mask, length=int(lengths.max()) + 1)
+        assert torch.equal(given[0], context) and torch.equal(given[1], mask)
         # The other projection differs; an unknown one is refused.
         other = encoder(tokens.input_ids, tokens.attention_mask, "projection_interpolation")[0]
         assert not torch.allclose(other, context)

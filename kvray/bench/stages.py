@@ -22,9 +22,11 @@ import shlex
 import sys
 import time
 
+from ..config.runtime import NETWORKS
+from ..sizing.estimate import dtype_argument
+
 log = logging.getLogger(__name__)
 
-NETWORKS = ("text_encoder", "keyframe_unet", "interpolation_unet", "image_movq", "video_movq")
 
 
 def _sync(device) -> None:
@@ -159,18 +161,6 @@ def to_profile(result: dict, command: str | None = None):
 # Command line
 
 
-def _dtypes(text: str) -> dict[str, str]:
-    out = {}
-    for item in filter(None, text.split(",")):
-        name, _, dtype = item.partition("=")
-        if name not in NETWORKS or dtype not in ("auto", "float32", "float16", "bfloat16"):
-            raise argparse.ArgumentTypeError(
-                f"--dtype: {item!r} is not NETWORK=DTYPE with NETWORK one of {', '.join(NETWORKS)} and DTYPE one of "
-                "auto, float32, float16, bfloat16")
-        out[name] = dtype
-    return out
-
-
 def add_stages_parser(bench_subparsers) -> argparse.ArgumentParser:
     """Registers `kvray bench stages` on `kvray bench`'s subparsers."""
     p = bench_subparsers.add_parser(
@@ -185,9 +175,10 @@ def add_stages_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--t5", help="T5 encoder checkpoint for official weights")
     p.add_argument("--cache-dir", help="where remote weights are cached")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--dtype", type=_dtypes, default={}, metavar="NETWORK=DTYPE,...",
-                   help=f"per-network dtype ({', '.join(NETWORKS)}); default auto: the official dtypes on a GPU "
-                        "(U-Nets fp16, text encoder and MoVQs fp32), fp32 on the CPU")
+    p.add_argument("--dtype", type=dtype_argument, default={}, metavar="NETWORK=DTYPE,...",
+                   help=f"per-network dtype ({', '.join(NETWORKS)}): float32, float16, bfloat16, or int8 for the text "
+                        "encoder (weight-only, torchao); default auto: the official dtypes on a GPU (U-Nets fp16, "
+                        "text encoder and MoVQs fp32), fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each stage's networks (warm-up compiles)")
     p.add_argument("--prompt", default="a red car drifting on a mountain road")
     p.add_argument("--width", type=int, help="multiple of 64 (default: the preset's)")

@@ -1,5 +1,6 @@
 """Cost profiles: each stage's seconds per video on one whole GPU (and optionally its peak memory), as
-measured by `kvray bench stages` or given inline. The planner's input; validated at the edge."""
+measured by `kvray bench stages`, estimated by `kvray bench estimate` (a dry run of the full-size
+stages, seconds from FLOPs on a named GPU) or given inline. The planner's input; validated at the edge."""
 
 from __future__ import annotations
 
@@ -11,13 +12,6 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, ValidationErro
 from .stages import STAGES
 from .validation import validation_message
 
-# The renderer's profile for the kv11 preset when a job gives none. Seconds per video in proportion to
-# the FLOPs of the full-size networks for a 512x512 medium-fps video (about 2,080 TFLOP for the first
-# frame and keyframes, 260 for interpolation, 1,020 for the temporal MoVQ decoder, 2 for the text
-# encoder). Peak GiB per actor are estimates, not measurements: weights at the official dtypes (the
-# fp32 Flan-UL2 encoder 32.5 GiB, each U-Net3D ~7.7 GiB in fp16, the MoVQs in fp32) plus room for
-# activations at 512x512. Measure your own with `kvray bench stages`.
-FULL_SIZE_COSTS = "text=0.001@34,keyframes=0.62@14,interpolate=0.08@12,decode=0.30@10"
 
 
 class CostError(ValueError):
@@ -33,6 +27,9 @@ class StageCost(BaseModel):
     peak_memory_gib: float | None = Field(None, gt=0, description="peak device memory of one actor")
     output_bytes: int | None = Field(None, ge=0, description="bytes a video carries to the next stage")
     batch_size: int | None = Field(None, ge=1, description="videos per call when measured")
+    alternatives: dict[str, float] = Field(
+        default_factory=dict, description="peak GiB in other precisions, by dtype setting (e.g. 'text_encoder=int8'): "
+                                          "what the planner suggests when the stage does not fit a GPU")
 
 
 class CostProfile(BaseModel):

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .costs import CostError, parse_costs
 from .dataset import DatasetConfig
+from .gpus import get_gpu
 from .images import ImagePolicy, manifest_location
 from .models import ModelSource
 from .runtime import RuntimeConfig
@@ -90,8 +91,10 @@ class RenderJob(_Strict):
                                 "(default: under the manifest's own location, or public http(s))")
     # The planner sizes the pools when `deployment` fixes no stage's actors or gpus and the cluster has GPUs.
     costs: str | None = Field(None, description="cost profile for the planner: a JSON file of `kvray bench stages` "
-                              "or stage=seconds[@GiB],...; default: the full-size networks' profile for kv11, none "
-                              "(the deployment as given) for other presets")
+                              "or `kvray bench estimate`, or stage=seconds[@GiB],...; default for kv11: estimated "
+                              "for the job's default request on `gpu`; none (the deployment as given) for other presets")
+    gpu: str | None = Field(None, description="named GPU of the estimated profile (kvray.config.gpus): its speeds "
+                            "and memory (default h100)")
     gpu_memory_gib: float | None = Field(None, gt=0, description="memory of one GPU for the planner "
                                          "(default: the profile's device, else 80)")
     stall_timeout_s: float = Field(3600, gt=0, description="a render that moves nothing for this long (no actor "
@@ -115,6 +118,13 @@ class RenderJob(_Strict):
         elif images is None or (isinstance(images, dict) and images.get("prefixes") is None):
             images = {**(images or {}), "prefixes": [manifest_location(data["manifest"])]}
         return {**data, "images": images}
+
+    @field_validator("gpu")
+    @classmethod
+    def _known_gpu(cls, gpu: str | None) -> str | None:
+        if gpu is not None:
+            get_gpu(gpu)
+        return gpu
 
     @field_validator("costs")
     @classmethod

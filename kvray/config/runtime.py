@@ -8,11 +8,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 NETWORKS: tuple[str, ...] = ("text_encoder", "keyframe_unet", "interpolation_unet", "image_movq", "video_movq")
-DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
-DtypeName = Literal["auto", "float32", "float16", "bfloat16"]
+# "int8": weight-only int8 (torchao, the `kvray[int8]` extra), the text encoder only: each linear
+# layer's weight in int8 with a scale per output row, everything else and the activations in bfloat16.
+DtypeName = Literal["auto", "float32", "float16", "bfloat16", "int8"]
+INT8_NETWORKS = ("text_encoder",)
 Precision = Literal["official", "fast"]
 
 # The official dtype_map on a GPU: U-Nets in fp16, text encoder and MoVQs in fp32.
@@ -60,6 +62,11 @@ class RuntimeConfig(BaseModel):
     image_movq_dtype: DtypeName = "auto"
     video_movq_dtype: DtypeName = "auto"
 
+    @model_validator(mode="after")
+    def _int8_where_offered(self):
+        check_int8({n: getattr(self, f"{n}_dtype") for n in NETWORKS})
+        return self
+
     def dtype_name(self, network: str, on_gpu: bool) -> str:
         """The dtype `network` runs in: its own setting, else the precision's choice for the device."""
         name = getattr(self, f"{network}_dtype")
@@ -68,3 +75,23 @@ class RuntimeConfig(BaseModel):
         if not on_gpu:
             return "float32"  # CPUs have no fast fp16 kernels
         return OFFICIAL_GPU_DTYPES[network] if self.precision == "official" else FAST_GPU_DTYPE
+
+
+def check_int8(dtypes: dict[str, str]) -> None:
+    """Weight-only int8 is offered for `INT8_NETWORKS` only."""
+    for network, dtype in dtypes.items():
+        if dtype == "int8" and network not in INT8_NETWORKS:
+            raise ValueError(f"{network}: int8 is offered for {', '.join(INT8_NETWORKS)} only")
+
+
+def parse_dtype_setting(text: str) -> dict[str, str]:
+    """`NETWORK=DTYPE,...` (as `--dtype` takes it) -> {network: dtype name}, checked as RuntimeConfig checks them."""
+    out = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        name, _, dtype = item.partition("=")
+        if name not in NETWORKS or dtype not in DtypeName.__args__:
+            raise ValueError(f"{item!r} is not NETWORK=DTYPE with NETWORK one of {', '.join(NETWORKS)} "
+                             f"and DTYPE one of {', '.join(DtypeName.__args__)}")
+        out[name] = dtype
+    check_int8(out)
+    return out

@@ -8,9 +8,11 @@ is integrality: a pool has a whole number of actors, all of one size, and Ray pl
 below one on a single GPU (the best-fitting one) and a whole number of GPUs on free GPUs. So:
 
 - a stage's actors hold 1/k of a GPU (k = 1..`max_share`; heavy stages come out at k = 1, light
-  stages share a GPU with other stages), or whole GPUs when one actor's memory needs more than one;
+  stages share a GPU with other stages);
 - a fraction must leave room: k actors of a stage needing M GiB (plus a CUDA context) fit in one
-  GPU of G GiB, so every mix of actors Ray puts on a GPU fits in its memory;
+  GPU of G GiB, so every mix of actors Ray puts on a GPU fits in its memory. An actor that does not
+  fit one GPU is refused (`DoesNotFit`): a stage runs its networks on one device, so a second GPU
+  would sit idle while the first runs out of memory;
 - fractions are multiples of 1e-4 (Ray's fixed point): 1/k is rounded down so that k of them fit;
 - the plan must be placeable by Ray in any order its actors start: the placement is replayed with
   Ray's rules (best fit for fractions, free GPUs for whole ones) in several orders, and must fit in all.
@@ -29,7 +31,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from ..config.costs import FULL_SIZE_COSTS, CostError, CostProfile, StageCost, parse_costs  # noqa: F401 (inputs)
+from ..config.costs import CostError, CostProfile, StageCost, parse_costs  # noqa: F401 (inputs)
+from ..config.gpus import DEFAULT_CONTEXT_GIB
 from ..config.job import Deployment, StageDeployment
 from ..config.stages import STAGES
 
@@ -40,7 +43,6 @@ DEFAULT_TOLERANCE = 0.02  # throughput given up for fewer actors (see `plan`)
 DEFAULT_SLACK = 0.03  # extra capacity of every stage but the bottleneck (see `plan`)
 DEFAULT_CALLS_PER_SECOND = 8.0  # per stage, for suggested batch sizes
 DEFAULT_GPU_MEMORY_GIB = 80.0  # a GPU of the size the official model was made for (A100/H100 80 GB)
-DEFAULT_CONTEXT_GIB = 0.5  # a CUDA context per actor, on top of the measured peak allocation
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -140,15 +142,31 @@ class _Option(BaseModel):
         return self.actors * self.size
 
 
+class DoesNotFit(ValueError):
+    """One actor of a stage needs more memory than a GPU holds; the message says what would fit."""
+
+    def __init__(self, stage: str, cost: StageCost, gpu_memory_gib: float, context_gib: float):
+        self.stage, self.need_gib, self.gpu_memory_gib = stage, cost.peak_memory_gib + context_gib, gpu_memory_gib
+        options = [f"--dtype {setting} ({gib + context_gib:.1f} GiB{'' if gib + context_gib <= gpu_memory_gib else ', still too much'})"
+                   for setting, gib in sorted(cost.alternatives.items(), key=lambda item: -item[1])]
+        super().__init__(
+            f"plan: one {stage} actor needs {self.need_gib:.1f} GiB ({cost.peak_memory_gib:.1f} GiB peak + "
+            f"{context_gib:g} GiB CUDA context), more than a {gpu_memory_gib:g} GiB GPU holds. It fits on GPUs of "
+            f"{math.ceil(self.need_gib)} GiB or more (--gpu-memory, --gpu)"
+            + (f", or in a smaller precision: {'; '.join(options)}" if options else "") + ".")
+
+
+def _check_fits(costs: CostProfile, gpu_memory: float | None, context_gib: float) -> None:
+    for stage, cost in costs.stages.items():
+        if gpu_memory is not None and cost.peak_memory_gib is not None and cost.peak_memory_gib + context_gib > gpu_memory:
+            raise DoesNotFit(stage, cost, gpu_memory, context_gib)
+
+
 def _stage_kinds(stage: str, seconds: float, memory: float | None, gpu_memory: float | None,
                  max_share: int, context_gib: float, family: int) -> list[_Option]:
     """The actor sizes a stage may use: 1/k of a GPU for k = 1 or k in `family` x 1, 2, 4, ... up to
-    `max_share` and up to what fits the GPU's memory; or whole GPUs when one actor needs more than one
-    GPU's memory."""
+    `max_share` and up to what fits the GPU's memory (one actor fits: `_check_fits`)."""
     need = None if memory is None or gpu_memory is None else memory + context_gib
-    if need is not None and need > gpu_memory:
-        whole = math.ceil(need / gpu_memory)  # one actor spans several GPUs; no speed-up assumed
-        return [_Option(stage=stage, k=1, size=whole * UNIT, speed=1.0 / seconds)]
     top = max_share if need is None else max(1, min(max_share, int(gpu_memory // need)))
     return [_Option(stage=stage, k=k, size=UNIT // k, speed=(UNIT // k) / UNIT / seconds)
             for k in _shares(family, top)]
@@ -270,6 +288,7 @@ def plan(costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = Non
         notes.append("no GPU memory given (--gpu-memory): sharing not checked against memory")
     if gpu_memory is not None and not all(costs.memory(s) for s in STAGES):
         notes.append("the profile lacks peak memory for some stages: their sharing is not checked")
+    _check_fits(costs, gpu_memory, context_gib)
     families = [[_stage_kinds(s, costs.seconds(s), costs.memory(s), gpu_memory, max_share, context_gib, f)
                  for s in STAGES] for f in FAMILIES]
     if not _fits(families[0], 0.0, gpus, max_actors):
@@ -286,10 +305,9 @@ def plan(costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = Non
     assert layout is not None, "sizes of one family always place"
     stages = {}
     for o in chosen:
-        fraction = o.size / UNIT  # whole GPUs (memory-bound actors) give no speed-up
+        fraction = o.size / UNIT
         stages[o.stage] = StagePlan(stage=o.stage, actors=o.actors, gpus_per_actor=fraction, actors_per_gpu=o.k,
-                                    seconds=costs.seconds(o.stage),
-                                    seconds_per_video=costs.seconds(o.stage) / min(1.0, fraction))
+                                    seconds=costs.seconds(o.stage), seconds_per_video=costs.seconds(o.stage) / fraction)
     return Plan(gpus=gpus, gpu_memory_gib=gpu_memory, stages=stages, bound=costs.bound(gpus), layout=layout,
                 notes=notes)
 
@@ -353,15 +371,28 @@ def deployment_fixes_pools(deployment) -> bool:
     return any({"actors", "gpus"} & deployment.stage(s).model_fields_set for s in STAGES)
 
 
+def job_costs(job) -> CostProfile | None:
+    """The cost profile a job is planned with: its `costs`, or for the kv11 preset the one estimated for
+    its default request on its `gpu` (`kvray.sizing.estimate.job_profile`); None for other presets."""
+    if job.costs is not None:
+        return parse_costs(job.costs)
+    if job.models.preset != "kv11":
+        return None
+    from ..sizing.estimate import job_profile
+
+    return job_profile(job)
+
+
 def plan_job(job, gpus: int):
     """The job a render runs, and the plan behind its pools (None: the job's own deployment). The planner
-    sizes the pools when the job fixes none of them, the cluster has GPUs and there is a cost profile:
-    the job's `costs`, or for the kv11 preset the full-size networks' profile. Batch sizes: the job's
-    where it sets them, else the profile's measured ones (its costs were measured at them)."""
-    costs = job.costs or (FULL_SIZE_COSTS if job.models.preset == "kv11" else None)
-    if costs is None or gpus < 1 or deployment_fixes_pools(job.deployment):
+    sizes the pools when the job fixes none of them, the cluster has GPUs and there is a cost profile
+    (`job_costs`). Batch sizes: the job's where it sets them, else the profile's (its costs were
+    measured or estimated at them). Raises `DoesNotFit` when a stage's actor does not fit a GPU."""
+    if gpus < 1 or deployment_fixes_pools(job.deployment):
         return job, None
-    costs = parse_costs(costs)
+    costs = job_costs(job)
+    if costs is None:
+        return job, None
     memory = job.gpu_memory_gib or costs.device_memory_gib or DEFAULT_GPU_MEMORY_GIB
     chosen = plan(costs, gpus, memory)
     measured = {s: c.batch_size for s, c in costs.stages.items()
@@ -389,14 +420,21 @@ def add_plan_parser(subparsers):
     """Registers `kvray plan` on the CLI's subparsers."""
     import argparse
 
+    from ..sizing.estimate import add_profile_options
+
     p = subparsers.add_parser(
-        "plan", help="pool size and GPUs per actor for each stage, from measured stage costs",
-        description="Chooses each stage's actors and GPUs per actor (whole GPUs for heavy stages, 1/k of a GPU "
-                    "for light ones, never beyond a GPU's memory), and prints the plan, its predicted videos/s "
-                    "and the bound N / sum(costs).", formatter_class=argparse.RawDescriptionHelpFormatter)
+        "plan", help="pool size and GPUs per actor for each stage, from measured or estimated stage costs",
+        description="Chooses each stage's actors and GPUs per actor (1/k of a GPU, never beyond a GPU's memory), "
+                    "and prints the plan, its predicted videos/s and the bound N / sum(costs). Without --costs, "
+                    "the profile is estimated for the preset on a named GPU (`kvray bench estimate`: a dry run of "
+                    "the full-size stages; seconds from FLOPs at a share of the GPU's peak). A stage whose actor "
+                    "does not fit one GPU is refused, with the GPU size or precision that would fit.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gpus", type=int, required=True, help="GPUs to plan for")
-    p.add_argument("--costs", required=True, help="cost profile (JSON from `kvray bench stages`) or stage=seconds[@GiB],...")
+    p.add_argument("--costs", help="cost profile (JSON from `kvray bench stages` or `kvray bench estimate`) or "
+                                   "stage=seconds[@GiB],...; default: estimated for --preset")
     p.add_argument("--gpu-memory", type=float, help="GiB of one GPU (default: the profile's device)")
+    add_profile_options(p.add_argument_group("estimated profile (without --costs)"))
     p.add_argument("--max-share", type=int, default=DEFAULT_MAX_SHARE, help=f"most actors on one GPU (default {DEFAULT_MAX_SHARE})")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"throughput given up for fewer actors (default {DEFAULT_TOLERANCE}; 0: throughput alone)")
@@ -410,13 +448,31 @@ def add_plan_parser(subparsers):
     return p
 
 
+def _plan_costs(args) -> CostProfile:
+    if args.costs:
+        return parse_costs(args.costs)
+    from ..sizing.estimate import estimated_profile, planning_request
+
+    width, height = args.size or (None, None)
+    request = planning_request(args.preset, width=width, height=height, fps=args.fps)
+    return estimated_profile(args.preset, request, dtypes=args.dtype, gpu=args.gpu, gpu_memory_gib=args.gpu_memory,
+                             utilisation=args.utilisation, prompt_tokens=args.prompt_tokens)
+
+
 def run_plan_command(args) -> int:
     import sys
 
+    from pydantic import ValidationError
+
+    from ..config.validation import validation_message
+
     try:
-        costs = parse_costs(args.costs)
+        costs = _plan_costs(args)
         chosen = plan(costs, args.gpus, args.gpu_memory, max_share=args.max_share, tolerance=args.tolerance,
                       slack=args.slack, max_actors=args.max_actors)
+    except ValidationError as err:
+        print(f"error: {validation_message(err, 'request')}", file=sys.stderr)
+        return 2
     except (CostError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -424,6 +480,10 @@ def run_plan_command(args) -> int:
     if args.json:
         print(json.dumps({**plan_summary(chosen), "batch_sizes": sizes}, indent=2))
         return 0
+    if costs.meta.get("estimate"):
+        print(f"profile: estimated for {costs.meta['preset']} {_request_words(costs.meta['request'])} on "
+              f"{costs.device} at {costs.meta['utilisation']:g} of its peak TFLOP/s; peak GiB per actor "
+              + ", ".join(f"{s} {c.peak_memory_gib:.1f}" for s, c in costs.stages.items()))
     for line in chosen.lines():
         print(line)
     print("job deployment (YAML):")
@@ -436,3 +496,7 @@ def run_plan_command(args) -> int:
         except ValueError as err:
             print(f"equal pools: {err}")
     return 0
+
+
+def _request_words(request: dict) -> str:
+    return f"{request['width']}x{request['height']} fps {request['fps']} {request['mode']}"

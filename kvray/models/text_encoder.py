@@ -64,13 +64,15 @@ class TextConditionEncoder(nn.Module):
         })
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, projection: str = PROJECTION_BASE
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, projection: str = PROJECTION_BASE,
+        length: int | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`input_ids`, `attention_mask`: (B, N) from `tokenize` (right-padded, mask 1 on real tokens).
 
         Returns the context (B, L + 1, context_dim) with zero rows at padding and its mask (B, L + 1),
         bool, where L = the longest real length of the batch (L + 1 is capped at N). The official mask
-        is the int64 attention mask; the values are the same.
+        is the int64 attention mask; the values are the same. `length`: L + 1 when the caller knows it
+        from the tokens on the host; otherwise it is read back from the mask (a wait on the device).
         """
         if projection not in self.projections:
             raise ValueError(f"unknown projection {projection!r}; known: {', '.join(self.projections)}")
@@ -80,7 +82,8 @@ class TextConditionEncoder(nn.Module):
         # masked_fill, not a product with the mask: the official code assigns zeros to the padded rows.
         context = context.masked_fill(~mask.unsqueeze(-1), 0.0)
         # The official cut keeps one padding position past the longest prompt of the batch.
-        length = int(mask.sum(-1).max()) + 1
+        if length is None:
+            length = int(mask.sum(-1).max()) + 1
         return context[:, :length], mask[:, :length]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 from einops import rearrange
 from PIL import Image
+from torch._subclasses.fake_tensor import is_fake
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -15,7 +16,12 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     frames match it bit for bit.
     """
     scaled = ((images.float() + 1) / 2).clamp(0, 1) * 255
-    return rearrange(scaled.to(torch.uint8), "b c h w -> b h w c").cpu().numpy()
+    pixels = rearrange(scaled.to(torch.uint8), "b c h w -> b h w c").cpu()
+    if is_fake(pixels):
+        # Under fake tensors (`kvray.sizing.estimate`: shapes without values) there is nothing to copy:
+        # black frames of the same shape stand in, so that the images made from them have the real size.
+        return np.zeros(tuple(pixels.shape), dtype=np.uint8)
+    return pixels.numpy()
 
 
 def cover_crop(image: Image.Image, width: int, height: int) -> Image.Image:

@@ -128,12 +128,13 @@ class EncodeText:
 
     networks = ("text_encoder",)
 
-    def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig()):
+    def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(), tokenizer=None):
+        """`tokenizer`: instead of the preset's (estimates run offline with a stand-in)."""
         self.runtime = runtime
         self.device = torch_device(runtime)
         prepare(runtime, self.device)
         self.encoder = load_model(models, "text_encoder", self.device, network_dtype(runtime, "text_encoder", self.device))
-        self.tokenizer = load_tokenizer(models)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(models)
         self.tokens_length = models.model_preset.text_encoder.tokens_length
 
     @torch.inference_mode()
@@ -168,9 +169,11 @@ class EncodeText:
 
         # Every prompt is padded to tokens_length, so a call's shape does not depend on the prompt.
         tokens = tokenize(self.tokenizer, prompts, self.tokens_length)
-        context, mask = self.encoder(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device))
-        # Each prompt cut to its own length (real tokens + 1), as the official encoder cuts a prompt alone.
+        # Each prompt cut to its own length (real tokens + 1), as the official encoder cuts a prompt alone;
+        # the lengths come from the tokens on the host, so the encoder need not read them off the device.
         lengths = (tokens.attention_mask.sum(-1) + 1).clamp(max=self.tokens_length)
+        context, mask = self.encoder(tokens.input_ids.to(self.device), tokens.attention_mask.to(self.device),
+                                     length=int(lengths.max()))
         return TextCondition.from_batch(context.float().cpu(), mask.cpu(), lengths), tokens.truncated
 
 

@@ -11,6 +11,7 @@ from torch import nn
 from ..config.models import DEFAULT_T5_REPO, ModelSource
 from ..models.text_encoder import BYT5, SPIECE, build_tokenizer
 from .loader import load_network, random_network
+from .quantize import int8_weight_only
 from .source import WeightsSource
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,15 @@ TOKENIZER_DIR = "tokenizer"
 
 def load_model(models: ModelSource, name: str, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> nn.Module:
+    """`dtype` torch.int8: weight-only int8 (`quantize.int8_weight_only`), quantized on the CPU before it
+    moves to `device`, so that the device never holds the bfloat16 weights."""
+    if dtype == torch.int8:
+        module = int8_weight_only(_load(models, name, "cpu", torch.bfloat16))
+        return module if torch.device(device).type == "cpu" else module.to(device)
+    return _load(models, name, device, dtype)
+
+
+def _load(models: ModelSource, name: str, device, dtype) -> nn.Module:
     config = getattr(models.model_preset, name)
     if models.is_random:
         log.info("%s: random weights (seed %d), not a trained model", name, models.random_seed)

@@ -6,9 +6,11 @@ import logging
 
 import torch
 from torch import nn
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from ..config.arch import ArchConfig
-from .checkpoint import CheckpointError, load_strict
+from .checkpoint import CheckpointError, build_on_meta, load_strict
 from .networks import get_network, read_converted, read_official
 from .source import WeightsSource
 
@@ -63,8 +65,15 @@ def _adopt_extras(module: nn.Module, extras: dict[str, torch.Tensor], name: str,
 
 
 def random_network(name: str, config: ArchConfig, *, seed: int = 0, device="cpu", dtype=None) -> nn.Module:
-    """Seeded random weights with every path switched on (no zero gates), for tests and timing."""
+    """Seeded random weights with every path switched on (no zero gates), for tests and timing.
+
+    Under torch's fake tensors (`kvray.sizing.estimate`) tensors have shapes but no values: there is
+    nothing to draw, and the network gets storage of its full size without any being allocated."""
     network = get_network(name)
+    if detect_fake_mode() is not None:
+        with unset_fake_temporarily():  # laid out on the meta device, then given fake storage
+            module = build_on_meta(lambda: network.build(config)).to(dtype=dtype)
+        return module.to_empty(device=device).requires_grad_(False).eval()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         module = network.build(config)
