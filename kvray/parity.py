@@ -79,7 +79,7 @@ def check_file(spec_path: Path) -> Iterator[CallResult]:
     for call in spec["calls"]:
         name, literals = call["name"], dict(call.get("literals", {}))
 
-        def value(arg: str):
+        def value(arg: str, name=name, literals=literals):
             # Inputs shared by every call are stored once, without the call prefix.
             for key in (f"{name}.{arg}", arg):
                 if key in io:

@@ -52,7 +52,8 @@ def test_shards_on_s3_exactly_once_after_a_killed_driver(ray_cluster, s3_bucket,
         if fs.exists(f"{root}/index") and len(fs.ls(f"{root}/index")) >= 1:
             break
         time.sleep(0.3)
-    assert driver.poll() is None, ("the run ended before its driver could be killed", driver.stderr.read() if driver.poll() is not None else "")
+    assert driver.poll() is None, ("the run ended before its driver could be killed",
+                                   driver.stderr.read() if driver.poll() is not None else "")
     driver.send_signal(signal.SIGKILL)
     driver.wait(timeout=60)
 

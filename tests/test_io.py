@@ -28,8 +28,6 @@ from kvray.io.storage import (
 )
 from kvray.io.video import clip_fps, encode_video, read_video, video_format
 
-from .s3 import s3_bucket, s3_endpoint  # noqa: F401  (fixtures; conftest may register them for everyone)
-
 
 def smooth_frames(f: int = 12, h: int = 64, w: int = 96) -> np.ndarray:
     """A smooth moving colour pattern (low frequencies compress well, so errors stay small)."""
@@ -382,7 +380,8 @@ def test_redact_storage_options():
 def test_storage_option_values_from_the_environment_and_files(tmp_path, monkeypatch):
     monkeypatch.setenv("KVRAY_TEST_SECRET", "from-env")
     (tmp_path / "secret.txt").write_text("12345\n")
-    options = parse_storage_options(["secret=@env:KVRAY_TEST_SECRET", f"client_kwargs.aws_session_token=@file:{tmp_path}/secret.txt",
+    options = parse_storage_options(["secret=@env:KVRAY_TEST_SECRET",
+                                     f"client_kwargs.aws_session_token=@file:{tmp_path}/secret.txt",
                                      'literal="@env:NOT_A_REFERENCE"'])
     assert options == {"secret": "from-env", "client_kwargs": {"aws_session_token": "12345"},  # a string, not JSON
                        "literal": "@env:NOT_A_REFERENCE"}

@@ -73,7 +73,8 @@ def test_default_timesteps():
     assert stepper.scheduler.alphas_cumprod[-1] == 0  # zero terminal SNR
 
 
-@pytest.mark.parametrize("config", [KEYFRAME_SAMPLER, INTERPOLATION_SAMPLER, KEYFRAME_SAMPLER.model_copy(update={"num_steps": 3})])
+@pytest.mark.parametrize("config", [KEYFRAME_SAMPLER, INTERPOLATION_SAMPLER,
+                                    KEYFRAME_SAMPLER.model_copy(update={"num_steps": 3})])
 def test_step_equals_diffusers(config):
     """Our step with injected noise is diffusers' `DDPMScheduler.step` with a generator, bit for bit."""
     ours = DDPMStepper(config)
@@ -187,7 +188,9 @@ def e2e(golden_e2e_dir):
         spec = json.loads((golden_e2e_dir / f"{name}.config.json").read_text())
         return build_golden_network(kind, spec["constructor_kwargs"], golden_e2e_dir / f"{name}.weights.safetensors").eval()
 
-    return config, io, {"keyframe": network("keyframe_unet", "keyframe_unet"), "interpolation": network("interp_unet", "interpolation_unet")}
+    networks = {"keyframe": network("keyframe_unet", "keyframe_unet"),
+                "interpolation": network("interp_unet", "interpolation_unet")}
+    return config, io, networks
 
 
 def _recorded_noise(config, io, run):
@@ -206,7 +209,8 @@ def _check_steps(recorder, io, run, constants):
         assert torch.equal(time, io[f"{run}.step{step}.model_time"]) and time.dtype == io[f"{run}.step{step}.model_time"].dtype
         assert torch.equal(context, io[f"{run}.large_context"]) and torch.equal(mask, io[f"{run}.large_context_mask"])
         for ours, recorded in constants.items():
-            assert torch.equal(kwargs[ours], io[f"{run}.{recorded}"]) and kwargs[ours].dtype == io[f"{run}.{recorded}"].dtype, ours
+            recorded_tensor = io[f"{run}.{recorded}"]
+            assert torch.equal(kwargs[ours], recorded_tensor) and kwargs[ours].dtype == recorded_tensor.dtype, ours
         with torch.no_grad():
             out = recorder.module(io[f"{run}.step{step}.model_x"], time, context, mask, **kwargs)
         assert max_diff(out, io[f"{run}.step{step}.model_out"]) <= MODEL_ATOL, step
@@ -286,7 +290,8 @@ def tiny():
 
 
 SEEDS = [11, 22, 33]
-GUIDANCE = [GuidanceConfig(), GuidanceConfig(guidance_weight_image=3.0, key_frame_guidance_scale=3.0), GuidanceConfig(interpolation_guidance_scale=1.0)]
+GUIDANCE = [GuidanceConfig(), GuidanceConfig(guidance_weight_image=3.0, key_frame_guidance_scale=3.0),
+            GuidanceConfig(interpolation_guidance_scale=1.0)]
 FAST = {"num_steps": 2}
 
 
@@ -374,7 +379,8 @@ PIPELINE_STAGES = [
 
 @pytest.fixture(scope="module")
 def pipeline_golden(golden_e2e_dir):
-    return json.loads((golden_e2e_dir / "pipeline.config.json").read_text()), load_file(golden_e2e_dir / "pipeline.io.safetensors")
+    config = json.loads((golden_e2e_dir / "pipeline.config.json").read_text())
+    return config, load_file(golden_e2e_dir / "pipeline.io.safetensors")
 
 
 @pytest.mark.parametrize("run, stage, rngs, call, source, expected, options", PIPELINE_STAGES)

@@ -84,7 +84,8 @@ def test_loaded_text_encoder_encodes_like_the_original(official_dir, originals):
                           t5_source=WeightsSource(official_dir / "t5"))
     tokens = tokenize(build_tokenizer(TINY.tokenizer), ["a red car", "snow"], TINY.text_encoder.tokens_length)
     with torch.inference_mode():
-        got, want = loaded(tokens.input_ids, tokens.attention_mask), originals["text_encoder"](tokens.input_ids, tokens.attention_mask)
+        got = loaded(tokens.input_ids, tokens.attention_mask)
+        want = originals["text_encoder"](tokens.input_ids, tokens.attention_mask)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 

@@ -104,7 +104,8 @@ def run_estimate_command(args) -> int:
     dtypes = resolved_dtypes(_dtypes_of(args))
     start = time.perf_counter()
     estimates = estimate_stages(args.preset, request_batch(request, args.batch, args.prompt_tokens), dtypes)
-    print(f"estimate (dry run, fake tensors) for {args.preset} {Case(args.mode, request.width, request.height, request.fps, args.batch).label}, "
+    label = Case(args.mode, request.width, request.height, request.fps, args.batch).label
+    print(f"estimate (dry run, fake tensors) for {args.preset} {label}, "
           f"{request.steps or 50}/{request.interpolation_steps or 10} steps, prompts of {args.prompt_tokens} tokens; "
           f"dtypes {dtype_setting(dtypes)}; seconds on {spec.name} at {args.utilisation:g} of its peak")
     print(f"  {'stage':<12}{'TFLOP/video':>12}{'weights GiB':>13}{'peak GiB':>10}{'out bytes':>12}{'s/video':>9}")
@@ -115,7 +116,8 @@ def run_estimate_command(args) -> int:
         print(f"  {stage:<12}{e.flops_per_video / 1e12:>12.1f}{e.weights_bytes / GIB:>13.2f}{e.peak_gib:>10.2f}"
               f"{e.output_bytes:>12}{seconds:>9.3g}")
         for (network, entry, shape), calls in e.calls.items():
-            print(f"      {network}.{entry} {tuple(shape)}: {calls.count} call(s), {calls.flops / e.videos / 1e12:.1f} TFLOP/video")
+            print(f"      {network}.{entry} {tuple(shape)}: {calls.count} call(s), "
+                  f"{calls.flops / e.videos / 1e12:.1f} TFLOP/video")
     print(f"  {'total':<12}{total_flops / 1e12:>12.1f}{'':>35}{total_seconds:>9.3g}")
     print(f"dry run: {time.perf_counter() - start:.1f} s")
     if args.out:

@@ -57,7 +57,7 @@ def bench_mixing(models: ModelSource, runtime: RuntimeConfig, request: VideoRequ
     each; the fastest round of each counts. Two pipelines are loaded (twice the weights' memory)."""
     pipelines = {mode: VideoPipeline(models, runtime.model_copy(update={"batch_invariant": mode}))
                  for mode in (True, False)}
-    for mode, pipeline in pipelines.items():
+    for pipeline in pipelines.values():
         pipeline.generate(_requests(request, batch, 10_000))
     walls: dict[bool, list[float]] = {True: [], False: []}
     stages: dict[bool, dict[str, float]] = {True: {}, False: {}}

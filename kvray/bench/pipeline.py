@@ -16,9 +16,9 @@ import logging
 import sys
 from dataclasses import asdict, dataclass, replace
 
-log = logging.getLogger(__name__)
-
 from ..config.stages import STAGES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

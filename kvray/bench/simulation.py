@@ -98,7 +98,8 @@ class SimulationResult:
                f"{self.window[0]:.1f} s to {self.window[1]:.1f} s wall; "
                "pools busy: " + ", ".join(f"{s} {b:.3f}" for s, b in self.busy.items()) + cpu,
                f"at the output, from 10% to 90% of the videos: {self.output_videos_per_second:.4g} videos/s, efficiency "
-               f"{self.output_videos_per_second / self.bound if self.bound else 0.0:.3f} (a short run's fill and drain weigh on it)",
+               f"{self.output_videos_per_second / self.bound if self.bound else 0.0:.3f} "
+               "(a short run's fill and drain weigh on it)",
                f"after the pools are up, fill and drain included: {self.after_pools_videos_per_second:.4g} videos/s, "
                f"efficiency {self.after_pools_efficiency:.3f}",
                f"whole run, start-up included: {self.total_seconds:.1f} s, {self.whole_run_videos_per_second:.4g} videos/s, "

@@ -147,7 +147,8 @@ class DoesNotFit(ValueError):
 
     def __init__(self, stage: str, cost: StageCost, gpu_memory_gib: float, context_gib: float):
         self.stage, self.need_gib, self.gpu_memory_gib = stage, cost.peak_memory_gib + context_gib, gpu_memory_gib
-        options = [f"--dtype {setting} ({gib + context_gib:.1f} GiB{'' if gib + context_gib <= gpu_memory_gib else ', still too much'})"
+        options = [f"--dtype {setting} ({gib + context_gib:.1f} GiB"
+                   f"{'' if gib + context_gib <= gpu_memory_gib else ', still too much'})"
                    for setting, gib in sorted(cost.alternatives.items(), key=lambda item: -item[1])]
         super().__init__(
             f"plan: one {stage} actor needs {self.need_gib:.1f} GiB ({cost.peak_memory_gib:.1f} GiB peak + "
@@ -435,7 +436,8 @@ def add_plan_parser(subparsers):
                                    "stage=seconds[@GiB],...; default: estimated for --preset")
     p.add_argument("--gpu-memory", type=float, help="GiB of one GPU (default: the profile's device)")
     add_profile_options(p.add_argument_group("estimated profile (without --costs)"))
-    p.add_argument("--max-share", type=int, default=DEFAULT_MAX_SHARE, help=f"most actors on one GPU (default {DEFAULT_MAX_SHARE})")
+    p.add_argument("--max-share", type=int, default=DEFAULT_MAX_SHARE,
+                   help=f"most actors on one GPU (default {DEFAULT_MAX_SHARE})")
     p.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                    help=f"throughput given up for fewer actors (default {DEFAULT_TOLERANCE}; 0: throughput alone)")
     p.add_argument("--slack", type=float, default=DEFAULT_SLACK,

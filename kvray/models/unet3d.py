@@ -71,7 +71,8 @@ class TemporalAttentionBlock(nn.Module):
 
 
 class DownSampleBlock(nn.Module):
-    def __init__(self, in_channels, out_channels, context_dim, num_blocks, down_sample, self_attention, *, cfg: KeyframeUNetConfig):
+    def __init__(self, in_channels, out_channels, context_dim, num_blocks, down_sample, self_attention, *,
+                 cfg: KeyframeUNetConfig):
         super().__init__()
         e, g = cfg.time_embed_dim, cfg.groups
         self.self_attention_block = (
@@ -108,7 +109,8 @@ class DownSampleBlock(nn.Module):
 
 
 class UpSampleBlock(nn.Module):
-    def __init__(self, in_channels, cat_dim, out_channels, context_dim, num_blocks, up_sample, self_attention, *, cfg: KeyframeUNetConfig):
+    def __init__(self, in_channels, cat_dim, out_channels, context_dim, num_blocks, up_sample, self_attention, *,
+                 cfg: KeyframeUNetConfig):
         super().__init__()
         e, g = cfg.time_embed_dim, cfg.groups
         units = []

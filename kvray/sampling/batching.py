@@ -135,7 +135,8 @@ def branch_inputs(texts: Sequence[TextCondition], null: torch.Tensor, branches: 
         }
         if mixed:
             # The unconditional context has the request's length too (official: zeros_like(context)).
-            block["context_lengths"] = torch.full((len(branches) * k,), text.length, dtype=torch.int64, device=text.context.device)
+            block["context_lengths"] = torch.full((len(branches) * k,), text.length, dtype=torch.int64,
+                                                  device=text.context.device)
         out.append(block)
     return out
 

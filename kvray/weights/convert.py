@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import tempfile
@@ -34,7 +35,7 @@ def convert(source: WeightsSource, dst: str, preset: ModelPreset, *, t5_source: 
         network = get_network(name)
         config = getattr(preset, name)
         state, extras = read_official(source, name, t5_source)
-        problem = describe_mismatch(shapes(build_on_meta(lambda: network.build(config)).state_dict()), shapes(state))
+        problem = describe_mismatch(shapes(build_on_meta(functools.partial(network.build, config)).state_dict()), shapes(state))
         if problem:
             raise CheckpointError(f"{name} from {source.uri} does not fit preset {preset.name}:\n  {problem}")
         tensors = {k: v.contiguous() for k, v in state.items()}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -39,7 +40,7 @@ def check_layouts(preset: ModelPreset, manifest_dir: str | Path) -> list[LayoutR
     results = []
     for name, parts in MANIFESTS.items():
         network = get_network(name)
-        ours = shapes(build_on_meta(lambda: network.build(getattr(preset, name))).state_dict())
+        ours = shapes(build_on_meta(functools.partial(network.build, getattr(preset, name))).state_dict())
         claimed = set()
         for manifest_name, prefix in parts:
             manifest = json.loads((manifest_dir / manifest_name).read_text())["state_dict"]
