@@ -29,3 +29,17 @@ def test_the_check_sees_a_private_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("from kvray.sampling.loops import _guided\nfrom .stages import _groups\nfrom os import __all__\n")
     assert len(_private_imports(bad, tmp_path)) == 2
+
+
+def test_the_public_api_resolves_without_loading_torch_or_ray_until_used():
+    import subprocess
+    import sys
+
+    import kvray
+
+    for name in kvray.__all__:
+        assert getattr(kvray, name).__name__ == name
+    probe = ("import sys, kvray; job = kvray.RenderJob(manifest='m.parquet', out='o'); "
+             "print('torch' in sys.modules, 'ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
