@@ -255,6 +255,31 @@ def test_losing_the_ledger_costs_only_the_report(ray_cluster, tmp_path):
     assert len(_results(out)) == 5
 
 
+def test_a_pool_that_cannot_start_stops_the_run_with_the_reason(ray_cluster, tmp_path):
+    """The cluster has the GPUs on paper, but another job holds them: the decode pool never comes up, and
+    after `stall_timeout_s` without progress the run stops, naming the pool and the free resources."""
+    from kvray.distributed.render import StallError, render
+
+    @ray_cluster.remote(num_gpus=7, num_cpus=0)
+    class Holder:
+        def ready(self) -> bool:
+            return True
+
+    holder = Holder.remote()
+    ray_cluster.get(holder.ready.remote())
+    try:
+        job = RenderJob(manifest=_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a fox", **FAST}]),
+                        out=str(tmp_path / "out"), stall_timeout_s=8,
+                        deployment={s: {"actors": 1, "gpus": 2 if s == "decode" else 0} for s in
+                                    ("text", "keyframes", "interpolate", "decode")})
+        with pytest.raises(StallError, match=r"no progress for 8 s: .*decode 0 of 1 actors up \(each needs 2 GPU.*free in the cluster: .*, 1 GPU"):
+            render(job)
+    finally:
+        ray_cluster.kill(holder)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["status"] == "failed" and "decode 0 of 1 actors up" in run["reason"]
+
+
 def test_sigint_stops_cleanly_and_records_an_interrupted_run(ray_cluster, tmp_path):
     """Ctrl-C: one line, no traceback, exit 130, the results so far flushed, the run recorded as
     interrupted; the next run renders the rest."""
