@@ -272,7 +272,8 @@ def test_a_pool_that_cannot_start_stops_the_run_with_the_reason(ray_cluster, tmp
                         out=str(tmp_path / "out"), stall_timeout_s=8,
                         deployment={s: {"actors": 1, "gpus": 2 if s == "decode" else 0} for s in
                                     ("text", "keyframes", "interpolate", "decode")})
-        with pytest.raises(StallError, match=r"no progress for 8 s: .*decode 0 of 1 actors up \(each needs 2 GPU.*free in the cluster: .*, 1 GPU"):
+        reason = r"no progress for 8 s: .*decode 0 of 1 actors up \(each needs 2 GPU.*free in the cluster: .*, 1 GPU"
+        with pytest.raises(StallError, match=reason):
             render(job)
     finally:
         ray_cluster.kill(holder)

@@ -58,6 +58,7 @@ class SimulationResult:
     run_cpu: float | None = None  # cores used by this run (driver and Ray) during the window
     ok: int = 0
     notes: list[str] = field(default_factory=list)
+    unmeasured: str = ""  # why the run could not be measured (then no efficiency is reported)
     label: str = ""
     timeline: dict | None = field(default=None, repr=False)  # raw: arrivals, actor starts, calls (wall, from 0)
 
@@ -107,7 +108,10 @@ class SimulationResult:
                "object store spilled: " + ("unknown" if self.spilled_bytes is None else f"{self.spilled_bytes} bytes"),
                f"measured {self.steady_videos_per_second:.4g} videos/s once the pools are up; bound {self.bound:.4g} videos/s"]
         out.extend(f"note: {n}" for n in self.notes)
-        out.append(f"efficiency={self.efficiency:.3f} throughput={self.steady_videos_per_second:.4g} bound={self.bound:.4g}")
+        if self.unmeasured:
+            out.append(f"could not measure: {self.unmeasured}")
+        else:
+            out.append(f"efficiency={self.efficiency:.3f} throughput={self.steady_videos_per_second:.4g} bound={self.bound:.4g}")
         return out
 
 
@@ -226,9 +230,9 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
     total = time.perf_counter() - start
     expected = {s: deployment.stage(s).actors for s in STAGES}
     registered = {s: summary.stages.get("actors", {}).get(s, []) for s in STAGES}
-    notes = []
+    notes, unmeasured = [], []
     if any(len(registered[s]) < n for s, n in expected.items()):
-        notes.append("not every actor started: the pools were never all up")
+        unmeasured.append("not every actor started: the pools were never all up")
     up_times = [a["at"] - start_wall for s in STAGES for a in registered[s]]
     pools_up = max(up_times) if up_times else total
     output = measure(arrivals, pools_up)
@@ -247,9 +251,10 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
     after = [t for t in arrivals if t > pools_up]
     after_rate = len(after) / (after[-1] - pools_up) if after and after[-1] > pools_up else 0.0
     if len(after) < videos / 2:
-        notes.append(f"only {len(after)} of {videos} videos finished after the pools were up: too few to measure")
+        unmeasured.append(f"only {len(after)} of {videos} videos finished after the pools were up: too few to measure "
+                          "(more --videos, or a larger --time-scale)")
     if summary.ok < videos:
-        notes.append(f"{videos - summary.ok} video(s) did not finish ok")
+        unmeasured.append(f"{videos - summary.ok} video(s) did not finish ok")
     window = max(window_end - window_start, 1e-9)
     busy = {}  # the share of the window its actors spent in calls
     for s in STAGES:
@@ -270,7 +275,7 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
         deployment={s: deployment.stage(s).model_dump() for s in STAGES},
         window=(window_start, window_end), bottleneck=bottleneck, output_videos_per_second=output[0] * time_scale,
         actors=expected, actors_started={s: len(registered[s]) for s in STAGES}, busy=busy, other_cpu=other_cpu,
-        run_cpu=run_cpu, ok=summary.ok, notes=notes, label=label,
+        run_cpu=run_cpu, ok=summary.ok, notes=notes, unmeasured="; ".join(unmeasured), label=label,
         timeline={"arrivals": arrivals, "actors": {s: [a["at"] - start_wall for a in registered[s]] for s in STAGES},
                   "calls": timeline},
     )
