@@ -18,6 +18,7 @@ and from :func:`storage_errors`: one line naming the URI, the endpoint and what 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import json
 import logging
@@ -135,12 +136,12 @@ def _aws_settings() -> set[str]:
 
 def _merged_under(defaults: Mapping[str, Any], options: Mapping[str, Any]) -> dict[str, Any]:
     """``options`` over ``defaults``, dictionaries merged key by key at every depth."""
-    merged = _deep_copy(defaults)
+    merged = copy.deepcopy(defaults)
     for key, value in options.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
             merged[key] = _merged_under(merged[key], value)
         else:
-            merged[key] = _deep_copy(value)
+            merged[key] = copy.deepcopy(value)
     return merged
 
 
@@ -542,7 +543,7 @@ def parse_storage_options(items: Iterable[str], base: Mapping[str, Any] | None =
     """
     if isinstance(items, str):
         raise ValueError("parse_storage_options takes a list of 'key=value' strings, not one string")
-    options = _deep_copy(base or {})
+    options = copy.deepcopy(base or {})
     for item in items:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -560,14 +561,6 @@ def parse_storage_options(items: Iterable[str], base: Mapping[str, Any] | None =
             node = child
         node[parts[-1]] = _parse_value(key, raw)
     return options
-
-
-def _deep_copy(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {k: _deep_copy(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_deep_copy(v) for v in value]
-    return value
 
 
 def is_sensitive_key(key: Any) -> bool:
