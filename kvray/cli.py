@@ -8,6 +8,18 @@ import resource
 import sys
 import time
 
+from .options import (
+    add_device_option,
+    add_model_options,
+    add_preset_option,
+    add_request_options,
+    add_storage_options,
+    add_weights_options,
+    model_source,
+    runtime_config,
+    video_request,
+)
+
 log = logging.getLogger("kvray")
 
 
@@ -79,35 +91,10 @@ class ProgressBars:
             self.bar = None
 
 
-def _model_source(args):
-    from .config.models import ModelSource
-
-    return ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir)
 
 
-def _camera(value: str | None) -> str | None:
-    """--camera: an effect name, a JSON camera path, or @FILE holding the JSON."""
-    if value is None or not value.startswith("@"):
-        return value
-    try:
-        with open(value[1:]) as f:
-            return f.read()
-    except OSError as err:
-        raise ValueError(f"cannot read the camera path {value[1:]!r}: {err}") from err
 
 
-def _request(args):
-    from .config import get_preset
-    from .requests.request import VideoRequest, default_size
-
-    preset = get_preset(args.preset)
-    width, height = default_size(args.mode, (preset.default_width, preset.default_height))
-    fields = dict(prompt=args.prompt, image=args.image, width=args.width or width, height=args.height or height,
-                  fps=args.fps, motion=args.motion, seed=args.seed, steps=args.steps,
-                  interpolation_steps=args.interpolation_steps, noise_augmentation=args.noise_augmentation,
-                  mode=args.mode, camera=_camera(args.camera),
-                  strength=args.strength, scenes=[args.prompt, *args.scene] if args.scene else None)
-    return VideoRequest(**{k: v for k, v in fields.items() if v is not None})
 
 
 def _cmd_generate(args) -> int:
@@ -115,25 +102,26 @@ def _cmd_generate(args) -> int:
 
     from .config.validation import validation_message
     from .io.images import ImageError
-    from .io.storage import open_fs, write_atomic
+    from .io.storage import open_fs, parse_storage_options, write_atomic
     from .io.video import video_format
     from .pipeline import VideoPipeline, load_first_frames, with_seed
     from .pipeline.device import torch_device
 
     # Everything a user can get wrong is checked before any model loads, and nothing is written on error.
     try:
-        request = with_seed(_request(args))
+        request = with_seed(video_request(args, args.prompt))
         format = args.format or video_format(args.out)
-        runtime = _runtime(args)
+        runtime = runtime_config(args)
         torch_device(runtime)
-        images = load_first_frames([request])
+        storage_options = parse_storage_options(args.storage_option)
+        images = load_first_frames([request], storage_options)
     except ValidationError as err:
         print(f"error: {validation_message(err, 'request')}", file=sys.stderr)
         return 2
     except (ImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    models = _model_source(args)
+    models = model_source(args)
     try:
         _check_weights(models)
     except FileNotFoundError as err:
@@ -148,7 +136,7 @@ def _cmd_generate(args) -> int:
         video = pipeline.generate([request], images=images, progress=bars)[0]
     finally:
         bars.close()
-    fs, path = open_fs(args.out)
+    fs, path = open_fs(args.out, storage_options)
     write_atomic(fs, path, video.encode(format, fps=args.video_fps))
     print(f"wrote {args.out}: {len(video.frames)} frames {request.width}x{request.height}, seed {request.seed}")
     return 0
@@ -157,9 +145,9 @@ def _cmd_generate(args) -> int:
 def _cmd_bench_generate(args) -> int:
     from .bench.generate import bench_generate, bench_mixing
 
-    request = _request(args)
+    request = video_request(args, args.prompt)
     if args.mixing:
-        result = bench_mixing(_model_source(args), _runtime(args), request, videos=args.videos, batch=args.batch,
+        result = bench_mixing(model_source(args), runtime_config(args), request, videos=args.videos, batch=args.batch,
                               rounds=args.rounds)
         print(f"preset {args.preset}, {request.width}x{request.height}, fps {request.fps} ({request.num_frames} frames), "
               f"device {result['device']}, {args.videos} videos in batches of {args.batch}, fastest of {args.rounds} "
@@ -170,7 +158,7 @@ def _cmd_bench_generate(args) -> int:
             print(f"  {label}: {result['seconds_per_video'][mode]:.3f} s/video ({stages})")
         print(f"cost of batch invariance: {result['ratio']:.3f}x the time of mixing batches")
         return 0
-    result = bench_generate(_model_source(args), _runtime(args), request, videos=args.videos, batch=args.batch,
+    result = bench_generate(model_source(args), runtime_config(args), request, videos=args.videos, batch=args.batch,
                             warmup=args.warmup)
     print(f"preset {args.preset}, {request.width}x{request.height}, fps {request.fps} ({request.num_frames} frames), "
           f"device {result['device']}, batch {args.batch}, {args.videos} videos after {args.warmup} warm-up batch(es)")
@@ -390,47 +378,10 @@ def pa_strings(values):
     return pa.array(values, pa.string())
 
 
-def _runtime(args):
-    from .config import RuntimeConfig
-
-    return RuntimeConfig(device=args.device, precision=args.precision, threads=args.threads)
 
 
-def _add_model_options(p) -> None:
-    p.add_argument("--preset", default="tiny", choices=["tiny", "kv11"], help="network sizes (default tiny)")
-    p.add_argument("--weights", help="weights: local dir, hub repo id, fsspec URL, or 'random' "
-                   "(default: random for tiny, ai-forever/KandinskyVideo_1_1 for kv11)")
-    p.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
-    p.add_argument("--cache-dir", help="where remote weights are cached")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", default="official", choices=["official", "fast"],
-                   help="official: the official dtypes with autocast on a GPU; fast: bfloat16 end to end on a GPU "
-                        "(default official; float32 on the CPU either way)")
-    p.add_argument("--threads", type=int, help="CPU threads of the network calls (default: all cores); "
-                   "on the CPU the frames depend on it")
 
 
-def _add_request_options(p) -> None:
-    p.add_argument("--image", help="image2video: the first frame (path, URL or fsspec URI)")
-    p.add_argument("--width", type=int, help="multiple of 64 (default: the preset's, 512 for kv11, 128 for tiny)")
-    p.add_argument("--height", type=int, help="multiple of 64 (default: the preset's, 512 for kv11, 128 for tiny)")
-    p.add_argument("--fps", help="low (12 frames), medium (45) or high (177); default low")
-    p.add_argument("--motion", help="low, medium, high or extreme: motion score 1, 10, 50 or 100 (default medium)")
-    p.add_argument("--noise-augmentation", type=int,
-                   help="diffusion time the first frame is noised to before it conditions the keyframes "
-                        "(0-999, official 20)")
-    p.add_argument("--seed", type=int, help="default: random, printed")
-    p.add_argument("--steps", type=int, help="first-frame and keyframe denoising steps (default 50)")
-    p.add_argument("--interpolation-steps", type=int, help="interpolation denoising steps (default 10)")
-    p.add_argument("--mode", choices=["text2video", "image2video", "animation"],
-                   help="default: image2video with --image, else text2video")
-    p.add_argument("--camera", help="animation: zoom-in, zoom-out, pan-left, pan-right, pan-up, pan-down, "
-                   "rotate-clockwise, rotate-anticlockwise; or a camera path as JSON, e.g. "
-                   "'[{\"frame\": 0}, {\"frame\": 95, \"zoom\": 1.5, \"x\": 0.2, \"angle\": 10}]', or @FILE with it")
-    p.add_argument("--strength", type=float,
-                   help="animation: re-noising of each redrawn frame, 0 (the camera move alone) to 1 (default 0.4)")
-    p.add_argument("--scene", action="append", metavar="PROMPT",
-                   help="mini-movie: the prompt of the next scene (repeatable; up to 3 scenes with the first prompt)")
 
 
 def _version() -> str:
@@ -450,29 +401,29 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     p = commands.add_parser("generate", help="one video from a prompt (text2video) or an image (image2video)")
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="the text (or --scene for each scene of a mini-movie)")
     p.add_argument("--out", required=True, help="output file (.mp4, .gif, .webp; local path or fsspec URL)")
     p.add_argument("--format", choices=["mp4", "gif", "webp"], help="default: from the --out extension")
     p.add_argument("--video-fps", type=float,
                    help="frame rate of the file (default: 24 for an animation, else each scene lasts about 5.5 s)")
-    _add_request_options(p)
-    _add_model_options(p)
+    add_request_options(p)
+    add_model_options(p)
+    add_storage_options(p)
     p.set_defaults(run=_cmd_generate)
 
-    p = commands.add_parser("render", help="render a Parquet manifest of prompts on Ray (local or a cluster)")
-    p.add_argument("manifest", help="Parquet file, directory or glob (local path or fsspec URI)")
+    p = commands.add_parser("render", help="render a manifest of prompts on Ray (local or a cluster)")
+    p.add_argument("manifest", help="Parquet, CSV, JSON Lines or .txt file, a directory or a glob (local path or "
+                   "fsspec URI)")
     p.add_argument("--out", required=True, help="output prefix (local path, s3://bucket/prefix, ...)")
     p.add_argument("--job", help="job YAML (deployment per stage, defaults, ...); flags override it")
-    p.add_argument("--address", help="join a Ray cluster: 'auto' or HOST:PORT (default: start a local Ray)")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE",
-                   help="fsspec option for the manifest and outputs, e.g. endpoint_url=http://... (repeatable)")
+    p.add_argument("--address", help="join a running Ray: 'auto' or the head's HOST:PORT (6379; default: start a "
+                   "local Ray). To send a render to a cluster's dashboard (http://HEAD:8265), use `kvray submit`")
+    add_storage_options(p)
     p.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: detected)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray (default: max(8, cores))")
-    p.add_argument("--preset", choices=["tiny", "kv11"], help="network sizes (default tiny)")
-    p.add_argument("--weights", help="weights source (default: random for tiny, the official hub repo for kv11)")
-    p.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
-    p.add_argument("--cache-dir", help="where remote weights are cached")
-    p.add_argument("--device", help="auto (CUDA when present), cpu, cuda, ...")
+    add_preset_option(p, default=None, help_default="tiny, or the job file's")
+    add_weights_options(p)
+    add_device_option(p, default=None)
     p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages` or `kvray bench estimate`, "
                    "or stage=seconds,...): sizes the pools when the job fixes none (default for kv11: estimated for "
                    "the job's default request on --gpu)")
@@ -507,12 +458,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="append", help="only rows with this status (repeatable): ok, error, skipped, ...")
     p.add_argument("--save", metavar="URI", help="write the rows as Parquet here instead of printing them")
     p.add_argument("--show", type=int, default=20, help="rows to print (default 20)")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)")
+    add_storage_options(p)
     p.set_defaults(run=_cmd_results)
 
     p = commands.add_parser("migrate", help="move the outputs of kvray 0.1 (flat keys) into the current layout")
     p.add_argument("out", help="the output prefix")
-    p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)")
+    add_storage_options(p)
     p.set_defaults(run=_cmd_migrate)
 
     from .distributed.submit import add_submit_parser
@@ -528,8 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mixing", action="store_true",
                    help="compare one request per network call with request-mixing batches of --batch, in one process")
     p.add_argument("--rounds", type=int, default=3, help="--mixing: alternating rounds; the fastest counts (default 3)")
-    _add_request_options(p)
-    _add_model_options(p)
+    add_request_options(p)
+    add_model_options(p, weights="random")
     p.set_defaults(run=_cmd_bench_generate)
 
     from .bench.dataset import add_dataset_parser

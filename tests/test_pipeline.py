@@ -190,6 +190,15 @@ def test_bad_requests_give_one_clear_error_and_no_file(tmp_path, capsys, args, m
     assert not out.exists()
 
 
+def test_a_movie_from_scenes_alone_and_no_prompt_at_all(tmp_path, capsys):
+    out = tmp_path / "movie.mp4"
+    assert main(["generate", "--out", str(out)]) == 2
+    assert capsys.readouterr().err == "error: a prompt is needed (or --scene for each scene of a mini-movie)\n"
+    args = ["--out", str(out), "--width", "64", "--height", "64", "--steps", "1", "--seed", "3"]
+    assert main(["generate", "--scene", "a seed", "--scene", "a tree", *args]) == 0
+    assert read_video(out.read_bytes())[0].shape == (24, 64, 64, 3)  # two scenes of 12 frames
+
+
 def test_unreadable_image_is_an_error(tmp_path, capsys):
     (tmp_path / "broken.png").write_bytes(b"not a png")
     assert main(["generate", "a car", "--out", str(tmp_path / "o.mp4"), "--image", str(tmp_path / "broken.png")]) == 2

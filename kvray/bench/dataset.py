@@ -15,6 +15,9 @@ import sys
 import tempfile
 import time
 
+from ..config.sampling import FPS_PASSES
+from ..options import add_device_option, add_preset_option, add_weights_options
+
 GOAL_SHARE = 0.05  # the layout may add at most 5% to the decode stage at 512x512
 
 
@@ -115,13 +118,13 @@ def add_dataset_parser(bench_subparsers) -> argparse.ArgumentParser:
                     "what they add as a share of the stage's own time.")
     p.add_argument("--sizes", type=_sizes, default=[(128, 128), (512, 512)], metavar="SIZE,...",
                    help="frame sizes, SIZE or WIDTHxHEIGHT, multiples of 64 (default 128,512)")
-    p.add_argument("--fps", default="medium", choices=["low", "medium", "high"], help="default medium (45 frames)")
+    p.add_argument("--fps", default="medium", choices=list(FPS_PASSES), help="default medium (45 frames)")
     p.add_argument("--samples", type=int, default=16, help="samples in the timed shard (default 16)")
     p.add_argument("--repeats", type=int, default=1, help="timed decodes per size; the fastest counts (default 1)")
     p.add_argument("--out", help="where the shards go (local path or fsspec URI; default a temporary directory)")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "kv11"], help="network sizes (default tiny)")
-    p.add_argument("--weights", default="random", help="weights source (default random)")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, ...")
+    add_preset_option(p)
+    add_weights_options(p, default="random")
+    add_device_option(p)
     p.set_defaults(run=run_dataset_command)
     return p
 

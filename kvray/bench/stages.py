@@ -23,6 +23,7 @@ import sys
 import time
 
 from ..config.runtime import NETWORKS
+from ..options import add_model_options, add_request_options, model_source, runtime_config, video_request
 from ..sizing.estimate import dtype_argument
 
 log = logging.getLogger(__name__)
@@ -169,24 +170,14 @@ def add_stages_parser(bench_subparsers) -> argparse.ArgumentParser:
                     "renderer's stage actors run them, and writes the cost profile (JSON) that `kvray plan`, "
                     "`kvray render --costs` and `kvray bench pipeline --simulate --costs` read.")
     p.add_argument("--out", help="write the profile here (JSON); default: print it only")
-    p.add_argument("--preset", default="tiny", choices=["tiny", "kv11"], help="network sizes (default tiny)")
-    p.add_argument("--weights", default="random",
-                   help="weights source (default random: the compute is the same as with real weights)")
-    p.add_argument("--t5", help="T5 encoder checkpoint for official weights")
-    p.add_argument("--cache-dir", help="where remote weights are cached")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu, cuda, cuda:1, ...")
+    add_model_options(p, weights="random")  # random weights: the compute is the same as with real ones
     p.add_argument("--dtype", type=dtype_argument, default={}, metavar="NETWORK=DTYPE,...",
                    help=f"per-network dtype ({', '.join(NETWORKS)}): float32, float16, bfloat16, or int8 for the text "
                         "encoder (weight-only, torchao); default auto: the official dtypes on a GPU (U-Nets fp16, "
                         "text encoder and MoVQs fp32), fp32 on the CPU")
     p.add_argument("--compile", action="store_true", help="torch.compile each stage's networks (warm-up compiles)")
     p.add_argument("--prompt", default="a red car drifting on a mountain road")
-    p.add_argument("--width", type=int, help="multiple of 64 (default: the preset's)")
-    p.add_argument("--height", type=int, help="multiple of 64 (default: the preset's)")
-    p.add_argument("--fps", default="low", choices=["low", "medium", "high"])
-    p.add_argument("--motion", default="medium", choices=["low", "medium", "high"])
-    p.add_argument("--steps", type=int, help="first-frame and keyframe steps (default: the official 50)")
-    p.add_argument("--interpolation-steps", type=int, help="interpolation steps (default: the official 10)")
+    add_request_options(p)
     p.add_argument("--batch", type=int, default=1, help="videos per call (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls first (default 1)")
     p.add_argument("--repeats", type=int, default=2, help="timed calls; the fastest counts (default 2)")
@@ -199,20 +190,17 @@ def run_stages_command(args) -> int:
 
     from ..config.validation import validation_message
 
-    from ..config import RuntimeConfig, get_preset
-    from ..config.models import ModelSource
-    from ..pipeline import VideoRequest
-
     try:
-        preset = get_preset(args.preset)
-        request = VideoRequest(prompt=args.prompt, width=args.width or preset.default_width,
-                               height=args.height or preset.default_height, fps=args.fps, motion=args.motion, seed=0,
-                               **{k: v for k, v in (("steps", args.steps),
-                                                    ("interpolation_steps", args.interpolation_steps)) if v is not None})
-        models = ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir)
-        runtime = RuntimeConfig(device=args.device, **{f"{n}_dtype": d for n, d in args.dtype.items()})
+        request = video_request(args, args.prompt)
+        if request.seed is None:  # timings of one fixed draw
+            request = request.model_copy(update={"seed": 0})
+        models = model_source(args)
+        runtime = runtime_config(args, **{f"{n}_dtype": d for n, d in args.dtype.items()})
     except ValidationError as err:
         print(f"error: {validation_message(err, 'request')}", file=sys.stderr)
+        return 2
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     result = bench_stages(models, runtime, request, batch=args.batch, warmup=args.warmup, repeats=args.repeats,
                           compile=args.compile, progress=lambda m: print(m, file=sys.stderr, flush=True))

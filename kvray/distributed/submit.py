@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Callable, TextIO
 
 from ..io.storage import redacted_argv
+from ..options import add_preset_option, key_value
 from .secrets import JobSecrets, remove_bundle_dir, split_storage_options, write_bundle
 
 # The repository holding this package: kvray/distributed/submit.py -> kvray/ -> root.
@@ -366,12 +367,6 @@ def submit(manifest: str, out: str, *, address: str | None, render_args: list[st
 # CLI: `kvray submit`, registered by kvray/cli.py through add_submit_parser.
 
 
-def _key_value(text: str) -> str:
-    if "=" not in text or text.startswith("="):
-        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
-    return text
-
-
 def _runtime_env_json(text: str) -> dict:
     try:
         value = json.loads(text)
@@ -418,7 +413,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
                    help="runtime_env as a JSON object, applied over the defaults (pip, env_vars, excludes, ...)")
     p.add_argument("--pip", action="append", help="pip requirement installed for the job (repeatable; "
                    "slow: prefer an image with the dependencies)")
-    p.add_argument("--env", action="append", type=_key_value, metavar="KEY=VALUE",
+    p.add_argument("--env", action="append", type=key_value, metavar="KEY=VALUE",
                    help="environment variable for the job's driver and workers (repeatable); values travel in a "
                    "bundle Ray does not show, never in the job record")
     p.add_argument("--auth-token", help="the head's token when it uses token authentication "
@@ -427,10 +422,10 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-follow", dest="follow", action="store_false",
                    help="print the job id and return once the job is accepted")
     render = p.add_argument_group("render options, passed to `kvray render` on the cluster")
-    render.add_argument("--preset", choices=["tiny", "kv11"], help="network sizes (default: the job file's, else tiny)")
+    add_preset_option(render, default=None, help_default="the job file's, else tiny")
     render.add_argument("--weights", help="weights: hub repo id, fsspec URL, path on the cluster, or 'random'")
     render.add_argument("--job", help="RenderJob YAML, as the cluster sees it (e.g. cluster/job-kv11.yaml)")
-    render.add_argument("--storage-option", action="append", type=_key_value, metavar="KEY=VALUE",
+    render.add_argument("--storage-option", action="append", type=key_value, metavar="KEY=VALUE",
                         help="fsspec option for the manifest and outputs (repeatable); secret ones (key, secret, "
                         "token, password..., KEY=@env:NAME, KEY=@file:PATH) travel in a bundle, not on the entrypoint")
     render.add_argument("--costs", help="cost profile for the planner: stage=seconds,... or a JSON file as the "

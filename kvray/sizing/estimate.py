@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from ..config.gpus import DEFAULT_CONTEXT_GIB, DEFAULT_GPU, DEFAULT_UTILISATION, get_gpu
 from ..config.runtime import FAST_GPU_DTYPE, NETWORKS, OFFICIAL_GPU_DTYPES
 from ..config.stages import STAGE_NETWORKS, STAGES
+from ..options import add_preset_option
 
 # Named precisions: per-network dtypes (RuntimeConfig field values).
 PRECISIONS: dict[str, dict[str, str]] = {
@@ -400,7 +401,7 @@ def add_profile_options(parser) -> None:
     """What an estimated profile is for: shared by `kvray bench estimate` and `kvray plan`."""
     from ..config.gpus import GPUS
 
-    parser.add_argument("--preset", default="kv11", choices=["kv11", "tiny"], help="network sizes (default kv11)")
+    add_preset_option(parser, default="kv11")
     parser.add_argument("--fps", default="medium", choices=list(MATRIX_FPS), help="default medium")
     parser.add_argument("--size", type=size_argument, help="WIDTHxHEIGHT (default: the preset's; 640x640 for a kv11 animation)")
     parser.add_argument("--dtype", type=dtype_argument, default={}, metavar="NETWORK=DTYPE,...",
