@@ -17,6 +17,7 @@ from kvray.sampling import (
     INTERPOLATION_SAMPLER,
     KEYFRAME_SAMPLER,
     DDPMStepper,
+    DPMSolverStepper,
     GeneratorNoise,
     GuidanceConfig,
     RecordedNoise,
@@ -26,6 +27,8 @@ from kvray.sampling import (
     add_noise,
     assemble_interpolated,
     check_schedulers_file,
+    ddpm_scheduler,
+    dpm_solver_scheduler,
     guide_2way,
     guide_3way,
     interpolate,
@@ -352,6 +355,29 @@ def test_dpm_solver_option(tiny):
     noise = RecordedNoise([torch.randn(1, 4, 8, 8)])  # only x_T: a DDPM loop would ask for more
     sample_first_frame(keyframe, texts[:1], (8, 8), noise, sampler=FIRST_FRAME_SAMPLER.model_copy(update=update))
     assert noise.remaining == 0
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # numpy 2 notice inside diffusers' DPM-Solver
+@pytest.mark.parametrize("sampler", [FIRST_FRAME_SAMPLER, KEYFRAME_SAMPLER, INTERPOLATION_SAMPLER])
+def test_dpm_solver_is_diffusers_own_on_the_official_schedule_one_request_at_a_time(sampler):
+    """The multistep solver on the DDPM training schedule but for its last step: the official schedule ends
+    at alphas_cumprod = 0 (zero terminal SNR, float32), where DPM-Solver's log-SNR is infinite, and
+    diffusers sets it to 2**-24 there. Its steps are those of a diffusers scheduler of each request's own:
+    a request's trajectory does not depend on its batch."""
+    config = sampler.model_copy(update={"solver": "dpmsolver++", "num_steps": 6})
+    dpm, ddpm = dpm_solver_scheduler(config).alphas_cumprod, ddpm_scheduler(config).alphas_cumprod
+    assert torch.equal(dpm[:-1], ddpm[:-1]) and ddpm[-1] == 0 and dpm[-1] == 2**-24
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randn(2, 3, 4, 8, 8, generator=generator)
+    outputs = [torch.randn(batch.shape, generator=generator) for _ in range(config.num_steps)]
+    stepper = DPMSolverStepper(config)
+    alone = [dpm_solver_scheduler(config) for _ in range(2)]
+    ours, theirs = batch, batch.clone()
+    for index, (t, output) in enumerate(zip(stepper.timesteps, outputs)):
+        ours = stepper.step(output, index, ours, noise=None)
+        theirs = torch.stack([s.step(o, t, x).prev_sample for s, o, x in zip(alone, output, theirs)])
+        assert torch.equal(ours, theirs), t
+    assert stepper.timesteps == [int(t) for t in alone[0].timesteps] and len(stepper.timesteps) == 6
 
 
 def test_bad_batches(tiny):

@@ -52,7 +52,9 @@ def ddpm_scheduler(config: SamplerConfig) -> DDPMScheduler:
 
 
 def dpm_solver_scheduler(config: SamplerConfig) -> DPMSolverMultistepScheduler:
-    """A fresh diffusers `DPMSolverMultistepScheduler` on the same schedule, timesteps set."""
+    """A fresh diffusers `DPMSolverMultistepScheduler` on the same schedule, timesteps set. One difference:
+    the schedule's last alphas_cumprod (t = 999) is 0 in float32, where DPM-Solver's log-SNR is infinite,
+    and diffusers makes it 2**-24 (tested)."""
     scheduler = DPMSolverMultistepScheduler(
         **SCHEDULE,
         prediction_type=config.prediction_type,
