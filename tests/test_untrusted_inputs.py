@@ -170,13 +170,21 @@ def test_buckets_and_prefixes(s3_bucket):
         fs.rm(other, recursive=True)
 
 
-def test_job_resolves_the_default_prefix_where_it_is_written(tmp_path, monkeypatch):
+def test_the_default_prefix_is_the_manifests_location_resolved_where_images_are_read(tmp_path, monkeypatch):
+    from kvray.io.images import check_source
+
     monkeypatch.chdir(tmp_path)
+    # A relative manifest gives a relative prefix, kept so through the job's JSON: it is resolved where the
+    # images are read, against the same working directory as the rows' relative image paths (a Ray job's
+    # working_dir on each node, whose absolute path differs from node to node).
     job = RenderJob(manifest="prompts/part-*.parquet", out="out")
-    assert job.images.prefixes == (f"{tmp_path}/prompts/",)
-    # Workers get the resolved policy, not a relative path to resolve again.
+    assert job.images.prefixes == ("prompts/",)
     again = RenderJob.model_validate_json(job.model_dump_json())
     assert again.images == job.images
+    assert check_source("prompts/images/a.png", job.images) == f"{tmp_path}/prompts/images/a.png"
+    with pytest.raises(ImageError, match="outside the allowed directories"):
+        check_source("other/a.png", job.images)
+    assert RenderJob(manifest=f"{tmp_path}/prompts/m.parquet", out="out").images.prefixes == (f"{tmp_path}/prompts/",)
     named = RenderJob(manifest="m.parquet", out="o", images={"prefixes": ["s3://b/img"], "allow_private_network": True})
     assert named.images.prefixes == ("s3://b/img/",) and named.images.allow_private_network
     secret = RenderJob(manifest="https://user:pw@example.com/d/m.parquet?token=abc", out="o")

@@ -114,7 +114,11 @@ class ImagePolicy(BaseModel):
         for prefix in prefixes:
             if not prefix or "::" in prefix or "\x00" in prefix:
                 raise ValueError(f"not a usable image prefix: {prefix!r}")
-            if is_local(prefix):
+            if is_local(prefix) and not os.path.isabs(prefix.removeprefix("file://")):
+                # Kept relative: resolved where images are read, against that process's working directory
+                # (a job's working_dir on each node), as the rows' relative image paths are.
+                normalized.append(os.path.normpath(prefix.removeprefix("file://")).rstrip("/") + "/")
+            elif is_local(prefix):
                 normalized.append(local_path(prefix).rstrip("/") + "/")
             else:
                 if not urlsplit(prefix).hostname:

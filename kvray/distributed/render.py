@@ -355,7 +355,7 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, t
     """Runs the job to the end (or `limit` pending rows); returns its summary whether it finished or was
     interrupted (`status`, `exit_code`). Raises before anything is written if the manifest or the output
     prefix is unusable (`ManifestError`, `LegacyLayout`) or the pools cannot fit the cluster
-    (`ResourceError`); a run that fails later is recorded as failed, then its error raised.
+    (`ResourceError`, the planner's `DoesNotFit`); a run that fails later is recorded as failed, then its error raised.
 
     One run at a time per output prefix: the run holds its lease (`LeaseHeld` names the run that holds
     it); `wait_for_lease_s` waits that long for it to be released or to expire, `take_over` takes a
@@ -374,17 +374,25 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, t
     summary = RenderSummary(run_id, fs.unstrip_protocol(root), rows=manifest.rows)
     start = time.perf_counter()
     done = done_keys(fs, root, job.dataset.layout)
-    before = read_lease(fs, root)
-    lease = Lease.acquire(fs, root, run_id, ttl_s=job.lease_ttl_s, take_over=take_over, wait_s=wait_for_lease_s)
-    if before is not None and before.run_id != run_id:
-        _record_lost(fs, root, before.run_id, run_id)
-    renewer = lease.renewer().start()
+    started_ray = connect(job.ray, verbose)
     try:
-        return _render(job, manifest, fs, root, summary, done, start, renewer, limit=limit, verbose=verbose,
-                       progress=progress, workers=workers, pool_options=pool_options, on_rows=on_rows)
+        # The pools are sized and checked against the cluster before the prefix is touched.
+        job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
+        check_resources(job)
+        before = read_lease(fs, root)
+        lease = Lease.acquire(fs, root, run_id, ttl_s=job.lease_ttl_s, take_over=take_over, wait_s=wait_for_lease_s)
+        if before is not None and before.run_id != run_id:
+            _record_lost(fs, root, before.run_id, run_id)
+        renewer = lease.renewer().start()
+        try:
+            return _render(job, chosen, manifest, fs, root, summary, done, start, renewer, limit=limit, verbose=verbose,
+                           progress=progress, workers=workers, pool_options=pool_options, on_rows=on_rows)
+        finally:
+            renewer.stop()
+            lease.release()
     finally:
-        renewer.stop()
-        lease.release()
+        if started_ray:
+            ray.shutdown()
 
 
 def _record_lost(fs, root: str, lost: str, by: str) -> None:
@@ -399,15 +407,12 @@ def _record_lost(fs, root: str, lost: str, by: str) -> None:
             write_json(fs, path, data)
 
 
-def _render(job, manifest, fs, root, summary, done, start, renewer, *, limit, verbose, progress, workers,
+def _render(job, chosen, manifest, fs, root, summary, done, start, renewer, *, limit, verbose, progress, workers,
             pool_options, on_rows) -> RenderSummary:
     remove_temporaries(fs, root)  # of writers killed mid-write: the lease says no other run writes here
-    started_ray = connect(job.ray, verbose)
     run_id = summary.run_id
     ledger_actor = monitor = record = None
     try:
-        job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
-        check_resources(job)
         if job.dataset.layout == "webdataset":
             remove_orphans(fs, root)  # shards of a writer killed before their index part: render them again
         record = RunRecord(fs, root, run_id, job, manifest)
@@ -472,8 +477,6 @@ def _render(job, manifest, fs, root, summary, done, start, renewer, *, limit, ve
     finally:
         if ledger_actor is not None:
             ray.kill(ledger_actor)
-        if started_ray:
-            ray.shutdown()
         if record is not None:
             _planned_rows(fs, root, run_id, summary)
             if job.dataset.layout == "webdataset":

@@ -8,7 +8,7 @@ every row.
     results/{run_id}/*.parquet   one row per input row that run handled
     runs/{run_id}.json           each run: status, error, timings, plan, counts
     run.json                     the latest run's record
-    lease.json                   the run that holds the prefix
+    lease.json                   the run that holds the prefix (on a local disk, with an empty .lease.json.lock)
     gallery/                     `kvray gallery`: static HTML pages of the outputs (index.html)
 
 Keys are spread over 256 prefixes so that no single prefix carries a large cluster's request rate (S3
