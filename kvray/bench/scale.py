@@ -167,6 +167,9 @@ def add_scale_parser(bench_subparsers) -> argparse.ArgumentParser:
                    "temporary directory)")
     p.add_argument("--storage-option", action="append", metavar="KEY=VALUE", help="fsspec option (repeatable)")
     p.add_argument("--finish", action="store_true", help="render every pending row instead of stopping at the first video")
+    p.add_argument("--baseline-rows", type=int, metavar="N",
+                   help="first the same measurement for an N-row manifest (e.g. 100), then the ratios of the two: "
+                        "first video and driver peak RSS")
     p.set_defaults(run=run_scale_command)
     return p
 
@@ -174,11 +177,31 @@ def add_scale_parser(bench_subparsers) -> argparse.ArgumentParser:
 def run_scale_command(args) -> int:
     from ..io.storage import parse_storage_options
 
-    if args.rows < 1 or not 0 <= args.done_fraction <= 1:
-        print("error: --rows must be >= 1 and --done-fraction between 0 and 1", file=sys.stderr)
+    if args.rows < 1 or not 0 <= args.done_fraction <= 1 or (args.baseline_rows is not None and args.baseline_rows < 1):
+        print("error: --rows and --baseline-rows must be >= 1 and --done-fraction between 0 and 1", file=sys.stderr)
         return 2
-    result = bench_scale(args.rows, done_fraction=args.done_fraction, out=args.out,
-                         storage_options=parse_storage_options(args.storage_option or []), finish=args.finish)
+    options = parse_storage_options(args.storage_option or [])
+    results = []
+    for rows in ([args.baseline_rows] if args.baseline_rows else []) + [args.rows]:
+        # Each measurement under a prefix of its own: the second must not find the first one's videos.
+        out = None if args.out is None else f"{args.out.rstrip('/')}/rows-{rows}"
+        if len(results):
+            print()
+        results.append(bench_scale(rows, done_fraction=args.done_fraction, out=out, storage_options=options,
+                                   finish=args.finish))
+        if not _print_scale(results[-1], args.finish):
+            return 1
+    if len(results) == 2 and all(r["first_video_seconds"] for r in results):
+        base, big = results
+        print(f"\n{big['rows']} rows against {base['rows']}: first video {big['first_video_seconds']:.1f} s against "
+              f"{base['first_video_seconds']:.1f} s, ratio {big['first_video_seconds'] / base['first_video_seconds']:.2f}; "
+              f"driver peak RSS {big['peak_rss_bytes'] / 2**20:.0f} MiB against {base['peak_rss_bytes'] / 2**20:.0f} MiB, "
+              f"ratio {big['peak_rss_bytes'] / base['peak_rss_bytes']:.2f}")
+    return 0
+
+
+def _print_scale(result: dict, finish: bool) -> bool:
+    """Prints one measurement; False when there was nothing to measure (no video came out)."""
     requests = result["done_check_requests"]
     print(f"{result['rows']} rows, {result['marked_done']} marked done ({result['done_found']} found by listing)")
     print(f"dry run: {result['dry_run_seconds']:.1f} s, {result['planning_rows_per_second']:.0f} rows/s; "
@@ -195,7 +218,7 @@ def run_scale_command(args) -> int:
           f"{result['rss_before_render_bytes'] / 2**20:.0f} MiB); object store peak "
           + ("unknown" if store is None else f"{store / 2**20:.1f} MiB")
           + "; spilled " + ("unknown" if result["spilled_bytes"] is None else f"{result['spilled_bytes']} bytes"))
-    if first is None and not args.finish:
+    if first is None and not finish:
         print("error: the render produced no video: nothing measured", file=sys.stderr)
-        return 1
-    return 0
+        return False
+    return True
