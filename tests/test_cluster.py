@@ -272,6 +272,25 @@ def test_submit_parser_passes_render_options_through(monkeypatch):
         "--storage-option anon=false --storage-option endpoint_url=http://x:9000")
 
 
+def test_rays_packing_of_the_working_dir_leaves_environments_out(tmp_path):
+    """Packed as Ray packs a working_dir: virtual environments (a symlink to one too), outputs and
+    caches stay out; the code goes in."""
+    import zipfile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    root, environment = tmp_path / "repo", tmp_path / "environment"
+    for path in (root / "jobs" / "render.py", root / ".venv" / "lib" / "big.so", root / "venv" / "big.so",
+                 root / "out" / "v.mp4", root / "kvray" / "__pycache__" / "a.pyc", environment / "big.so"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    (root / ".venv-shared").symlink_to(environment, target_is_directory=True)
+    env = sub.build_runtime_env(str(root))
+    _zip_files(str(root), env["excludes"], str(tmp_path / "package.zip"), include_gitignore=False)
+    files = [n for n in zipfile.ZipFile(tmp_path / "package.zip").namelist() if not n.endswith("/")]
+    assert files == ["jobs/render.py"]
+
+
 def test_submit_parser_rejects_bad_options(capsys):
     for bad in (["--storage-option", "novalue"], ["--runtime-env-json", "[1]"], ["--runtime-env-json", "{"]):
         with pytest.raises(SystemExit):
@@ -281,7 +300,7 @@ def test_submit_parser_rejects_bad_options(capsys):
 def test_runtime_env_ships_the_repo_without_venv_git_or_outputs():
     env = sub.build_runtime_env()
     assert env["working_dir"] == str(REPO)
-    assert {".venv/", ".git/", "__pycache__/", "out/"} <= set(env["excludes"])
+    assert {".venv*", ".git/", "__pycache__/", "out/"} <= set(env["excludes"])
     assert "pip" not in env and "env_vars" not in env
     env = sub.build_runtime_env(None, {"env_vars": {"A": "1"}, "excludes": ["big/"]}, pip=["einops"],
                                 env_vars={"B": "2"}, extra_excludes=["/renders-1/"])
@@ -509,20 +528,15 @@ def ray_head():
 
 
 @pytest.mark.slow
-def test_submit_to_a_real_head(ray_head, capsys):
-    # The job joins the head's cluster (RAY_ADDRESS set by Ray), and runs in the shipped repository.
-    probe = ("import os, ray; ray.init(address='auto'); assert ray.cluster_resources()['CPU'] == 1; "
-             "assert os.path.isfile('jobs/render.py') and not os.path.exists('.venv'); print('probe ok')")
-    logs = io.StringIO()
-    entrypoint = shlex.join(["python", "-c", probe])
-    assert sub.submit("m", "s3://bucket/o", address=ray_head.url, entrypoint=entrypoint, stream=logs) == 0
-    assert "probe ok" in logs.getvalue()
+def test_a_failing_job_on_a_real_head_is_exit_code_1(ray_head):
     assert sub.submit("m", "s3://bucket/o", address=ray_head.url, working_dir="", entrypoint="exit 3", stream=io.StringIO()) == 1
 
 
-# The job's driver, as jobs/render.py runs it: the bundle read, the variables handed to a worker.
+# The job's driver, as jobs/render.py runs it: in the shipped repository (no environment shipped with
+# it), joined to the head's cluster (RAY_ADDRESS set by Ray), the bundle read, the variables handed to a worker.
 SECRETS_PROBE = """
 import hashlib, os, sys
+assert os.path.isfile("jobs/render.py") and not os.path.exists(".venv"), "the shipped repository"
 sys.path.insert(0, "jobs")
 import ray
 import render as job
@@ -535,6 +549,7 @@ options = parse_storage_options([args[i + 1] for i, a in enumerate(args) if a ==
 assert digest(options["secret"]) == sys.argv[1], "the storage option"
 assert digest(os.environ["KVRAY_TEST_SECRET"]) == sys.argv[2], "the driver's variable"
 ray.init(address="auto", runtime_env={"worker_process_setup_hook": worker_setup_hook()})
+assert ray.cluster_resources()["CPU"] == 1, "the head's cluster"
 
 @ray.remote
 def in_a_worker():
@@ -568,7 +583,7 @@ def _files_holding(root: Path, needles: list[bytes]) -> list[str]:
 
 
 @pytest.mark.slow
-def test_secrets_stay_out_of_rays_job_records_logs_and_stderr(ray_head, capfd):
+def test_a_job_runs_in_the_shipped_repo_and_secrets_stay_out_of_rays_records_logs_and_stderr(ray_head, capfd):
     storage_secret, env_secret, argv_secret = (f"PLANTED-{kind}-{os.urandom(4).hex()}" for kind in ("OPTION", "ENV", "ARGV"))
     public, secrets = sub.secrets_from_args([f"secret={storage_secret}", "anon=false"], [f"KVRAY_TEST_SECRET={env_secret}"])
     assert public == ["anon=false"]

@@ -51,8 +51,9 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 ENTRY_SCRIPT = "jobs/render.py"
 
 # gitignore-style patterns, relative to the working_dir, never shipped with a job.
+# Virtual environments without the trailing slash: a symlink to one is excluded too.
 DEFAULT_EXCLUDES = (
-    ".venv/", "venv/", ".git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",
+    ".venv*", "venv", ".git/", "__pycache__/", "*.pyc", "*.egg-info/", ".pytest_cache/", ".ruff_cache/",
     "out/", "outputs/", "renders/", "build/", "dist/", "*.mp4", "*.safetensors", "*.pt",
 )
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -344,7 +345,11 @@ def submit(manifest: str, out: str, *, address: str | None, render_args: list[st
     try:
         job_id = client.submit_job(**kwargs)
     except Exception as err:  # noqa: BLE001 - HTTP, auth and packaging errors all end the command the same way
-        raise SubmitError(f"job submission to {address} failed: {err}") from err
+        hint = ""
+        if "413" in str(err):
+            hint = (" (the working dir is packed whole and Ray refuses uploads over 100 MiB: keep data and "
+                    "environments out of it, or add excludes with --runtime-env-json '{\"excludes\": [...]}')")
+        raise SubmitError(f"job submission to {address} failed: {err}{hint}") from err
     finally:
         if bundle is not None:
             remove_bundle_dir(bundle)  # uploaded with the job's packages, or not sent at all

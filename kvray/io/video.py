@@ -144,9 +144,11 @@ def _encode_mp4(frames: np.ndarray, rate: Fraction, *, crf: int, preset: str) ->
     with tempfile.TemporaryDirectory(prefix="kvray-mp4-") as folder:
         path = os.path.join(folder, "video.mp4")
         with av.open(path, mode="w", format="mp4", options={"movflags": "+faststart"}) as container:
-            # One encoder thread: x264's frame threads make the bytes depend on scheduling, and a
-            # re-rendered row must give the same file (the renderer's retries and tests compare bytes).
-            options = {"crf": str(crf), "preset": preset, "threads": "1"}
+            # The same frames must give the same file (a re-rendered row, a regenerated shard): one
+            # encoder thread (frame threads make the bytes depend on scheduling) and no macroblock tree
+            # (x264's MB-tree lookahead lets memory left over from earlier work change the bytes of
+            # noisy clips: up to 34 different files from 40 encodes of one clip in one process).
+            options = {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "mbtree=0"}
             stream = container.add_stream("libx264", rate=rate, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
             # One tick per frame: the codec time base is exactly 1/fps, so fractional rates stay exact

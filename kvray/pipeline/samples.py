@@ -6,6 +6,7 @@ layout, `dataset_sample` (what the shard stage commits with `kvray.io.shards.wri
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -36,6 +37,7 @@ def video_metadata(video: Video, *, row_id: str, video_id: str, model_version: s
         "id": row_id, "video_id": video_id, "request": request.model_dump(mode="json"),
         "resolved": resolved_settings(request), "seed": request.seed,
         "mode": request.mode, "model_version": model_version, "frames": int(video.frames.shape[0]),
+        "frames_sha256": hashlib.sha256(video.frames.tobytes()).hexdigest()[:16],
         "width": request.width, "height": request.height, "fps": str(video.fps), "scenes": video.scenes,
         "format": video_format, "prompt_truncated": video.prompt_truncated, "seconds": dict(seconds),
         "placement": {stage: dict(where) for stage, where in placement.items()}, "uri": uri,
