@@ -111,7 +111,7 @@ def _inject(fault: str, cluster, driver: subprocess.Popen, rng: random.Random, n
 
 
 def soak(minutes: float, rows: int = 12, kill_every: float = 20.0, seed: int = 0, out: str | None = None,
-         faults: tuple[str, ...] = FAULTS) -> dict:
+         faults: tuple[str, ...] = FAULTS, faults_per_round: int | None = None) -> dict:
     from ..distributed.local_cluster import start_head
 
     rng = random.Random(seed)
@@ -138,7 +138,7 @@ def soak(minutes: float, rows: int = 12, kill_every: float = 20.0, seed: int = 0
                 job.write_text(yaml.safe_dump({"storage_options": options, "lease_ttl_s": 10, "stall_timeout_s": 600,
                                                "deployment": {s: {"actors": 2} for s in ("keyframes", "decode")}}))
                 job.chmod(0o600)
-                finished, attempts = False, 0
+                finished, attempts, injected = False, 0, 0
                 while not finished and attempts < ATTEMPTS:
                     attempts += 1
                     totals["attempts"] += 1
@@ -148,10 +148,11 @@ def soak(minutes: float, rows: int = 12, kill_every: float = 20.0, seed: int = 0
                          "--address", cluster.address, "--take-over"], env=cluster.env, stdout=log, stderr=subprocess.STDOUT)
                     next_fault = time.time() + rng.uniform(0.5, 1.5) * kill_every
                     while driver.poll() is None:
-                        if time.time() >= next_fault:
+                        if time.time() >= next_fault and (faults_per_round is None or injected < faults_per_round):
                             fault = rng.choice([f for f in faults if f != "storage"] or ["none"])
                             if fault != "none" and _inject(fault, cluster, driver, rng, node):
                                 totals["injected"][fault] += 1
+                                injected += 1
                             next_fault = time.time() + rng.uniform(0.5, 1.5) * kill_every
                         time.sleep(0.2)
                     log.close()
@@ -182,6 +183,8 @@ def add_soak_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--rows", type=int, default=12, help="rows per round (default 12)")
     p.add_argument("--kill-every", type=float, default=20.0, help="mean seconds between faults (default 20)")
     p.add_argument("--faults", default=",".join(FAULTS), help=f"fault kinds, comma separated (default {','.join(FAULTS)})")
+    p.add_argument("--faults-per-round", type=int, default=None,
+                   help="at most this many faults in a round, then it runs to its end (default: no limit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="where rounds write manifests, logs and local outputs (default: a temporary directory)")
     p.set_defaults(run=run_soak_command)
@@ -194,7 +197,8 @@ def run_soak_command(args) -> int:
     if unknown:
         print(f"error: unknown fault kind(s) {', '.join(unknown)}; choose from {', '.join(FAULTS)}", file=sys.stderr)
         return 2
-    totals = soak(args.minutes, rows=args.rows, kill_every=args.kill_every, seed=args.seed, out=args.out, faults=faults)
+    totals = soak(args.minutes, rows=args.rows, kill_every=args.kill_every, seed=args.seed, out=args.out, faults=faults,
+                   faults_per_round=args.faults_per_round)
     print(f"rounds {totals['rounds']}, rows {totals['rows']}, driver attempts {totals['attempts']}; injected "
           + json.dumps(totals["injected"]))
     print(f"rows lost {totals['lost']}, rows duplicated {totals['duplicated']}, partial files {totals['partial']}"

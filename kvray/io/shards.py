@@ -72,6 +72,7 @@ INDEX_SCHEMA = pa.schema(
         ("mode", pa.string()),
         ("seed", pa.int64()),
         ("frames", pa.int64()),
+        ("frames_sha256", pa.string()),  # the decoded frames' fingerprint (reproducibility checks)
         ("width", pa.int64()),
         ("height", pa.int64()),
         ("fps", pa.float64()),  # frames per second (the metadata's exact fraction, as a float)
