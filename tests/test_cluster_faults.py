@@ -40,11 +40,15 @@ def two_nodes():
 def test_the_tiny_job_submitted_to_a_two_node_cluster_finishes(two_nodes, tmp_path):
     """The job that hung forever at 3.5/4.0 CPUs before (its pools held the CPUs a repartition waited for)."""
     cluster, _ = two_nodes
+    rows = 4  # two per keyframes actor; the job's pools and plan are what could deadlock, not the rows
+    pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"scene {i}" for i in range(rows)],
+                             "width": [64] * rows, "height": [64] * rows, "steps": [1] * rows,
+                             "interpolation_steps": [1] * rows}), tmp_path / "m.parquet")
     logs = io.StringIO()
-    code = sub.submit("examples/prompts.parquet", str(tmp_path / "out"), address=cluster.url,
+    code = sub.submit(str(tmp_path / "m.parquet"), str(tmp_path / "out"), address=cluster.url,
                       render_args=["--job", "cluster/job-tiny.yaml", "--stall-timeout", "300"], stream=logs)
     assert code == 0, logs.getvalue()[-3000:]
-    assert len(list((tmp_path / "out" / "videos").rglob("*.mp4"))) == 6
+    assert len(list((tmp_path / "out" / "videos").rglob("*.mp4"))) == rows
 
 
 def _node_of(pid: int, raylets: list[int]) -> int | None:
@@ -60,9 +64,10 @@ def test_losing_a_node_half_way_renders_every_row_exactly_once(two_nodes, tmp_pa
     lives there): the lost actors restart on the surviving node, retried batches write nothing twice,
     and the run finishes with every row once."""
     cluster, second = two_nodes
-    rows = 12
+    rows = 8
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"scene {i}" for i in range(rows)],
-                             "width": [64] * rows, "height": [64] * rows, "steps": [3] * rows}), tmp_path / "m.parquet")
+                             "width": [64] * rows, "height": [64] * rows, "steps": [2] * rows,
+                             "interpolation_steps": [1] * rows}), tmp_path / "m.parquet")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({
         "deployment": {"text": {"actors": 2}, "keyframes": {"actors": 2}, "interpolate": {"actors": 2},
                        "decode": {"actors": 2}}, "stall_timeout_s": 240}))

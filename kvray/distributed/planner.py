@@ -277,9 +277,9 @@ def plan(costs: CostProfile | str, gpus: int, gpu_memory_gib: float | None = Non
     actor is a process holding its own copy of the weights); 0 maximises throughput alone. `slack`:
     the extra capacity every stage but the bottleneck gets. A stage that ties with the bottleneck
     hands it work just in time, never ahead: no queue forms in front of it, and a video handed to a
-    busy actor (Ray Data queues two calls per actor) waits there while another actor runs dry. `kvray
-    bench pipeline --simulate` measured 3% of the bound lost so on a tied profile; with a few percent
-    to spare a queue forms and the loss is gone. 0: the highest throughput predicted by the model alone."""
+    busy actor (Ray Data queues two calls per actor) waits there while another actor runs dry; with a
+    few percent to spare a queue forms and the loss is gone (docs/benchmarks.md, "What each lever was
+    worth"). 0: the highest throughput predicted by the model alone."""
     costs = parse_costs(costs)
     if gpus < 1:
         raise ValueError(f"plan: at least one GPU is needed, got {gpus}")

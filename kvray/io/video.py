@@ -147,7 +147,7 @@ def _encode_mp4(frames: np.ndarray, rate: Fraction, *, crf: int, preset: str) ->
             # The same frames must give the same file (a re-rendered row, a regenerated shard): one
             # encoder thread (frame threads make the bytes depend on scheduling) and no macroblock tree
             # (x264's MB-tree lookahead lets memory left over from earlier work change the bytes of
-            # noisy clips: up to 34 different files from 40 encodes of one clip in one process).
+            # noisy clips; the README has the figures and the cost in file size).
             options = {"crf": str(crf), "preset": preset, "threads": "1", "x264-params": "mbtree=0"}
             stream = container.add_stream("libx264", rate=rate, options=options)
             stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
