@@ -127,9 +127,7 @@ def _cmd_generate(args) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    if models.is_random:
-        print(f"note: preset {args.preset} with random weights (seed {models.random_seed}): expect noise, not a scene",
-              file=sys.stderr)
+    _note_random_weights(models)
     pipeline = VideoPipeline(models, runtime)
     bars = ProgressBars()
     try:
@@ -201,6 +199,12 @@ def _render_job(args):
     job = RenderJob.from_yaml(args.job, **overrides) if args.job else RenderJob.model_validate(overrides)
     _check_weights(job.models)
     return job
+
+
+def _note_random_weights(models) -> None:
+    if models.is_random:
+        print(f"note: preset {models.preset} with random weights (seed {models.random_seed}): expect noise, not scenes",
+              file=sys.stderr)
 
 
 def _check_weights(models) -> None:
@@ -280,6 +284,7 @@ def _cmd_render(args) -> int:
         return 2
     if args.dry_run:
         return _dry_run(job, args)
+    _note_random_weights(job.models)
     from .distributed.render import render
     from .io.manifest import open_manifest
 
@@ -510,7 +515,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_parity)
 
     p = commands.add_parser("layout", help="compare the full-size networks with the official state-dict manifests")
-    p.add_argument("--check", dest="manifest_dir", required=True, metavar="MANIFEST_DIR")
+    p.add_argument("manifest_dir", metavar="MANIFEST_DIR", help="folder of the official state-dict manifests")
     p.add_argument("--preset", default="kv11")
     p.set_defaults(run=_cmd_layout)
 

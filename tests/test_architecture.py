@@ -43,3 +43,16 @@ def test_the_public_api_resolves_without_loading_torch_or_ray_until_used():
              "print('torch' in sys.modules, 'ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_every_list_of_stages_and_networks_is_the_registrys():
+    """Stage and network names are spelled out in the job's deployment fields, the stage registry, the
+    runtime's dtype settings and the weights' network table: they must agree."""
+    from kvray.config.job import Deployment
+    from kvray.config.runtime import NETWORKS, RuntimeConfig
+    from kvray.config.stages import STAGE_NETWORKS, STAGES
+    from kvray.weights.networks import NETWORKS as WEIGHT_NETWORKS
+
+    assert tuple(Deployment.model_fields) == STAGES == tuple(STAGE_NETWORKS)
+    assert sorted(n for networks in STAGE_NETWORKS.values() for n in networks) == sorted(NETWORKS) == sorted(WEIGHT_NETWORKS)
+    assert sorted(f[: -len("_dtype")] for f in RuntimeConfig.model_fields if f.endswith("_dtype")) == sorted(NETWORKS)

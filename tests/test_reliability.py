@@ -180,8 +180,10 @@ def test_storage_that_always_fails_stops_with_a_clear_error(ray_cluster, s3_buck
         start = time.time()
         code = main(["render", job.manifest, "--out", job.out, "--job", str(tmp_path / "job.yaml")])
     assert code == 2 and time.time() - start < 120
-    err = capsys.readouterr().err
-    assert err.startswith("error: storage failed") and "reduce your request rate" in err
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("note: preset tiny with random weights")  # said before any work starts
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: storage failed") and "reduce your request rate" in errors[0]
 
 
 def test_a_row_gives_the_same_video_after_a_retry_and_in_any_batch(ray_cluster, tmp_path):
