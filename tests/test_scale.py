@@ -58,6 +58,16 @@ def test_done_videos_are_found_by_listing_local(tmp_path, count):
     assert L.is_done(done, ids[:3] + ["f" * 32]).tolist() == [True] * min(3, count) + [False]
 
 
+def test_the_benchmarks_manifest_and_done_videos_go_into_a_fresh_local_folder(tmp_path):
+    from kvray.bench.scale import make_manifest, mark_done
+
+    fs, root = open_fs(str(tmp_path / "new" / "run"))
+    make_manifest(fs, f"{root}/manifest.parquet", 10)
+    job = RenderJob(manifest=f"{root}/manifest.parquet", out=f"{root}/out")
+    assert mark_done(fs, f"{root}/out", job, 10, 0.5) == 5
+    assert open_manifest(job.manifest).rows == 10 and len(L.done_video_ids(fs, f"{root}/out")) == 5
+
+
 def test_done_videos_on_s3_cost_about_one_request_per_thousand(s3_bucket):
     """The done check lists meta/ (one request per 1,000 keys, at most 17 more), never one per row."""
     fs = s3fs.S3FileSystem(**s3_bucket.storage_options)

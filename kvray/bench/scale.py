@@ -21,6 +21,9 @@ import time
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+from ..io.storage import dumps_json, open_fs, write_atomic
 
 FAST = {"width": 64, "height": 64, "steps": 1, "interpolation_steps": 1, "fps": "low"}
 
@@ -31,13 +34,12 @@ def make_manifest(fs, path: str, rows: int) -> None:
                       **{k: [v] * rows for k, v in FAST.items()}})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
-    fs.pipe_file(path, sink.getvalue().to_pybytes())
+    write_atomic(fs, path, sink.getvalue().to_pybytes())
 
 
 def mark_done(fs, root: str, job, rows: int, fraction: float) -> int:
     """Commit records (metadata files) for the first `fraction` of the rows' videos."""
     from ..io.layout import meta_path
-    from ..io.storage import dumps_json
     from ..requests.manifest import plan_row
 
     preset = job.models.model_preset
@@ -48,6 +50,9 @@ def mark_done(fs, root: str, job, rows: int, fraction: float) -> int:
                            (preset.default_width, preset.default_height))
         batch[meta_path(root, planned.video_id)] = dumps_json({"video_id": planned.video_id, "marked": True})
         if len(batch) >= 1000 or i == count - 1:
+            if isinstance(fs, LocalFileSystem):  # local files need their folders; object stores have none
+                for parent in {fs._parent(p) for p in batch}:
+                    fs.makedirs(parent, exist_ok=True)
             fs.pipe(batch)
             batch = {}
     return count
@@ -57,7 +62,6 @@ def count_done_check_requests(job) -> tuple[int | None, int]:
     """(storage requests, done videos) of one done check, on a filesystem of its own (on S3 the
     requests botocore sends are counted; None elsewhere)."""
     from ..io.layout import done_video_ids
-    from ..io.storage import open_fs
 
     fs, root = open_fs(job.out, {**job.storage_options, "skip_instance_cache": True})
     if "s3" not in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
@@ -74,8 +78,6 @@ class Watcher:
     RSS, the object store's use. Interrupts the render (SIGINT) at its first video unless `finish`."""
 
     def __init__(self, job, finish: bool, interval: float = 0.5):
-        from ..io.storage import open_fs
-
         self.fs, self.root = open_fs(job.out, job.storage_options)
         self.finish, self.interval = finish, interval
         self.start = time.perf_counter()
@@ -123,7 +125,6 @@ def bench_scale(rows: int, *, done_fraction: float = 0.0, out: str | None = None
     from ..config.job import RenderJob
     from ..distributed.dryrun import dry_run
     from ..distributed.render import render
-    from ..io.storage import open_fs
 
     tmp = None
     if out is None:
