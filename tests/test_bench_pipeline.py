@@ -11,9 +11,9 @@ import pytest
 
 from kvray.bench import pipeline as B
 from kvray.distributed import planner as P
-from kvray.bench.simulation import SimulationResult, measure, saturated_rate
+from kvray.bench.simulation import SimulationResult, busy_window, measure, rate_within, steady_rates
 
-SMALL = "text=0.01,keyframes=0.5,interpolate=0.125,decode=0.25"
+TEXT_HEAVY = "text=0.5,keyframes=0.125,interpolate=0.01,decode=0.25"
 
 
 def test_measure_leaves_out_fill_and_drain():
@@ -28,16 +28,23 @@ def test_measure_leaves_out_fill_and_drain():
     assert measure([1.0, 2.0], pools_up=0.0)[0] == 0.0
 
 
-def test_saturated_rate_is_the_bottlenecks_rate_while_every_actor_has_work():
-    # Two actors, 1 video per 2 s each; actor 2 starts at 3 s; actor 1 runs dry at 13 s, actor 2 at 15 s.
-    calls = [(1 + 2 * i, 3 + 2 * i, 1, 1) for i in range(6)] + [(3 + 2 * i, 5 + 2 * i, 2, 1) for i in range(6)]
-    rate, start, end = saturated_rate(calls, actors=2, pools_up=2.0)
-    assert (start, end) == (3.0, 13.0) and rate == pytest.approx(1.0)
-    # A gap (starvation) inside the window lowers the rate.
-    starved = [c if c[2] == 1 or c[0] < 7 else (c[0] + 1, c[1] + 1, 2, 1) for c in calls]
-    assert saturated_rate(starved, actors=2, pools_up=2.0)[0] < 1.0
+def test_steady_rates_are_taken_while_every_actor_of_every_pool_has_work():
+    # Pool a: two actors, 1 video per 2 s each; actor 2 starts at 3 s; actor 1 runs dry at 13 s, actor 2 at 15 s.
+    a = [(1 + 2 * i, 3 + 2 * i, 1, 1) for i in range(6)] + [(3 + 2 * i, 5 + 2 * i, 2, 1) for i in range(6)]
+    assert busy_window(a, actors=2, pools_up=2.0) == (3.0, 13.0)
+    assert rate_within(a, 3.0, 13.0) == pytest.approx(1.0)
     # An actor that never worked: the pool was never saturated.
-    assert saturated_rate(calls, actors=3, pools_up=0.0)[0] == 0.0
+    assert busy_window(a, actors=3, pools_up=0.0) is None
+    # Pool b: one fast actor (0.5 s per video): a video early, then one per second, then one late. Its
+    # own busy window (2 s to 16.5 s) holds fill and drain; in the common window it runs at a's pace.
+    b = [(2, 2.5, 3, 1)] + [(3 + i, 3.5 + i, 3, 1) for i in range(10)] + [(16, 16.5, 3, 1)]
+    rates, start, end = steady_rates({"a": a, "b": b}, {"a": 2, "b": 1}, pools_up=2.0)
+    assert (start, end) == (3.0, 13.0) and rates["a"] == pytest.approx(1.0) and rates["b"] == pytest.approx(1.0)
+    assert rate_within(b, *busy_window(b, 1, 2.0)) < rates["b"]
+    # A gap (starvation) inside the window lowers the rate.
+    starved = [c if c[2] == 1 or c[0] < 7 else (c[0] + 1, c[1] + 1, 2, 1) for c in a]
+    assert steady_rates({"a": starved, "b": b}, {"a": 2, "b": 1}, 2.0)[0]["a"] < 1.0
+    assert steady_rates({"a": a, "b": b}, {"a": 3, "b": 1}, 2.0)[0] == {}
 
 
 def test_result_lines_end_with_the_figures():
@@ -95,13 +102,17 @@ def test_command_line_options():
 def test_simulated_pipeline_runs_the_renderer(ray_cluster):
     """The renderer itself (planning from a manifest, the planned pools) with stand-in stages on 4 of the
     session's 8 logical GPUs: every video through every pool, every call seen. Efficiency is a figure of
-    the benchmark on a quiet machine, not of a test on a shared one."""
-    result = B.simulated_pipeline(SMALL, 4, 16, time_scale=1.0, max_actors=8)
+    the benchmark on a quiet machine, not of a test on a shared one. The text stage is the heaviest: its
+    pool of two actors, batch 1, must get the rows one block each and share them."""
+    result = B.simulated_pipeline(TEXT_HEAVY, 4, 16, time_scale=1.0, max_actors=8)
+    assert result.deployment["text"]["actors"] == 2 and result.deployment["text"]["batch_size"] == 1
     assert result.ok == 16
     assert result.spilled_bytes == 0
     assert all(result.actors_started[s] == result.deployment[s]["actors"] for s in P.STAGES)
     calls = result.timeline["calls"]
     assert all(sum(videos for *_, videos in calls[s]) == 16 for s in P.STAGES)
+    text_actors = {pid for _, _, pid, _ in calls["text"]}
+    assert len(text_actors) == 2 and all(videos == 1 for *_, videos in calls["text"])
     assert 0 < result.efficiency and result.lines()[-1].startswith(("efficiency=", "could not measure: "))
     # The session's Ray is still up for the tests after this one.
     assert ray_cluster.is_initialized()
@@ -112,6 +123,10 @@ def test_calls_are_queued_on_actors_only_where_work_waits():
 
     assert queued_calls() == {"text": 2, "keyframes": 1, "interpolate": 1, "decode": 1} == PoolOptions().tasks_per_actor
     plan = P.plan(P.parse_costs("text=0.001,keyframes=0.62,interpolate=0.08,decode=0.30"), 16)
-    calls = queued_calls(plan)
-    # The keyframes pool is fed by a text pool five times as fast; the next two pools by about their own pace.
-    assert calls == {"text": 2, "keyframes": 2, "interpolate": 1, "decode": 1}
+    # Calls of seconds (a simulation's time scale of 8): the keyframes pool is fed by a text pool five
+    # times as fast; the interpolation calls (2 s) are short; the decode pool, fed at about its own
+    # pace, has calls of 14 s.
+    assert queued_calls(plan, {s: 1 for s in P.STAGES}, 8.0) == {"text": 2, "keyframes": 2, "interpolate": 2,
+                                                                  "decode": 1}
+    # In the profile's own seconds every call is short.
+    assert set(queued_calls(plan, {s: 1 for s in P.STAGES}).values()) == {2}

@@ -37,9 +37,9 @@ class Levers:
     batch_sizes: bool = True
     # Pools at full size from the start (min = max = initial size); off: autoscale up from one actor.
     full_pools: bool = True
-    # Two calls queued per actor where work waits in front of a pool (the first pool, and pools fed much
-    # faster than they work: `kvray.distributed.render.queued_calls`), so that the next batch is fetched
-    # while the current one computes; off: one call per actor everywhere.
+    # Two calls queued per actor where work waits in front of a pool or calls are short (the first pool,
+    # pools fed much faster than they work, pools of short calls: `kvray.distributed.pools.queued_calls`),
+    # so that the next batch is fetched while the current one computes; off: one call per actor everywhere.
     prefetch: bool = True
     # Rows with a payload travel one per block (`kvray.distributed.pools.ROW_BLOCK_BYTES`), so that
     # every actor of a pool gets work; off: Ray Data's default block size, so one actor of the next
@@ -60,11 +60,11 @@ class Levers:
 LEVERS = tuple(asdict(Levers()))
 
 
-def pool_options(levers: Levers, plan):
+def pool_options(levers: Levers, plan, batch_sizes: dict[str, int], time_scale: float = 1.0):
     """The renderer's `PoolOptions` for `plan` with these levers."""
     from ..distributed.pools import PoolOptions, queued_calls
 
-    calls = queued_calls(plan) if levers.prefetch else {s: 1 for s in STAGES}
+    calls = queued_calls(plan, batch_sizes, time_scale) if levers.prefetch else {s: 1 for s in STAGES}
     return PoolOptions(full_pools=levers.full_pools, tasks_per_actor=calls, small_blocks=levers.small_blocks)
 
 
@@ -130,7 +130,8 @@ def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers
         payload_bytes = {**payload_bytes, "decode": frames_bytes()}
     return simulate(costs, gpus, videos, deployment=deployment, time_scale=time_scale, payload_bytes=payload_bytes,
                     prompts=prompts, dedupe_prompts=levers.text_once_per_prompt,
-                    pool_options=pool_options(levers, chosen),
+                    pool_options=pool_options(levers, chosen, {s: deployment.stage(s).batch_size for s in STAGES},
+                                              time_scale),
                     label=label or ("equal pools" if not levers.planner else "planned pools"))
 
 

@@ -1,9 +1,10 @@
 """`kvray bench pipeline --simulate`: how close the renderer comes to the throughput bound.
 
 The renderer runs with stand-in stages (`kvray.distributed.simulate`); this module turns what it saw
-into figures. Throughput is the lowest, over the pools, of a pool's rate while all its actors have
-work: every video passes every pool, so the pipeline runs at its slowest pool's pace while saturated.
-Starvation shows as gaps between a pool's calls, the time Ray takes between calls as well.
+into figures. Throughput is the lowest, over the pools, of a pool's rate while every actor of every
+pool has work (`steady_rates`): every video passes every pool, so the pipeline runs at its slowest
+pool's pace once filled and until it drains. Starvation shows as gaps between a pool's calls, the
+time Ray takes between calls as well.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class SimulationResult:
     gpus: int
     videos: int
     bound: float  # videos/s: gpus / sum of the stage costs
-    steady_videos_per_second: float  # the slowest pool's rate while it is saturated (see `saturated_rate`)
+    steady_videos_per_second: float  # the slowest pool's rate in the steady window (see `steady_rates`)
     after_pools_videos_per_second: float  # every video after the pools are up: fill and drain included
     pools_up_seconds: float  # wall: until every actor of every pool has started
     first_video_seconds: float  # wall
@@ -49,7 +50,7 @@ class SimulationResult:
     time_scale: float
     deployment: dict
     window: tuple[float, float] = (0.0, 0.0)  # wall: the steady window
-    bottleneck: str = ""  # the pool with the lowest rate while saturated: the steady rate is its
+    bottleneck: str = ""  # the pool with the lowest rate in the steady window: the steady rate is its
     output_videos_per_second: float = 0.0  # at the output, between 10% and 90% of the videos (see `measure`)
     actors: dict[str, int] = field(default_factory=dict)
     actors_started: dict[str, int] = field(default_factory=dict)
@@ -95,7 +96,7 @@ class SimulationResult:
                f"pools (actors x GPU, batch): {pools}",
                f"start-up: {self.pools_up_seconds:.1f} s until every actor was up (Ray's process start, not scaled); "
                f"first video out at {self.first_video_seconds:.1f} s wall",
-               f"steady window (every actor of the {self.bottleneck} pool, the slowest, at work): "
+               f"steady window (every actor of every pool at work; the {self.bottleneck} pool the slowest in it): "
                f"{self.window[0]:.1f} s to {self.window[1]:.1f} s wall; "
                "pools busy: " + ", ".join(f"{s} {b:.3f}" for s, b in self.busy.items()) + cpu,
                f"at the output, from 10% to 90% of the videos: {self.output_videos_per_second:.4g} videos/s, efficiency "
@@ -132,26 +133,43 @@ def measure(arrivals: list[float], pools_up: float, low: float = 0.1, high: floa
     return (hi - lo) / span, arrivals[lo], arrivals[hi]
 
 
-def saturated_rate(calls: list[tuple[float, float, int, int]], actors: int, pools_up: float) -> tuple[float, float, float]:
-    """A pool's rate while all its actors have work, from its calls (start, end, actor pid, videos;
-    wall): from the moment every one of its `actors` has started work (and every pool is up) to the
-    moment the first of them finishes its last call (its input has run out: the pipeline drains).
-    Every video passes every pool, so the pipeline runs at the lowest of the pools' rates: starvation
-    shows as gaps between calls, the time Ray takes between calls as well, and a pool that cannot keep
-    up lowers its own rate. Returns (videos/s, start, end)."""
+def busy_window(calls: list[tuple[float, float, int, int]], actors: int, pools_up: float) -> tuple[float, float] | None:
+    """When every one of a pool's `actors` has work, from its calls (start, end, actor pid, videos; wall):
+    from the moment the last of them starts its first call (and every pool is up) to the moment the
+    first of them finishes its last call (its input has run out). None if an actor never worked."""
     first: dict[int, float] = {}
     last: dict[int, float] = {}
     for start, end, pid, _ in calls:
         first[pid] = min(first.get(pid, math.inf), start)
         last[pid] = max(last.get(pid, -math.inf), end)
     if len(first) < actors:
-        return 0.0, 0.0, 0.0
-    window_start, window_end = max(pools_up, max(first.values())), min(last.values())
-    if window_end <= window_start:
-        return 0.0, window_start, window_end
-    done = sum(videos * max(0.0, min(end, window_end) - max(start, window_start)) / (end - start)
-               for start, end, _, videos in calls if end > start)
-    return done / (window_end - window_start), window_start, window_end
+        return None
+    return max(pools_up, max(first.values())), min(last.values())
+
+
+def rate_within(calls: list[tuple[float, float, int, int]], start: float, end: float) -> float:
+    """A pool's videos per second between `start` and `end`, a call's videos counted in proportion to
+    its time inside."""
+    if end <= start:
+        return 0.0
+    done = sum(videos * max(0.0, min(b, end) - max(a, start)) / (b - a) for a, b, _, videos in calls if b > a)
+    return done / (end - start)
+
+
+def steady_rates(calls: dict[str, list], actors: dict[str, int], pools_up: float) -> tuple[dict[str, float], float, float]:
+    """Each pool's rate in the steady window: while every actor of every pool has work (the last pool
+    to get all its actors working, to the first pool running out of input). Every video passes every
+    pool, so the pipeline runs at the lowest of these rates; starvation shows as gaps between calls,
+    the time Ray takes between calls as well. A pool's own busy window would not do: a pool faster
+    than the bottleneck is never saturated, and its window spans the others' fill and drain. Returns
+    ({stage: videos/s}, start, end); empty rates when there is no such window."""
+    windows = [busy_window(calls[s], actors[s], pools_up) for s in calls]
+    if any(w is None for w in windows):
+        return {}, 0.0, 0.0
+    start, end = max(w[0] for w in windows), min(w[1] for w in windows)
+    if end <= start:
+        return {}, start, end
+    return {s: rate_within(calls[s], start, end) for s in calls}, start, end
 
 
 def cpu_seconds() -> tuple[float, float]:
@@ -238,15 +256,14 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
     output = measure(arrivals, pools_up)
     timeline = {s: sorted((a - start_wall, b - start_wall, pid, n) for a, b, pid, n in calls[s].values())
                 for s in STAGES}
-    # Every video passes every pool: the pipeline is as fast as its slowest pool while saturated.
-    rates = {s: saturated_rate(timeline[s], expected[s], pools_up) for s in STAGES}
-    measured = {s: r for s, r in rates.items() if r[0] > 0}
-    if measured:
-        bottleneck = min(measured, key=lambda s: measured[s][0])
-        steady, window_start, window_end = measured[bottleneck]
+    # Every video passes every pool: the pipeline is as fast as its slowest pool in the steady window.
+    rates, window_start, window_end = steady_rates(timeline, expected, pools_up)
+    if rates:
+        bottleneck = min(rates, key=rates.get)
+        steady = rates[bottleneck]
     else:
         bottleneck = "output"
-        notes.append("no pool was ever saturated: the steady rate is the output's")
+        notes.append("no window in which every actor of every pool had work: the steady rate is the output's")
         steady, window_start, window_end = output
     after = [t for t in arrivals if t > pools_up]
     after_rate = len(after) / (after[-1] - pools_up) if after and after[-1] > pools_up else 0.0
@@ -254,7 +271,8 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
         unmeasured.append(f"only {len(after)} of {videos} videos finished after the pools were up: too few to measure "
                           "(more --videos, or a larger --time-scale)")
     if summary.ok < videos:
-        unmeasured.append(f"{videos - summary.ok} video(s) did not finish ok")
+        why = "; ".join(summary.first_errors[:2]) or summary.reason or f"the render ended {summary.status}"
+        unmeasured.append(f"{videos - summary.ok} video(s) did not finish ok ({why})")
     window = max(window_end - window_start, 1e-9)
     busy = {}  # the share of the window its actors spent in calls
     for s in STAGES:
@@ -262,7 +280,8 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
         busy[s] = inside / (deployment.stage(s).actors * window)
     run_cpu = other_cpu = None
     inside = [(t, c) for t, c in cpu_marks if window_start <= t <= window_end]
-    if len(inside) >= 2 and inside[-1][0] > inside[0][0]:
+    # Processes of this run that ended meanwhile take their CPU seconds with them: then it is unknown.
+    if len(inside) >= 2 and inside[-1][0] > inside[0][0] and inside[-1][1][0] >= inside[0][1][0]:
         (t0, (ours0, all0)), (t1, (ours1, all1)) = inside[0], inside[-1]
         run_cpu, other_cpu = (ours1 - ours0) / (t1 - t0), max(0.0, (all1 - all0) - (ours1 - ours0)) / (t1 - t0)
         if other_cpu > 0.25:

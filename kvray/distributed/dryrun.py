@@ -90,7 +90,7 @@ def dry_run(job: RenderJob, *, costs: CostProfile | None = None, gpus: int | Non
     started = connect(job.ray, verbose)
     try:
         with execution_context(verbose=verbose):
-            scan = scan_manifest(manifest, job.storage_options, planning_tasks(job))
+            scan = scan_manifest(manifest, job.storage_options, planning_tasks(alone=True))
             report.rows, report.repeats, report.duplicates = manifest.rows, len(scan.repeats), len(scan.duplicates)
             report.prompts = scan.prompts.line()
             inputs = PlanInputs(job.model_dump_json(), new_run_id(), "", ray.put(scan.duplicates),
@@ -100,7 +100,7 @@ def dry_run(job: RenderJob, *, costs: CostProfile | None = None, gpus: int | Non
             reference = {"width": 512, "height": 512, "fps": "medium",
                          **{k: measured[k] for k in ("width", "height", "fps") if k in measured}}
             shapes: dict[str, int] = {}
-            for batch in planned_dataset(manifest.parts, inputs, planning_tasks(job)).iter_batches(
+            for batch in planned_dataset(manifest.parts, inputs, planning_tasks(alone=True)).iter_batches(
                     batch_format="pandas", batch_size=None):
                 for summary in batch["summary"]:
                     part = json.loads(summary)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -62,9 +63,10 @@ def _shared(duplicates: ray.ObjectRef, repeats: ray.ObjectRef, done: ray.ObjectR
     return ray.get(duplicates), ray.get(repeats), ray.get(done), ray.get(collapsed) if collapsed else (empty, empty)
 
 
-def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, int]):
+def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, int], shapes: Counter | None = None):
     """Every row of the part, planned, in DataFrames of a read batch each; repeats of identical rows
-    without ids are counted in `counts` and left out."""
+    without ids are counted in `counts` and left out. `shapes`, when given, counts the pending rows
+    by (width, height, fps, mode, scenes)."""
     job = _job(inputs.job_json)
     duplicates, repeats, done, (collapsed, firsts) = _shared(inputs.duplicates, inputs.repeats, inputs.done,
                                                               inputs.collapsed)
@@ -73,20 +75,23 @@ def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, in
     preset = job.models.model_preset
     size = (preset.default_width, preset.default_height)
     for start, records in part_batches(manifest_fs, part):
-        rows = []
-        for offset, record in enumerate(records.to_pylist()):
-            position = start + offset
-            if _in_sorted(repeats, position):
+        positions = np.arange(start, start + records.num_rows, dtype=np.int64)
+        repeated = _where_in(repeats, positions) >= 0
+        collapsed_at = _where_in(collapsed, positions)
+        rows, row_shapes = [], []
+        for position, record, repeat, collapsed_index in zip(positions.tolist(), records.to_pylist(),
+                                                             repeated.tolist(), collapsed_at.tolist()):
+            if repeat:
                 counts[REPEAT] += 1
                 continue
             planned = plan_row(record, job.defaults, job.models.version, size)
             row = empty_row(planned.id, position)
             request = planned.request
-            index = np.searchsorted(collapsed, position)
-            if index < len(collapsed) and collapsed[index] == position and request is not None:
+            shape = None
+            if collapsed_index >= 0 and request is not None:
                 row.update(status=SKIPPED, prompt=request.prompt, seed=request.seed,
-                           error=f"same prompt and seed as row {firsts[index]} after normalisation: not rendered "
-                                 "(collapse_duplicate_prompts)")
+                           error=f"same prompt and seed as row {firsts[collapsed_index]} after normalisation: not "
+                                 "rendered (collapse_duplicate_prompts)")
             elif request is None:
                 row.update(status=ERROR, error=planned.error, prompt=str(record.get("prompt") or ""))
             elif planned.id in duplicates:
@@ -95,7 +100,9 @@ def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, in
             else:
                 row.update(video_id=planned.video_id, seed=request.seed, prompt=request.prompt,
                            request=request.model_dump_json())
+                shape = (request.width, request.height, request.fps, request.mode, len(request.scenes or ()) or 1)
             rows.append(row)
+            row_shapes.append(shape)
         frame = rows_frame(rows)
         pending = frame.index[frame["status"] == PENDING]
         done_before = pending[is_done(done, frame.loc[pending, "video_id"].tolist())]
@@ -103,6 +110,8 @@ def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, in
         if job.dataset.layout == "files":  # a webdataset sample's shard is in the index
             frame.loc[done_before, "uri"] = [out_fs.unstrip_protocol(video_path(root, v, job.video_format))
                                              for v in frame.loc[done_before, "video_id"]]
+        if shapes is not None:
+            shapes.update(shape for shape, status in zip(row_shapes, frame["status"]) if status == PENDING)
         for status in (PENDING, SKIPPED, ERROR):
             counts[status] += int((frame["status"] == status).sum())
         yield frame
@@ -151,20 +160,19 @@ def dry_part(batch: dict, inputs: PlanInputs):
     first errors, and how many pending rows have each shape (size, fps, mode, scenes)."""
     counts = {PENDING: 0, SKIPPED: 0, ERROR: 0, REPEAT: 0}
     errors: list[str] = []
-    shapes: dict[str, int] = {}
-    for frame in _planned_frames(_part(batch), inputs, counts):
+    shapes: Counter = Counter()
+    for frame in _planned_frames(_part(batch), inputs, counts, shapes):
         _first_errors(frame, errors)
-        for request in frame.loc[frame["status"] == PENDING, "request"]:
-            fields = json.loads(request)
-            shape = json.dumps([fields["width"], fields["height"], fields["fps"], fields["mode"],
-                                len(fields.get("scenes") or ()) or 1])
-            shapes[shape] = shapes.get(shape, 0) + 1
-    yield pd.DataFrame({"summary": [json.dumps({"counts": counts, "errors": errors, "shapes": shapes})]})
+    summary = {"counts": counts, "errors": errors, "shapes": {json.dumps(list(k)): n for k, n in shapes.items()}}
+    yield pd.DataFrame({"summary": [json.dumps(summary)]})
 
 
-def _in_sorted(sorted_values: np.ndarray, value: int) -> bool:
-    index = np.searchsorted(sorted_values, value)
-    return index < len(sorted_values) and sorted_values[index] == value
+def _where_in(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each of `values`, its index in `sorted_values`, or -1 where it is not there."""
+    if not len(sorted_values):
+        return np.full(len(values), -1, dtype=np.int64)
+    index = np.searchsorted(sorted_values, values).clip(max=len(sorted_values) - 1)
+    return np.where(sorted_values[index] == values, index, -1)
 
 
 def _parquet_bytes(frame: pd.DataFrame) -> bytes:

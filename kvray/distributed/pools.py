@@ -3,7 +3,8 @@
 How work reaches the actors. Ray Data hands each actor a bundle of whole blocks, so a pool shares its
 work as finely as its input is cut into blocks. Rows with a payload (text contexts, latents: hundreds
 of KB to MB at full size) are made one block each by a small target block size (`ROW_BLOCK_BYTES`,
-set for the render's execution); planned rows (about 1 KB) come in blocks of some tens. No
+set for the render's execution); planned rows (about 1 KB) come in blocks of about the first pool's
+batch (`block_bytes`: the target is lowered to that once a render has seen its first rows). No
 repartition runs between the pools: a repartition is a Ray task asking for a whole CPU, which a
 cluster whose CPUs the pools hold (or one that lost a node) can never schedule.
 """
@@ -22,16 +23,28 @@ from .shard_writer import ShardWriter
 
 ROW_BLOCK_BYTES = 64 * 1024  # blocks above this size are cut, down to one row
 DEEP_QUEUE = 1.2  # a pool fed this many times as fast as it works has work waiting in front of it
+# From one call's end to the next call's start Ray takes 0.05-0.2 s (more on busy cores): a call
+# shorter than this would lose over 2% of its actor's time to it without a queued call.
+SHORT_CALL_S = 10.0
 
 
-def queued_calls(plan=None) -> dict[str, int]:
+def block_bytes(planned_row_bytes: float, first_batch: int) -> int:
+    """A render's target block size: planned rows in blocks of about the first pool's batch, rows with a
+    payload above it one per block. Ray Data hands an actor whole blocks: planned rows in blocks of
+    `ROW_BLOCK_BYTES` (some tens of rows) would keep one actor of a first pool of batch 1 busy with
+    all of them while the pool's other actors wait."""
+    return int(max(1, min(ROW_BLOCK_BYTES, planned_row_bytes * first_batch)))
+
+
+def queued_calls(plan=None, batch_sizes: dict[str, int] | None = None, time_scale: float = 1.0) -> dict[str, int]:
     """Calls queued on each actor of each pool. 2, so that the next batch reaches an actor while the
-    current one computes, where work waits in front of the pool: the first pool (its input is all there
-    from the start), and a pool that the pools before it feed `DEEP_QUEUE` times as fast as it works
-    (per the planner's `plan`); and in a pool of one actor. 1 elsewhere: Ray Data hands a queued call
-    to a busy actor, and when the queue in front of a pool is short, the video waits there while
-    another actor runs dry (see docs/benchmarks.md). The price of 1 is the time from one call's end to
-    the next call's start, some tenths of a second on a loaded machine."""
+    current one computes, where the time between calls would cost: in the first pool (its input is all
+    there from the start); in a pool that the pools before it feed `DEEP_QUEUE` times as fast as it
+    works (per the planner's `plan`); in a pool of one actor; and in a pool whose calls (`batch_sizes`
+    videos at the plan's seconds per video, times `time_scale` for a simulation) last under
+    `SHORT_CALL_S`. 1 elsewhere: Ray Data hands a queued call to a busy actor, and when the queue in
+    front of a pool is short, the video waits there while another actor runs dry (see
+    docs/benchmarks.md); a long call loses little to the time from its end to the next call's start."""
     calls = {}
     for index, stage in enumerate(STAGES):
         if index == 0:
@@ -41,7 +54,8 @@ def queued_calls(plan=None) -> dict[str, int]:
         else:
             feed = min(plan.stages[s].videos_per_second for s in STAGES[:index])
             deep = feed >= DEEP_QUEUE * plan.stages[stage].videos_per_second
-            calls[stage] = 2 if deep or plan.stages[stage].actors == 1 else 1
+            call = plan.stages[stage].seconds_per_video * (batch_sizes or {}).get(stage, 1) * time_scale
+            calls[stage] = 2 if deep or call < SHORT_CALL_S or plan.stages[stage].actors == 1 else 1
     return calls
 
 

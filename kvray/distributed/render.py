@@ -43,7 +43,7 @@ from ..io.storage import open_fs, redact_job, redact_url, write_atomic, write_js
 from .cluster import check_resources, connect, on_this_node
 from .plan import PlanInputs, planned_dataset, scan_manifest
 from .planner import plan_job, plan_summary
-from .pools import PoolOptions, execution_context, model_stages, queued_calls
+from .pools import PoolOptions, block_bytes, execution_context, model_stages, queued_calls
 from .rows import ERROR, FILTERED, OK, SKIPPED, RunLedger, results_table
 
 log = logging.getLogger(__name__)
@@ -330,22 +330,32 @@ def collapsed_rows(job: RenderJob, scan):
 PROBE_ROWS = 2_000
 
 
-def _probe(planned):
+def _probe(planned, first_batch: int):
     """Plans ahead before any pool starts, until PROBE_ROWS pending rows are found: none, and no pool
-    starts (a finished job re-run ends in seconds); a few, the pools get just those; more, the render
-    streams as usual, planning again from the start (its results files are rewritten, not added)."""
+    starts (a finished job re-run ends in seconds); a few, the pools get just those, in blocks of the
+    first pool's batch (`first_batch`); more, the render streams as usual, planning again from the start
+    (its results files are rewritten, not added). Returns (the planned rows or None, their mean bytes)."""
     found, count = [], 0
     for batch in planned.iter_batches(batch_format="pandas", batch_size=None):
         found.append(batch)
         count += len(batch)
         if count > PROBE_ROWS:
-            return planned
-    return ray.data.from_pandas(pd.concat(found)) if count else None
+            return planned, _mean_bytes(found)
+    if not count:
+        return None, 0.0
+    rows = pd.concat(found)
+    return ray.data.from_pandas([rows.iloc[i:i + first_batch] for i in range(0, count, first_batch)]), _mean_bytes(found)
 
 
-def planning_tasks(job: RenderJob) -> int:
-    """Planning tasks at a time: a few per node's worth of CPUs, enough to stay ahead of the pools."""
-    return max(1, min(16, int(ray.cluster_resources().get("CPU", 1)) // 2))
+def _mean_bytes(frames: list[pd.DataFrame]) -> float:
+    return sum(int(f.memory_usage(index=True, deep=True).sum()) for f in frames) / max(1, sum(map(len, frames)))
+
+
+def planning_tasks(*, alone: bool = False) -> int:
+    """Planning tasks at a time: one per CPU when nothing else runs (the id pass before the pools
+    start, a dry run), else half the CPUs, enough to stay ahead of the pools."""
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(64, cpus) if alone else min(16, cpus // 2))
 
 
 def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, take_over: bool = False,
@@ -422,22 +432,26 @@ def _render(job, chosen, manifest, fs, root, summary, done, start, renewer, *, l
             record.data["plan"] = plan_summary(chosen)
         record.update()
         if pool_options is None:
-            pool_options = PoolOptions(tasks_per_actor=queued_calls(chosen))
+            sizes = {s: job.deployment.stage(s).batch_size for s in STAGES}
+            pool_options = PoolOptions(tasks_per_actor=queued_calls(chosen, sizes))
         if workers is None:
             from .workers import WORKERS as workers
-        with Signals() as signals, execution_context(pool_options, verbose=verbose):
+        with Signals() as signals, execution_context(pool_options, verbose=verbose) as context:
             try:
-                scan = scan_manifest(manifest, job.storage_options, planning_tasks(job))
+                scan = scan_manifest(manifest, job.storage_options, planning_tasks(alone=True))
                 summary.repeats = len(scan.repeats)
                 ledger_name = f"kvray-ledger-{run_id}"
                 ledger_actor = RunLedger.options(name=ledger_name, scheduling_strategy=on_this_node()).remote()
                 inputs = PlanInputs(job.model_dump_json(), run_id, ledger_name, ray.put(scan.duplicates),
                                     ray.put(scan.repeats), ray.put(done), collapsed_rows(job, scan))
                 summary.prompts = scan.prompts.line()
-                planned = planned_dataset(manifest.parts, inputs, planning_tasks(job))
+                planned = planned_dataset(manifest.parts, inputs, planning_tasks())
                 if limit is not None:
                     planned = planned.limit(limit)
-                planned = _probe(planned)
+                first_batch = job.deployment.stage(STAGES[0]).batch_size
+                planned, row_bytes = _probe(planned, first_batch)
+                if pool_options.small_blocks and row_bytes:
+                    context.target_max_block_size = block_bytes(row_bytes, first_batch)
                 writer = ResultsWriter(fs, root, run_id, job.results_per_file)
                 summary.startup_seconds = time.perf_counter() - start
                 render_start = time.perf_counter()
