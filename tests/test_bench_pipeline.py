@@ -126,7 +126,7 @@ def test_calls_are_queued_on_actors_only_where_work_waits():
     # Calls of seconds (a simulation's time scale of 8): the keyframes pool is fed by a text pool five
     # times as fast; the interpolation calls (2 s) are short; the decode pool, fed at about its own
     # pace, has calls of 14 s.
-    assert queued_calls(plan, {s: 1 for s in P.STAGES}, 8.0) == {"text": 2, "keyframes": 2, "interpolate": 2,
-                                                                  "decode": 1}
+    deployment = P.to_deployment(plan, batch_sizes={s: 1 for s in P.STAGES})
+    assert queued_calls(plan, deployment, 8.0) == {"text": 2, "keyframes": 2, "interpolate": 2, "decode": 1}
     # In the profile's own seconds every call is short.
-    assert set(queued_calls(plan, {s: 1 for s in P.STAGES}).values()) == {2}
+    assert set(queued_calls(plan, deployment).values()) == {2}

@@ -60,11 +60,11 @@ class Levers:
 LEVERS = tuple(asdict(Levers()))
 
 
-def pool_options(levers: Levers, plan, batch_sizes: dict[str, int], time_scale: float = 1.0):
-    """The renderer's `PoolOptions` for `plan` with these levers."""
+def pool_options(levers: Levers, plan, deployment, time_scale: float = 1.0):
+    """The renderer's `PoolOptions` for `plan` and its `deployment` with these levers."""
     from ..distributed.pools import PoolOptions, queued_calls
 
-    calls = queued_calls(plan, batch_sizes, time_scale) if levers.prefetch else {s: 1 for s in STAGES}
+    calls = queued_calls(plan, deployment, time_scale) if levers.prefetch else {s: 1 for s in STAGES}
     return PoolOptions(full_pools=levers.full_pools, tasks_per_actor=calls, small_blocks=levers.small_blocks)
 
 
@@ -130,8 +130,7 @@ def simulated_pipeline(costs, gpus: int, videos: int, *, levers: Levers = Levers
         payload_bytes = {**payload_bytes, "decode": frames_bytes()}
     return simulate(costs, gpus, videos, deployment=deployment, time_scale=time_scale, payload_bytes=payload_bytes,
                     prompts=prompts, dedupe_prompts=levers.text_once_per_prompt,
-                    pool_options=pool_options(levers, chosen, {s: deployment.stage(s).batch_size for s in STAGES},
-                                              time_scale),
+                    pool_options=pool_options(levers, chosen, deployment, time_scale),
                     label=label or ("equal pools" if not levers.planner else "planned pools"))
 
 

@@ -51,7 +51,7 @@ def mark_done(fs, root: str, job, rows: int, fraction: float) -> int:
         batch[meta_path(root, planned.video_id)] = dumps_json({"video_id": planned.video_id, "marked": True})
         if len(batch) >= 1000 or i == count - 1:
             if isinstance(fs, LocalFileSystem):  # local files need their folders; object stores have none
-                for parent in {fs._parent(p) for p in batch}:
+                for parent in {os.path.dirname(p) for p in batch}:
                     fs.makedirs(parent, exist_ok=True)
             fs.pipe(batch)
             batch = {}

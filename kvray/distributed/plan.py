@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 import ray
 
 from ..config.job import RenderJob
-from ..io.layout import is_done, results_dir, video_path
+from ..io.layout import is_done, results_dir, video_path, where_in_sorted
 from ..io.manifest import Manifest, ManifestPart, part_batches
 from ..io.storage import open_fs, write_atomic
 from ..requests.manifest import IdScan, PartIds, part_ids, plan_row, scan_ids
@@ -76,8 +76,8 @@ def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, in
     size = (preset.default_width, preset.default_height)
     for start, records in part_batches(manifest_fs, part):
         positions = np.arange(start, start + records.num_rows, dtype=np.int64)
-        repeated = _where_in(repeats, positions) >= 0
-        collapsed_at = _where_in(collapsed, positions)
+        repeated = where_in_sorted(repeats, positions) >= 0
+        collapsed_at = where_in_sorted(collapsed, positions)
         rows, row_shapes = [], []
         for position, record, repeat, collapsed_index in zip(positions.tolist(), records.to_pylist(),
                                                              repeated.tolist(), collapsed_at.tolist()):
@@ -165,14 +165,6 @@ def dry_part(batch: dict, inputs: PlanInputs):
         _first_errors(frame, errors)
     summary = {"counts": counts, "errors": errors, "shapes": {json.dumps(list(k)): n for k, n in shapes.items()}}
     yield pd.DataFrame({"summary": [json.dumps(summary)]})
-
-
-def _where_in(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
-    """For each of `values`, its index in `sorted_values`, or -1 where it is not there."""
-    if not len(sorted_values):
-        return np.full(len(values), -1, dtype=np.int64)
-    index = np.searchsorted(sorted_values, values).clip(max=len(sorted_values) - 1)
-    return np.where(sorted_values[index] == values, index, -1)
 
 
 def _parquet_bytes(frame: pd.DataFrame) -> bytes:

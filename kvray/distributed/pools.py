@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from ..config.job import RenderJob
+from ..config.job import Deployment, RenderJob
 from ..config.stages import STAGES
 from .shard_writer import ShardWriter
 
@@ -36,12 +36,12 @@ def block_bytes(planned_row_bytes: float, first_batch: int) -> int:
     return int(max(1, min(ROW_BLOCK_BYTES, planned_row_bytes * first_batch)))
 
 
-def queued_calls(plan=None, batch_sizes: dict[str, int] | None = None, time_scale: float = 1.0) -> dict[str, int]:
+def queued_calls(plan=None, deployment: Deployment | None = None, time_scale: float = 1.0) -> dict[str, int]:
     """Calls queued on each actor of each pool. 2, so that the next batch reaches an actor while the
     current one computes, where the time between calls would cost: in the first pool (its input is all
     there from the start); in a pool that the pools before it feed `DEEP_QUEUE` times as fast as it
-    works (per the planner's `plan`); in a pool of one actor; and in a pool whose calls (`batch_sizes`
-    videos at the plan's seconds per video, times `time_scale` for a simulation) last under
+    works (per the planner's `plan`); in a pool of one actor; and in a pool whose calls (the
+    `deployment`'s batch at the plan's seconds per video, times `time_scale` for a simulation) last under
     `SHORT_CALL_S`. 1 elsewhere: Ray Data hands a queued call to a busy actor, and when the queue in
     front of a pool is short, the video waits there while another actor runs dry (see
     docs/benchmarks.md); a long call loses little to the time from its end to the next call's start."""
@@ -54,7 +54,8 @@ def queued_calls(plan=None, batch_sizes: dict[str, int] | None = None, time_scal
         else:
             feed = min(plan.stages[s].videos_per_second for s in STAGES[:index])
             deep = feed >= DEEP_QUEUE * plan.stages[stage].videos_per_second
-            call = plan.stages[stage].seconds_per_video * (batch_sizes or {}).get(stage, 1) * time_scale
+            batch = deployment.stage(stage).batch_size if deployment is not None else 1
+            call = plan.stages[stage].seconds_per_video * batch * time_scale
             calls[stage] = 2 if deep or call < SHORT_CALL_S or plan.stages[stage].actors == 1 else 1
     return calls
 

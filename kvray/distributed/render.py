@@ -432,8 +432,7 @@ def _render(job, chosen, manifest, fs, root, summary, done, start, renewer, *, l
             record.data["plan"] = plan_summary(chosen)
         record.update()
         if pool_options is None:
-            sizes = {s: job.deployment.stage(s).batch_size for s in STAGES}
-            pool_options = PoolOptions(tasks_per_actor=queued_calls(chosen, sizes))
+            pool_options = PoolOptions(tasks_per_actor=queued_calls(chosen, job.deployment))
         if workers is None:
             from .workers import WORKERS as workers
         with Signals() as signals, execution_context(pool_options, verbose=verbose) as context:

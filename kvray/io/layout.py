@@ -159,11 +159,17 @@ def done_keys(fs: AbstractFileSystem, root: str, layout: str) -> np.ndarray:
 
 def is_done(done: np.ndarray, video_ids: list[str]) -> np.ndarray:
     """For each id, whether it is in the sorted `done` ids (bool array)."""
-    if len(done) == 0 or not video_ids:
-        return np.zeros(len(video_ids), dtype=bool)
-    query = np.array(video_ids, dtype=f"S{VIDEO_ID_LENGTH}")
-    where = np.searchsorted(done, query).clip(max=len(done) - 1)
-    return done[where] == query
+    if not video_ids:
+        return np.zeros(0, dtype=bool)
+    return where_in_sorted(done, np.array(video_ids, dtype=f"S{VIDEO_ID_LENGTH}")) >= 0
+
+
+def where_in_sorted(sorted_values: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """For each of `values`, its index in `sorted_values`, or -1 where it is not there."""
+    if not len(sorted_values):
+        return np.full(len(values), -1, dtype=np.int64)
+    index = np.searchsorted(sorted_values, values).clip(max=len(sorted_values) - 1)
+    return np.where(sorted_values[index] == values, index, -1)
 
 
 def remove_temporaries(fs: AbstractFileSystem, root: str) -> int:
