@@ -1,4 +1,4 @@
-"""`kvray` command line: generate | render | submit | plan | bench | parity | layout | convert."""
+"""`kvray` command line: generate | render | submit | plan | bench | train | parity | layout | convert."""
 
 from __future__ import annotations
 
@@ -71,18 +71,25 @@ def _cmd_convert(args) -> int:
 
 
 class ProgressBars:
-    """One tqdm bar per stage, on stderr; the pipeline reports (stage, step, steps)."""
+    """One tqdm bar per stage on a terminal; elsewhere (a log file) one plain line per finished stage, since
+    a bar's carriage returns garble logs. The pipeline reports (stage, step, steps)."""
 
-    def __init__(self):
+    def __init__(self, stream=None):
         from tqdm import tqdm
 
         self._tqdm = tqdm
+        self.stream = stream or sys.stderr
+        self.terminal = self.stream.isatty()
         self.stage, self.bar = None, None
 
     def __call__(self, stage: str, index: int, total: int) -> None:
+        if not self.terminal:
+            if index == total - 1:
+                print(f"{stage}: {total} steps done", file=self.stream, flush=True)
+            return
         if stage != self.stage or index == 0:
             self.close()
-            self.stage, self.bar = stage, self._tqdm(total=total, desc=f"{stage:<13}", unit="step")
+            self.stage, self.bar = stage, self._tqdm(total=total, desc=f"{stage:<13}", unit="step", file=self.stream)
         self.bar.update(1)
 
     def close(self) -> None:
@@ -127,7 +134,7 @@ def _cmd_generate(args) -> int:
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    _note_random_weights(models)
+    _note_weights(models)
     pipeline = VideoPipeline(models, runtime)
     bars = ProgressBars()
     try:
@@ -201,9 +208,14 @@ def _render_job(args):
     return job
 
 
-def _note_random_weights(models) -> None:
+def _note_weights(models) -> None:
+    """One line on stderr where the weights are not a model of the real world: random, or the shipped toy."""
     if models.is_random:
         print(f"note: preset {models.preset} with random weights (seed {models.random_seed}): expect noise, not scenes",
+              file=sys.stderr)
+    elif models.is_shipped_toy:
+        print("note: the embedded toy model (shipped weights, trained on kvray's procedural world of coloured shapes): "
+              "prompts like 'a red circle moves left on a black background'; --preset kv11 for the real model",
               file=sys.stderr)
 
 
@@ -284,7 +296,7 @@ def _cmd_render(args) -> int:
         return 2
     if args.dry_run:
         return _dry_run(job, args)
-    _note_random_weights(job.models)
+    _note_weights(job.models)
     from .distributed.render import render
     from .io.manifest import open_manifest
 
@@ -362,6 +374,9 @@ def _cmd_results(args) -> int:
     if args.status:
         table = table.filter(pc.is_in(table.column("status"), value_set=pa_strings(args.status)))
     counts = table.group_by("status").aggregate([("id", "count")]).to_pylist()
+    if table.num_rows == 0:
+        print(f"no rows with status {' or '.join(args.status)} under {args.out}")
+        return 0
     print(", ".join(f"{c['status']} {c['id_count']}" for c in sorted(counts, key=lambda c: c["status"])))
     if args.save:
         import pyarrow as pa
@@ -426,7 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_storage_options(p)
     p.add_argument("--num-gpus", type=int, help="GPUs of the local Ray (default: detected)")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray (default: max(8, cores))")
-    add_preset_option(p, default=None, help_default="tiny, or the job file's")
+    add_preset_option(p, default=None, help_default="toy, or the job file's")
     add_weights_options(p)
     add_device_option(p, default=None)
     p.add_argument("--costs", help="cost profile for the planner (JSON of `kvray bench stages` or `kvray bench estimate`, "
@@ -496,8 +511,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .bench.scale import add_scale_parser
     from .bench.soak import add_soak_parser
     from .bench.stages import add_stages_parser
+    from .bench.toyworld import add_toyworld_parser
     from .distributed.planner import add_plan_parser
     from .gallery.command import add_gallery_parser
+    from .training.command import add_train_parser
 
     add_stages_parser(bench)
     add_estimate_parser(bench)
@@ -507,8 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_scale_parser(bench)
     add_soak_parser(bench)
     add_dataset_parser(bench)
+    add_toyworld_parser(bench)
     add_plan_parser(commands)
     add_gallery_parser(commands)
+    add_train_parser(commands)
 
     p = commands.add_parser("parity", help="replay the official networks' golden calls and compare")
     p.add_argument("golden_dir")

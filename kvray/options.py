@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import get_args
 
+from .config.models import DEFAULT_PRESET
 from .config.presets import PRESETS
 from .config.runtime import Precision
 from .config.sampling import FPS_PASSES, MOTION_SCORES, NOISE_AUGMENTATION
@@ -17,7 +18,7 @@ from .requests.camera import EFFECTS
 MODES = ("text2video", "image2video", "animation")
 
 
-def add_preset_option(parser, default: str | None = "tiny", help_default: str | None = None) -> None:
+def add_preset_option(parser, default: str | None = DEFAULT_PRESET, help_default: str | None = None) -> None:
     parser.add_argument("--preset", default=default, choices=sorted(PRESETS),
                         help=f"network sizes (default {help_default or default})")
 
@@ -26,7 +27,8 @@ def add_weights_options(parser, default: str | None = None) -> None:
     parser.add_argument("--weights", default=default,
                         help="weights: local dir, hub repo id, fsspec URL, or 'random' "
                              + (f"(default {default})" if default else
-                                "(default: random for tiny, ai-forever/KandinskyVideo_1_1 for kv11)"))
+                                "(default: the shipped weights for toy, random for tiny, "
+                                "ai-forever/KandinskyVideo_1_1 for kv11)"))
     parser.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
     parser.add_argument("--cache-dir", help="where remote weights are cached")
 
@@ -55,8 +57,8 @@ def add_storage_options(parser) -> None:
 def add_request_options(parser, *, fps: str | None = None, motion: str | None = None) -> None:
     """Everything of one request but its prompt (`video_request`)."""
     parser.add_argument("--image", help="image2video: the first frame (path, URL or fsspec URI)")
-    parser.add_argument("--width", type=int, help="multiple of 64 (default: the preset's, 512 for kv11, 128 for tiny)")
-    parser.add_argument("--height", type=int, help="multiple of 64 (default: the preset's, 512 for kv11, 128 for tiny)")
+    parser.add_argument("--width", type=int, help="multiple of 64 (default: the preset's: kv11 512, tiny 128, toy 64)")
+    parser.add_argument("--height", type=int, help="multiple of 64 (default: the preset's: kv11 512, tiny 128, toy 64)")
     # fps and motion are checked with the rest of the request (one line naming the field), not by argparse.
     parser.add_argument("--fps", default=fps, metavar="|".join(FPS_PASSES),
                         help=f"low (12 frames), medium (45) or high (177); default {fps or 'low'}")

@@ -181,7 +181,7 @@ def test_storage_that_always_fails_stops_with_a_clear_error(ray_cluster, s3_buck
         code = main(["render", job.manifest, "--out", job.out, "--job", str(tmp_path / "job.yaml")])
     assert code == 2 and time.time() - start < 120
     lines = capsys.readouterr().err.splitlines()
-    assert lines[0].startswith("note: preset tiny with random weights")  # said before any work starts
+    assert lines[0].startswith("note: the embedded toy model")  # said before any work starts
     errors = [line for line in lines if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: storage failed") and "reduce your request rate" in errors[0]
 

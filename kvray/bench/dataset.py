@@ -50,7 +50,7 @@ def bench_dataset(models, runtime, sizes, *, fps: str = "medium", samples: int =
 
     say = progress or (lambda message: None)
     decode = Decode(models, runtime)
-    factor = 2 ** (len(models.model_preset.video_movq.ch_mult) - 1)  # pixels per latent, each way
+    factor = models.model_preset.latent_factor
     dataset = DatasetConfig(layout="webdataset", shard_size=samples, filters=["motion>=0.5"])
     generator = torch.Generator().manual_seed(0)
     smallest = min(sizes, key=lambda size: size[0] * size[1])

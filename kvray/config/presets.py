@@ -15,7 +15,7 @@ from .arch import (
     TextEncoderConfig,
 )
 
-PresetName = Literal["kv11", "tiny"]
+PresetName = Literal["kv11", "tiny", "toy"]
 
 
 class ModelPreset(ArchConfig):
@@ -34,6 +34,11 @@ class ModelPreset(ArchConfig):
     # Video size when a request gives none: the official 512 x 512, or a CPU-friendly size for tiny.
     default_width: int = 512
     default_height: int = 512
+
+    @property
+    def latent_factor(self) -> int:
+        """Pixels per latent, each way: the MoVQ halves the image between its levels (8 for kv11)."""
+        return 2 ** (len(self.image_movq.ch_mult) - 1)
 
 
 _KV11_SPATIAL = dict(
@@ -69,6 +74,13 @@ KV11 = ModelPreset(
     tokenizer="google/flan-ul2",
 )
 
+def _frames_only_video_movq(movq: dict) -> MoVQConfig:
+    """The video MoVQ of the small presets: temporal convs over frames only (3,1,1), since a (3,3,3) kernel at
+    full resolution would make decoding the slowest step of a small pipeline by far."""
+    return MoVQConfig(temporal=True, temporal_attention_block=True, temporal_kernel_size=(3, 1, 1),
+                      temporal_conv_padding=(1, 0, 0), **movq)
+
+
 _TINY_SPATIAL = dict(
     model_channels=8,
     init_channels=8,
@@ -101,18 +113,56 @@ TINY = ModelPreset(
     ),
     interpolation_unet=InterpolationUNetConfig(num_channels=20, out_channels=12, **_TINY_SPATIAL),
     image_movq=MoVQConfig(**_TINY_MOVQ),
-    # Temporal convs over frames only (3,1,1): a (3,3,3) kernel at full resolution would make decoding
-    # the slowest step of the tiny pipeline by far.
-    video_movq=MoVQConfig(
-        temporal=True, temporal_attention_block=True, temporal_kernel_size=(3, 1, 1), temporal_conv_padding=(1, 0, 0),
-        **_TINY_MOVQ,
-    ),
+    video_movq=_frames_only_video_movq(_TINY_MOVQ),
     tokenizer="byt5",
     default_width=128,
     default_height=128,
 )
 
-PRESETS: dict[str, ModelPreset] = {p.name: p for p in (KV11, TINY)}
+_TOY_SPATIAL = dict(
+    model_channels=32,
+    init_channels=32,
+    time_embed_dim=128,
+    context_dim=64,
+    groups=8,
+    head_dim=16,
+    expansion_ratio=2,
+    compression_ratio=2,
+    dim_mult=(1, 2, 2, 4),
+    num_blocks=(1, 1, 1, 1),
+    add_cross_attention=(False, True, True, True),
+    # No self-attention at the two finest levels: 16x16 and 8x8 latents of one shape need none, and
+    # the temporal attention rides on the same flag, so the keyframe U-Net keeps it at 4x4 and 2x2.
+    add_self_attention=(False, False, True, True),
+)
+# A MoVQ that halves twice (64 px -> 16x16 latents): the toy world's shapes need 4 latent pixels across.
+_TOY_MOVQ = dict(
+    double_z=False, z_channels=4, resolution=64, in_channels=3, out_ch=3, ch=32,
+    ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+)
+
+# The toy model: trained here by `kvray train` on the procedural toy world (`kvray.toyworld`), a few
+# million parameters, 64 x 64 videos; its weights ship with the package (`kvray/toy_weights/`).
+TOY = ModelPreset(
+    name="toy",
+    text_encoder=TextEncoderConfig(
+        t5=T5Config(vocab_size=384, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                    relative_attention_num_buckets=16, relative_attention_max_distance=64),
+        context_dim=64,
+        tokens_length=96,
+    ),
+    keyframe_unet=KeyframeUNetConfig(
+        num_channels=9, out_channels=4, noise_augmentation=True, motion_score=True, **_TOY_SPATIAL
+    ),
+    interpolation_unet=InterpolationUNetConfig(num_channels=20, out_channels=12, **_TOY_SPATIAL),
+    image_movq=MoVQConfig(**_TOY_MOVQ),
+    video_movq=_frames_only_video_movq(_TOY_MOVQ),
+    tokenizer="byt5",
+    default_width=64,
+    default_height=64,
+)
+
+PRESETS: dict[str, ModelPreset] = {p.name: p for p in (KV11, TINY, TOY)}
 
 
 def get_preset(name: str) -> ModelPreset:

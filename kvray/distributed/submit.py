@@ -427,7 +427,7 @@ def add_submit_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--no-follow", dest="follow", action="store_false",
                    help="print the job id and return once the job is accepted")
     render = p.add_argument_group("render options, passed to `kvray render` on the cluster")
-    add_preset_option(render, default=None, help_default="the job file's, else tiny")
+    add_preset_option(render, default=None, help_default="the job file's, else toy")
     render.add_argument("--weights", help="weights: hub repo id, fsspec URL, path on the cluster, or 'random'")
     render.add_argument("--job", help="RenderJob YAML, as the cluster sees it (e.g. cluster/job-kv11.yaml)")
     render.add_argument("--storage-option", action="append", type=key_value, metavar="KEY=VALUE",

@@ -197,6 +197,7 @@ class Keyframes:
         prepare(runtime, self.device)
         self.unet = load_model(models, "keyframe_unet", self.device, network_dtype(runtime, "keyframe_unet", self.device))
         self.movq = load_model(models, "image_movq", self.device, network_dtype(runtime, "image_movq", self.device))
+        self.models = models
         self.sampling = sampling
 
     def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[Text],
@@ -256,10 +257,11 @@ class Keyframes:
         request = requests[0]
         drawn = [i for i, image in enumerate(images) if image is None]
         if drawn:
-            # text2video: the first frame at (height/4, width/4) latents, i.e. twice the video's size.
+            # text2video: the first frame's latents at twice the video's (kv11: height/4, width/4).
+            factor = self.models.model_preset.latent_factor
             denoiser = self.denoiser
             latents = sample_first_frame(
-                denoiser, [texts[i] for i in drawn], (request.height // 4, request.width // 4),
+                denoiser, [texts[i] for i in drawn], (2 * request.height // factor, 2 * request.width // factor),
                 GeneratorNoise([generators[i] for i in drawn]), guidance=[requests[i].guidance for i in drawn],
                 sampler=_with_steps(self.sampling.first_frame, request.steps),
                 callback=_step_callback(progress, "first frame"), **denoiser.loop_precision,

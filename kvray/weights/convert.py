@@ -9,6 +9,7 @@ import tempfile
 from pathlib import Path
 
 import fsspec
+import torch
 from safetensors.torch import save_file
 
 from ..config import ModelPreset
@@ -20,6 +21,27 @@ from .source import WeightsSource
 
 log = logging.getLogger(__name__)
 FORMAT = "kvray-weights-1"
+
+
+def write_converted(dst: str, name: str, preset_name: str, config, state: dict, extras: dict | None = None,
+                    dtype: torch.dtype | None = None) -> list[str]:
+    """One network in kvray's format under `dst`: `<name>.safetensors` (the state dict, extras such as
+    `null_embedding` flattened inside) and `<name>.json` (its architecture). `dtype` casts floating tensors
+    (trained weights ship in half precision). Returns the written URIs."""
+    cast = (lambda t: t.to(dtype) if dtype is not None and t.is_floating_point() else t)
+    tensors = {k: cast(v).contiguous() for k, v in state.items()}
+    tensors.update({k: cast(v).reshape(-1).contiguous() for k, v in (extras or {}).items()})
+    weights_name, arch_name = converted_names(name)
+    arch = {"format": FORMAT, "network": name, "preset": preset_name, "config": config.model_dump(mode="json")}
+    fs, root = fsspec.core.url_to_fs(dst)
+    fs.makedirs(root, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        local = Path(scratch) / weights_name
+        save_file(tensors, local, metadata={"format": FORMAT, "network": name})
+        fs.put_file(str(local), f"{root}/{weights_name}")
+    with fs.open(f"{root}/{arch_name}", "w") as f:
+        json.dump(arch, f, indent=2)
+    return [f"{dst.rstrip('/')}/{weights_name}", f"{dst.rstrip('/')}/{arch_name}"]
 
 
 def convert(source: WeightsSource, dst: str, preset: ModelPreset, *, t5_source: WeightsSource | None = None,
@@ -38,18 +60,8 @@ def convert(source: WeightsSource, dst: str, preset: ModelPreset, *, t5_source: 
         problem = describe_mismatch(shapes(build_on_meta(functools.partial(network.build, config)).state_dict()), shapes(state))
         if problem:
             raise CheckpointError(f"{name} from {source.uri} does not fit preset {preset.name}:\n  {problem}")
-        tensors = {k: v.contiguous() for k, v in state.items()}
-        tensors.update({k: v.reshape(-1).contiguous() for k, v in extras.items()})
-        weights_name, arch_name = converted_names(name)
-        arch = {"format": FORMAT, "network": name, "preset": preset.name, "config": config.model_dump(mode="json")}
-        with tempfile.TemporaryDirectory() as scratch:
-            local = Path(scratch) / weights_name
-            save_file(tensors, local, metadata={"format": FORMAT, "network": name})
-            fs.put_file(str(local), f"{root}/{weights_name}")
-        with fs.open(f"{root}/{arch_name}", "w") as f:
-            json.dump(arch, f, indent=2)
-        log.info("converted %s: %d tensors", name, len(tensors))
-        written += [f"{dst.rstrip('/')}/{weights_name}", f"{dst.rstrip('/')}/{arch_name}"]
+        written += write_converted(dst, name, preset.name, config, state, extras)
+        log.info("converted %s: %d tensors", name, len(state) + len(extras))
     if "text_encoder" in names and preset.tokenizer != BYT5:
         # The tokenizer travels with the encoder it was trained for; `load_tokenizer` reads it from here.
         tokenizer = t5_source if t5_source.exists(SPIECE) else WeightsSource(preset.tokenizer,

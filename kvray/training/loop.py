@@ -1,0 +1,235 @@
+"""The training loop every step shares: AdamW, EMA, resumable checkpoints, a loss log, exports.
+
+A work directory holds, per step, `{step}/checkpoint.pt` (weights, EMA, optimiser, step: a killed run
+resumes exactly, since a batch is a function of (seed, step)), `{step}/loss.csv` (written as training
+goes) and, shared, `weights/`: each finished or checkpointed step's EMA networks in kvray's converted
+format, which later steps read and `--weights` serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import fsspec
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..config.models import TOY_WEIGHTS_VERSION_FILE
+from ..weights.convert import write_converted
+from .data import ToyData
+from .steps import NEEDS, STEPS, Context
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = "weights"
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step: str
+    work: str
+    preset: str = "toy"
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int | None = Field(default=None, ge=1, description="None: the step's own (clips or images per batch)")
+    lr: float = Field(default=3e-4, gt=0)
+    warmup: int = Field(default=100, ge=0)
+    ema_decay: float = Field(default=0.999, ge=0, lt=1)
+    seed: int = 0
+    size: int = Field(default=64, ge=32)
+    checkpoint_every: int = Field(default=200, ge=1)
+    validate_every: int = Field(default=200, ge=1)
+    log_every: int = Field(default=20, ge=1)
+    device: str = "cpu"
+
+
+class EMA:
+    """Exponential moving average of trained tensors, with the usual warm-up of the decay."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone() for k, v in tensors.items()}
+
+    def update(self, tensors: dict[str, torch.Tensor], step: int) -> None:
+        decay = min(self.decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if value.is_floating_point():
+                    self.shadow[key].lerp_(value.detach(), 1 - decay)
+                else:
+                    self.shadow[key].copy_(value)
+
+
+def _trained_tensors(step) -> dict[str, torch.Tensor]:
+    """Every tensor a step writes, keyed `network/name`: full state dicts (buffers too) and extras."""
+    out = {f"{net}/{k}": v for net, module in step.networks.items() for k, v in module.state_dict().items()}
+    out.update({f"{net}/{k}": v for net, extras in step.extras.items() for k, v in extras.items()})
+    return out
+
+
+def export(step, tensors: dict[str, torch.Tensor], weights: str, preset, dtype: torch.dtype | None = None) -> list[str]:
+    """Write the step's networks (from `tensors`, e.g. the EMA) in kvray's converted format."""
+    written = []
+    for net in step.networks:
+        state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{net}/")}
+        extra_names = set(step.extras.get(net, {}))
+        extras = {k: state.pop(k) for k in list(state) if k in extra_names}
+        written += write_converted(weights, net, preset.name, getattr(preset, net), state, extras, dtype=dtype)
+    return written
+
+
+def export_work(work: str, dst: str, dtype: torch.dtype) -> list[str]:
+    """Every trained network of a work directory (its EMA weights) to `dst` in `dtype`: what ships."""
+    from ..weights.networks import NETWORKS, read_converted
+    from ..weights.source import WeightsSource
+
+    folder = Path(work) / WEIGHTS_DIR
+    untrained = [name for name in NETWORKS if not (folder / f"{name}.safetensors").is_file()]
+    if untrained:
+        raise FileNotFoundError(f"{', '.join(untrained)} not trained in {work}: run `kvray train all --work {work}` first")
+    source = WeightsSource(str(folder))
+    written = []
+    for name in NETWORKS:
+        config, state, extras = read_converted(source, name)
+        arch = json.loads(source.path(f"{name}.json").read_text())
+        written += write_converted(dst, name, arch["preset"], config, state, extras, dtype=dtype)
+    fs, root = fsspec.core.url_to_fs(dst)
+    digest = hashlib.sha256()
+    for name in NETWORKS:  # the weights' own digest names them in video ids, wherever they are installed
+        digest.update(fs.cat_file(f"{root}/{name}.safetensors"))
+    with fs.open(f"{root}/{TOY_WEIGHTS_VERSION_FILE}", "w") as f:
+        f.write(digest.hexdigest()[:16] + "\n")
+    return [*written, f"{dst.rstrip('/')}/{TOY_WEIGHTS_VERSION_FILE}"]
+
+
+def _lr(config: TrainConfig, step: int) -> float:
+    """Linear warm-up, then a cosine down to a tenth."""
+    if step < config.warmup:
+        return config.lr * (step + 1) / config.warmup
+    progress = (step - config.warmup) / max(1, config.steps - config.warmup)
+    return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def train(config: TrainConfig, progress=None) -> dict:
+    """Runs (or resumes) one step to `config.steps`; returns a summary. `progress(line)` gets log lines."""
+    from ..config.presets import get_preset
+
+    say = progress or log.info
+    if config.step not in STEPS:
+        raise ValueError(f"unknown training step {config.step!r}; steps in order: {', '.join(STEPS)}")
+    preset = get_preset(config.preset)
+    work = Path(config.work)
+    folder = work / config.step
+    folder.mkdir(parents=True, exist_ok=True)
+    device = torch.device(config.device)
+    ctx = Context(preset, ToyData(config.seed, config.size), str(work / WEIGHTS_DIR), device)
+    step_obj = STEPS[config.step](ctx)
+    if config.batch_size is not None:
+        step_obj.batch_size = config.batch_size
+    params = step_obj.parameters()
+    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    ema = EMA(_trained_tensors(step_obj), config.ema_decay)
+    checkpoint = folder / "checkpoint.pt"
+    start = 0
+    if checkpoint.exists():
+        start = _resume(checkpoint, step_obj, optimiser, ema, config)
+        say(f"{config.step}: resumed at step {start} from {checkpoint}")
+    else:
+        missing = [need for need in NEEDS[config.step] if not (work / need / "checkpoint.pt").exists()]
+        if missing:
+            say(f"{config.step}: note: no checkpoint of {', '.join(missing)} in {work}; reading {ctx.weights}")
+    say(f"{config.step}: {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, steps {start} -> {config.steps}")
+
+    log_file = folder / "loss.csv"
+    new_log = not log_file.exists() or start == 0
+    if not new_log:
+        _truncate_log(log_file, start)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
+    with open(log_file, "w" if new_log else "a", newline="") as handle:
+        writer = csv.writer(handle)
+        if new_log:
+            writer.writerow(["step", "loss", "validation_loss", "lr", "seconds"])
+        began, window = time.perf_counter(), []
+        for step in range(start, config.steps):
+            for group in optimiser.param_groups:
+                group["lr"] = _lr(config, step)
+            with autocast:
+                loss = step_obj.loss(step, ctx.data.generator(config.step, step))
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimiser.step()
+            ema.update(_trained_tensors(step_obj), step)
+            window.append(loss.item())
+            done = step + 1
+            validation = _validate(step_obj, ctx, done) if done % config.validate_every == 0 or done == config.steps else None
+            if done % config.log_every == 0 or validation is not None:
+                mean = sum(window) / len(window)
+                writer.writerow([done, f"{mean:.6f}", "" if validation is None else f"{validation:.6f}",
+                                 f"{_lr(config, step):.3g}", f"{time.perf_counter() - began:.1f}"])
+                handle.flush()
+                extra = "" if validation is None else f", validation {validation:.4f}"
+                say(f"{config.step}: step {done}/{config.steps}, loss {mean:.4f}{extra}, "
+                    f"{(time.perf_counter() - began) / (done - start):.2f} s/step")
+                window = []
+            if done % config.checkpoint_every == 0 or done == config.steps:
+                _save(checkpoint, step_obj, optimiser, ema, done, config)
+                export(step_obj, ema.shadow, ctx.weights, preset)
+    return {"step": config.step, "steps": config.steps, "weights": ctx.weights, "log": str(log_file)}
+
+
+def _truncate_log(log_file: Path, step: int) -> None:
+    """Drops the rows logged after the checkpoint a run resumes from: they are logged again."""
+    with open(log_file, newline="") as f:
+        rows = list(csv.reader(f))
+    kept = [rows[0]] + [row for row in rows[1:] if int(row[0]) <= step]
+    with open(log_file, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+
+
+# Validation: one fixed batch of held-out combinations, fixed noise, the EMA-free weights of the moment.
+VALIDATION_SEED_STEP = 0
+
+
+@torch.no_grad()
+def _validate(step_obj, ctx: Context, step: int) -> float:
+    for module in step_obj.networks.values():
+        module.eval()
+    try:
+        return float(step_obj.loss(VALIDATION_SEED_STEP, ctx.data.generator("validation", 0), validation=True))
+    finally:
+        for module in step_obj.networks.values():
+            module.train()
+
+
+def _save(path: Path, step_obj, optimiser, ema: EMA, step: int, config: TrainConfig) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"step": step, "config": config.model_dump(), "tensors": _trained_tensors(step_obj),
+                "ema": ema.shadow, "optimiser": optimiser.state_dict()}, tmp)
+    tmp.replace(path)  # a kill mid-write leaves the previous checkpoint whole
+
+
+def _resume(path: Path, step_obj, optimiser, ema: EMA, config: TrainConfig) -> int:
+    state = torch.load(path, map_location=config.device, weights_only=True)
+    stored = state["config"]
+    for key in ("step", "preset", "seed", "size", "batch_size"):
+        if stored[key] != getattr(config, key):
+            raise ValueError(f"{path} was trained with {key}={stored[key]!r}, not {getattr(config, key)!r}: "
+                             "use another --work directory or the same settings")
+    current = _trained_tensors(step_obj)
+    bad = sorted(k for k in current if k not in state["tensors"] or state["tensors"][k].shape != current[k].shape)
+    if bad:
+        raise ValueError(f"{path} does not fit preset {config.preset}: {len(bad)} tensors differ, e.g. {bad[:3]}")
+    with torch.no_grad():
+        for key, value in current.items():
+            value.copy_(state["tensors"][key])
+    ema.shadow = {k: v.clone() for k, v in state["ema"].items()}
+    optimiser.load_state_dict(state["optimiser"])
+    return int(state["step"])

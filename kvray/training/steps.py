@@ -1,0 +1,394 @@
+"""The training recipe of FusionFrames, one step per network, over kvray's own networks.
+
+| step          | trains                                   | needs (frozen)              | loss                                 |
+|---------------|------------------------------------------|-----------------------------|--------------------------------------|
+| image_movq    | image MoVQ                               | -                           | L1 + L2 reconstruction, latent range |
+| first_frame   | keyframe U-Net (image mode) + text encoder | image MoVQ                | epsilon, first frames at 2x size     |
+| keyframes     | keyframe U-Net (video + image mode)      | text encoder, image MoVQ    | epsilon on 12 keyframes              |
+| interpolation | interpolation U-Net                      | text encoder, image MoVQ    | v on the 3 frames between keyframes  |
+| video_movq    | temporal MoVQ decoder (from the image one) | image MoVQ encoder        | L1 + L2 on chunks of frames          |
+
+Each step builds what the sampler will ask of its network: the same inputs, layouts and branches
+(`kvray.sampling.loops`), with the conditions dropped as the guidance branches drop them. Only the
+text encoder departs from the official system: frozen there (Flan-UL2), it is trained here with the
+first-frame U-Net, since no pretrained encoder is at hand at toy size; every later step freezes it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import nn
+
+from ..config.presets import ModelPreset
+from ..models.text_encoder import build_tokenizer, tokenize
+from ..pipeline.frames import decode_chunks
+from ..weights.loader import load_network
+from ..weights.networks import get_network
+from ..weights.source import WeightsSource
+from .data import ToyData, batch_seed
+from .diffusion import add_noise, alphas_cumprod, random_timesteps, unconditional_context, v_target
+
+# Share of samples trained on each guidance branch's dropped condition (the null text; the null text and
+# no first frame; the interpolation's zero neighbours).
+DROP_TEXT = 0.1
+DROP_ALL = 0.1
+# Noise added to the latents before decoding: the U-Nets' samples are never exact latents.
+DECODER_LATENT_NOISE = 0.1
+# The samplers clip x0 to [-1, 1]: latents past that cannot be reached, so the MoVQ is taught to stay inside.
+LATENT_LIMIT = 1.0
+# Largest first-frame noise augmentation drawn in training (the official pipeline samples at 20).
+MAX_NOISE_AUGMENTATION = 100
+
+
+@dataclass
+class Context:
+    """What every step shares: the preset, the data, the device, and where finished networks are."""
+
+    preset: ModelPreset
+    data: ToyData
+    weights: str  # a local folder in kvray's converted format: earlier steps' networks are read from here
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    def load(self, name: str) -> nn.Module:
+        """A finished network of an earlier step, frozen."""
+        if not (Path(self.weights) / f"{name}.safetensors").is_file():
+            raise FileNotFoundError(f"{name} is not trained yet: no {name}.safetensors in {self.weights} "
+                                    f"(run its training step first: `kvray train --help`)")
+        return load_network(name, WeightsSource(self.weights), getattr(self.preset, name), device=self.device,
+                            dtype=torch.float32)
+
+    def fresh(self, name: str) -> nn.Module:
+        """A new network, its initial weights drawn from the run's seed (a rerun starts from the same)."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(batch_seed(self.data.seed, f"init/{name}", 0))
+            return get_network(name).build(getattr(self.preset, name)).to(self.device)
+
+
+class Step:
+    """One network's training: `networks` (name -> trainable module), `extras` (name -> trainable tensors
+    saved beside a network, e.g. the U-Net's null embedding) and `loss(step, generator)`."""
+
+    name: str
+    batch_size: int
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.networks: dict[str, nn.Module] = {}
+        self.extras: dict[str, dict[str, nn.Parameter]] = {}
+
+    def parameters(self) -> list[nn.Parameter]:
+        params = [p for n in self.networks.values() for p in n.parameters() if p.requires_grad]
+        return params + [p for e in self.extras.values() for p in e.values()]
+
+    def loss(self, step: int, generator: torch.Generator, validation: bool = False) -> torch.Tensor:
+        raise NotImplementedError
+
+
+LATENT_RANGE_WEIGHT = 10.0
+
+
+def _latent_range_penalty(z: torch.Tensor) -> torch.Tensor:
+    return LATENT_RANGE_WEIGHT * F.relu(z.abs() - LATENT_LIMIT).pow(2).mean()
+
+
+# Reconstruction weights: small objects on plain backgrounds are a few percent of the pixels, and a plain
+# per-pixel loss is content to blur them into blobs of the wrong hue. Pixels far from the frame's median
+# colour (the object) and pixels of fine detail (edges) weigh more.
+RARE_COLOUR_WEIGHT = 5.0
+DETAIL_WEIGHT = 10.0
+
+
+def _reconstruction(y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Weighted L1 + L2 of decoded `y` against `x`, both (..., 3, H, W) in [-1, 1]."""
+    flat = x.reshape(-1, *x.shape[-3:])
+    median = flat.flatten(2).median(dim=2).values[..., None, None]  # (N, 3, 1, 1)
+    rare = (flat - median).abs().mean(1, keepdim=True)
+    detail = (flat - F.avg_pool2d(flat, 3, stride=1, padding=1, count_include_pad=False)).abs().mean(1, keepdim=True)
+    weight = (1 + RARE_COLOUR_WEIGHT * rare + DETAIL_WEIGHT * detail).reshape(*x.shape[:-3], 1, *x.shape[-2:])
+    error = y - x
+    return ((error.abs() + error.pow(2)) * weight).mean() / weight.mean()
+
+
+class ImageMoVQStep(Step):
+    """The image autoencoder. Each decode holds one image: the MoVQ attention modulates a whole batch
+    with its first latent (an official quirk), and the pipeline decodes one image at a time."""
+
+    name = "image_movq"
+    batch_size = 8
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.networks = {"image_movq": ctx.fresh("image_movq")}
+
+    def loss(self, step, generator, validation=False):
+        movq = self.networks["image_movq"]
+        # Every other batch at twice the size: the first frame is decoded at 2x before it is resized.
+        double = step % 2 == 1
+        count = max(1, self.batch_size // 2) if double else self.batch_size
+        clips = self.ctx.data.clips(self.name, step, count, validation)
+        size = self.ctx.data.size * (2 if double else 1)
+        frame = int(torch.randint(0, 12, (1,), generator=generator))
+        x = self.ctx.data.frames(clips, 12, size, indices=[frame])[:, 0].to(self.ctx.device)  # (B, 3, H, W)
+        z = movq.encode(x)
+        noisy = z + DECODER_LATENT_NOISE * torch.randn(z.shape, generator=generator).to(z.device)
+        y = torch.cat([movq.decode(latent[None]) for latent in noisy])
+        return _reconstruction(y, x) + _latent_range_penalty(z)
+
+
+def _encode_frames(movq: nn.Module, frames: torch.Tensor) -> torch.Tensor:
+    """(B, T, 3, H, W) -> (B, T, 4, h, w) with the frozen image MoVQ. The pipeline encodes one image per call
+    (for bitwise batch invariance); here a batch only rounds differently, which training does not see."""
+    with torch.no_grad():
+        latents = movq.encode(rearrange(frames, "b t c h w -> (b t) c h w"))
+    return rearrange(latents, "(b t) c h w -> b t c h w", b=frames.shape[0])
+
+
+class _TextStep(Step):
+    """Steps whose U-Net reads the prompt: tokenises captions and encodes them as `EncodeText` does."""
+
+    def __init__(self, ctx, text_encoder: nn.Module):
+        super().__init__(ctx)
+        self.text_encoder = text_encoder
+        self.tokenizer = build_tokenizer(ctx.preset.tokenizer)
+        self.acp = alphas_cumprod().to(ctx.device)
+
+    def encode(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """context (B, L, D), mask (B, L) bool, lengths (B,): each caption's own context length."""
+        length = self.ctx.preset.text_encoder.tokens_length
+        tokens = tokenize(self.tokenizer, captions, length)
+        lengths = (tokens.attention_mask.sum(-1) + 1).clamp(max=length)
+        device = self.ctx.device
+        context, mask = self.text_encoder(tokens.input_ids.to(device), tokens.attention_mask.to(device),
+                                          length=int(lengths.max()))
+        return context, mask, lengths.to(device)
+
+    def dropped(self, count: int, share: float, generator: torch.Generator) -> torch.Tensor:
+        return (torch.rand(count, generator=generator) < share).to(self.ctx.device)
+
+    def null_embedding(self, network: str) -> torch.Tensor:
+        return self.extras[network]["null_embedding"]
+
+
+def _null_embedding(unet: nn.Module, seed: int) -> nn.Parameter:
+    generator = torch.Generator().manual_seed(batch_seed(seed, "init/null_embedding", 0))
+    return nn.Parameter(torch.randn(unet.config.context_dim, generator=generator).to(unet.null_embedding.device) * 0.02)
+
+
+def first_frame_loss(step: _TextStep, unet: nn.Module, movq: nn.Module, clips, generator) -> torch.Tensor:
+    """The keyframe U-Net in image mode (official `p_sample_loop_image`'s network call): first frames at
+    twice the video's size, zeros in the condition and mask channels, prompt or null text."""
+    ctx = step.ctx
+    pixels = ctx.data.frames(clips, 12, 2 * ctx.data.size, indices=[0]).to(ctx.device)
+    x0 = _encode_frames(movq, pixels)[:, 0]  # (B, 4, 2h, 2w)
+    count = x0.shape[0]
+    context, mask, lengths = step.encode([c.caption for c in clips])
+    drop = step.dropped(count, DROP_TEXT + DROP_ALL, generator)
+    context, mask = unconditional_context(context, mask, step.null_embedding("keyframe_unet"), drop)
+    t = random_timesteps(count, generator).to(ctx.device)
+    noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
+    x_in = torch.cat([add_noise(step.acp, x0, noise, t), torch.zeros(count, 5, *x0.shape[-2:], device=ctx.device)], 1)
+    out = unet(x_in, t.to(torch.float32), context, mask, context_lengths=lengths)
+    return F.mse_loss(out, noise)
+
+
+class FirstFrameStep(_TextStep):
+    """Text to first frame: the keyframe U-Net in image mode, with the text encoder trained beside it."""
+
+    name = "first_frame"
+    batch_size = 16
+
+    def __init__(self, ctx):
+        super().__init__(ctx, ctx.fresh("text_encoder"))
+        unet = ctx.fresh("keyframe_unet")
+        self.networks = {"text_encoder": self.text_encoder, "keyframe_unet": unet}
+        self.extras = {"keyframe_unet": {"null_embedding": _null_embedding(unet, ctx.data.seed)}}
+        self.movq = ctx.load("image_movq")
+
+    def loss(self, step, generator, validation=False):
+        clips = self.ctx.data.clips(self.name, step, self.batch_size, validation)
+        return first_frame_loss(self, self.networks["keyframe_unet"], self.movq, clips, generator)
+
+
+class KeyframesStep(_TextStep):
+    """12 keyframes from the prompt and the first frame (official `p_sample_loop`'s network call):
+    frame 0 of the condition is the first frame's latent noised with UNIFORM noise to a random level
+    (fed as `noise_aug_time`), the motion score is the clip's. Branches as the 3-way guidance: prompt
+    and frame, null text and frame, neither. Every third step is an image-mode batch, so the first
+    frame is not forgotten."""
+
+    name = "keyframes"
+    batch_size = 4
+
+    def __init__(self, ctx):
+        super().__init__(ctx, ctx.load("text_encoder").requires_grad_(False))
+        unet = ctx.load("keyframe_unet").requires_grad_(True).train()
+        self.networks = {"keyframe_unet": unet}
+        null = nn.Parameter(unet.null_embedding.detach().clone())
+        self.extras = {"keyframe_unet": {"null_embedding": null}}
+        self.movq = ctx.load("image_movq")
+        self.frames = 12
+
+    def loss(self, step, generator, validation=False):
+        unet = self.networks["keyframe_unet"]
+        if step % 3 == 2:
+            clips = self.ctx.data.clips("first_frame", step, 4 * self.batch_size, validation)
+            return first_frame_loss(self, unet, self.movq, clips, generator)
+        ctx, frames = self.ctx, self.frames
+        clips = ctx.data.clips(self.name, step, self.batch_size, validation)
+        x0 = _encode_frames(self.movq, ctx.data.frames(clips, frames).to(ctx.device))  # (B, F, 4, h, w)
+        count = x0.shape[0]
+        with torch.no_grad():
+            context, mask, lengths = self.encode([c.caption for c in clips])
+        branch = torch.rand(count, generator=generator)
+        no_text = (branch < DROP_TEXT + DROP_ALL).to(ctx.device)
+        no_frame = (branch < DROP_ALL).to(ctx.device)
+        context, mask = unconditional_context(context, mask, self.null_embedding("keyframe_unet"), no_text)
+
+        level = torch.randint(0, MAX_NOISE_AUGMENTATION + 1, (count,), generator=generator).to(ctx.device)
+        uniform = torch.rand(x0[:, 0].shape, generator=generator).to(ctx.device)
+        key_frame = add_noise(self.acp, x0[:, 0], uniform, level)
+        condition = torch.zeros(count, frames, x0.shape[2] + 1, *x0.shape[-2:], device=ctx.device)
+        condition[:, 0, :-1] = key_frame
+        condition[:, 0, -1] = 1
+        condition = condition * (~no_frame).to(condition.dtype)[:, None, None, None, None]
+
+        t = random_timesteps(count, generator).to(ctx.device)
+        noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
+        noisy = add_noise(self.acp, x0, noise, t)
+        x_in = rearrange(torch.cat([noisy, condition], 2), "b f c h w -> (b f) c h w")
+        per_frame = lambda values: repeat(values, "b -> (b f)", f=frames)
+        scores = torch.tensor([c.scene.score for c in clips], device=ctx.device)
+        out = unet(
+            x_in, per_frame(t).to(torch.float32), per_frame_context(context, frames), per_frame_context(mask, frames),
+            temporal_embed=repeat(torch.arange(frames, device=ctx.device), "f -> (b f)", b=count).to(torch.float32),
+            num_frames=frames, noise_aug_time=per_frame(level).to(torch.int32),
+            motion_score=per_frame(scores).to(torch.int32), context_lengths=per_frame(lengths),
+        )
+        return F.mse_loss(out, rearrange(noise, "b f c h w -> (b f) c h w"))
+
+
+def per_frame_context(values: torch.Tensor, frames: int) -> torch.Tensor:
+    return repeat(values, "b ... -> (b f) ...", f=frames)
+
+
+# Interpolation passes: (skip_frames, frames of the clip it fills); the first pass's share of batches.
+INTERPOLATION_PASSES = ((3, 45), (1, 177))
+FIRST_PASS_SHARE = 0.7
+GROUPS = 11  # groups per training clip: one pass over 12 keyframes
+
+
+class InterpolationStep(_TextStep):
+    """The 3 latent frames between each pair of frames (official `p_sample_loop_interpolation`'s call):
+    [left | 3 noisy frames | right] per group, 11 groups per clip mixed by the temporal layers. The first
+    pass (skip_frames 3) fills the 45-frame clip from its 12 keyframes, the second (skip_frames 1) the
+    177-frame clip from 12 consecutive frames of the 45. Dropped: null text, zero neighbours and the
+    temporal mask off, as the unconditional branch."""
+
+    name = "interpolation"
+    batch_size = 2
+
+    def __init__(self, ctx):
+        super().__init__(ctx, ctx.load("text_encoder").requires_grad_(False))
+        unet = ctx.fresh("interpolation_unet")
+        self.networks = {"interpolation_unet": unet}
+        self.extras = {"interpolation_unet": {"null_embedding": _null_embedding(unet, ctx.data.seed)}}
+        self.movq = ctx.load("image_movq")
+
+    def loss(self, step, generator, validation=False):
+        ctx = self.ctx
+        unet = self.networks["interpolation_unet"]
+        clips = ctx.data.clips(self.name, step, self.batch_size, validation)
+        skip, total = INTERPOLATION_PASSES[0 if float(torch.rand(1, generator=generator)) < FIRST_PASS_SHARE else 1]
+        span = 4 * GROUPS  # frames of the filled clip that one training clip covers
+        start = 0 if total == 45 else 4 * int(torch.randint(0, (total - 1 - span) // 4 + 1, (1,), generator=generator))
+        indices = list(range(start, start + span + 1))
+        video = _encode_frames(self.movq, ctx.data.frames(clips, total, indices=indices).to(ctx.device))  # (B, 45, 4, h, w)
+        count = video.shape[0]
+        keys = video[:, ::4]  # (B, 12, 4, h, w)
+        # (B, G, 3, 4, h, w): the frames between keys g and g + 1
+        between = torch.stack([video[:, 4 * g + 1: 4 * g + 4] for g in range(GROUPS)], 1)
+        x0 = rearrange(between, "b g t c h w -> (b g) (t c) h w")
+        with torch.no_grad():
+            context, mask, lengths = self.encode([c.caption for c in clips])
+        drop = self.dropped(count, DROP_TEXT, generator)
+        context, mask = unconditional_context(context, mask, self.null_embedding("interpolation_unet"), drop)
+        keep = repeat((~drop).to(x0.dtype), "b -> (b g)", g=GROUPS)
+        left = rearrange(keys[:, :-1], "b g c h w -> (b g) c h w") * keep[:, None, None, None]
+        right = rearrange(keys[:, 1:], "b g c h w -> (b g) c h w") * keep[:, None, None, None]
+
+        t = repeat(random_timesteps(count, generator), "b -> (b g)", g=GROUPS).to(ctx.device)
+        noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
+        x_in = torch.cat([left, add_noise(self.acp, x0, noise, t), right], 1)
+        per_group = lambda values: repeat(values, "b ... -> (b g) ...", g=GROUPS)
+        out = unet(
+            x_in, t, per_group(context), per_group(mask), num_predicted_groups=GROUPS,
+            perturbation_time=torch.zeros(count * GROUPS, dtype=torch.int32, device=ctx.device),
+            skip_frames=torch.full((count * GROUPS,), skip, dtype=torch.int32, device=ctx.device),
+            temporal_mask=keep, context_lengths=per_group(lengths),
+        )
+        return F.mse_loss(out, v_target(self.acp, x0, noise, t))
+
+
+class VideoMoVQStep(Step):
+    """The temporal decoder, started from the image MoVQ (its temporal layers start as identities):
+    chunks of consecutive frames, as the pipeline decodes them, from the frozen image encoder's latents."""
+
+    name = "video_movq"
+    batch_size = 2
+
+    def __init__(self, ctx):
+        super().__init__(ctx)
+        self.encoder = ctx.load("image_movq")
+        video = ctx.fresh("video_movq")
+        missing, unexpected = video.load_state_dict(self.encoder.state_dict(), strict=False)
+        if unexpected or any("temporal" not in key for key in missing):
+            raise RuntimeError(f"the image MoVQ does not fit the video MoVQ: missing {missing}, unexpected {unexpected}")
+        for name, param in video.named_parameters():
+            param.requires_grad_(name.startswith(("decoder.", "post_quant_conv.")))
+        self.networks = {"video_movq": video}
+
+    def loss(self, step, generator, validation=False):
+        ctx = self.ctx
+        movq = self.networks["video_movq"]
+        clips = ctx.data.clips(self.name, step, self.batch_size, validation)
+        total = 45 if step % 2 == 0 else 177
+        size = max(decode_chunks(total))
+        start = int(torch.randint(0, total - size + 1, (1,), generator=generator))
+        pixels = ctx.data.frames(clips, total, indices=list(range(start, start + size))).to(ctx.device)
+        z = _encode_frames(self.encoder, pixels)
+        losses = []
+        for clip_z, clip_x in zip(z, pixels):
+            noisy = clip_z + DECODER_LATENT_NOISE * torch.randn(clip_z.shape, generator=generator).to(clip_z.device)
+            losses.append(_reconstruction(movq.decode(noisy), clip_x))
+        return torch.stack(losses).mean()
+
+
+STEPS: dict[str, type[Step]] = {s.name: s for s in (ImageMoVQStep, FirstFrameStep, KeyframesStep, InterpolationStep,
+                                                    VideoMoVQStep)}
+class Recipe(NamedTuple):
+    steps: int
+    lr: float
+
+
+# The shipped toy weights' schedule (docs/training.md): optimiser steps and peak learning rate per step.
+RECIPE: dict[str, Recipe] = {
+    "image_movq": Recipe(1500, 5e-4),
+    "first_frame": Recipe(1500, 3e-4),
+    "keyframes": Recipe(2000, 3e-4),
+    "interpolation": Recipe(1200, 3e-4),
+    "video_movq": Recipe(400, 3e-4),
+}
+# What each step needs finished first.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "image_movq": (),
+    "first_frame": ("image_movq",),
+    "keyframes": ("first_frame",),
+    "interpolation": ("first_frame",),
+    "video_movq": ("image_movq",),
+}

@@ -1,0 +1,96 @@
+"""The training recipe: the loss falls, a killed run resumes to the same weights, exports load where
+`--weights` reads them, and what does not fit is one clear error."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+
+from kvray.config.presets import get_preset
+from kvray.training import TrainConfig, train
+from kvray.training.loop import export_work
+from kvray.weights.networks import read_converted
+from kvray.weights.source import WeightsSource
+
+
+class Killed(Exception):
+    pass
+
+
+def _kill_at(step: int, total: int):
+    """A progress callback that stops the run as a kill would: after step - 1 was checkpointed."""
+    def progress(line):
+        if f"step {step}/{total}," in line:
+            raise Killed
+    return progress
+
+
+def _run(work, steps, progress=lambda line: None, **kwargs):
+    # 32 x 32 frames, 2 per batch: the machinery at a fraction of the toy's cost.
+    config = TrainConfig(step="image_movq", work=str(work), steps=steps, batch_size=2, size=32, warmup=2, lr=1e-3,
+                         log_every=1, validate_every=1, checkpoint_every=kwargs.pop("checkpoint_every", 1000), **kwargs)
+    return train(config, progress=progress)
+
+
+def _losses(work, column="loss") -> list[float]:
+    with open(work / "image_movq" / "loss.csv") as f:
+        return [float(row[column]) for row in csv.DictReader(f)]
+
+
+def _weights(work) -> dict[str, torch.Tensor]:
+    return read_converted(WeightsSource(str(work / "weights")), "image_movq")[1]
+
+
+def test_loss_falls_and_a_resumed_run_ends_where_an_unbroken_one_does(tmp_path):
+    _run(tmp_path / "straight", 40)
+    losses = _losses(tmp_path / "straight")
+    assert len(losses) == 40
+    # The validation loss: one fixed batch of held-out scenes, fixed noise, after every step.
+    validation = _losses(tmp_path / "straight", "validation_loss")
+    assert sum(validation[-3:]) < 0.8 * sum(validation[:3]), validation
+
+    # Killed during step 35, then resumed: a batch is a function of (seed, step), and the optimiser and EMA
+    # come back with the weights.
+    with pytest.raises(Killed):
+        _run(tmp_path / "resumed", 40, checkpoint_every=1, progress=_kill_at(35, 40))
+    _run(tmp_path / "resumed", 40, checkpoint_every=1)
+    assert _losses(tmp_path / "resumed") == pytest.approx(losses, rel=1e-4)
+    straight, resumed = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-4, atol=1e-5)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
+    _run(tmp_path, 1, checkpoint_every=1)
+    with pytest.raises(ValueError, match="seed=0"):
+        _run(tmp_path, 2, seed=1)
+
+
+def test_a_step_before_its_inputs_is_one_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="image_movq is not trained yet"):
+        train(TrainConfig(step="first_frame", work=str(tmp_path), steps=1))
+
+
+def test_export_writes_every_network_in_half_precision_with_a_digest(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not trained"):
+        export_work(str(tmp_path), str(tmp_path / "out"), torch.float16)
+    _run(tmp_path, 1)
+    # The other networks as a finished work directory would hold them (fresh weights suffice here).
+    from kvray.training.loop import WEIGHTS_DIR
+    from kvray.weights.convert import write_converted
+    from kvray.weights.networks import get_network
+
+    preset = get_preset("toy")
+    for name in ("text_encoder", "keyframe_unet", "interpolation_unet", "video_movq"):
+        module = get_network(name).build(getattr(preset, name))
+        extras = {"null_embedding": torch.zeros(preset.keyframe_unet.context_dim)} if name.endswith("unet") else {}
+        write_converted(str(tmp_path / WEIGHTS_DIR), name, "toy", getattr(preset, name), module.state_dict(), extras)
+    written = export_work(str(tmp_path), str(tmp_path / "out"), torch.float16)
+    assert len(written) == 11
+    version = (tmp_path / "out" / "VERSION").read_text().strip()
+    assert len(version) == 16
+    _, state, _ = read_converted(WeightsSource(str(tmp_path / "out")), "keyframe_unet")
+    assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
