@@ -11,6 +11,7 @@ wait for a page, point at an element, evaluate script and take a screenshot with
 from __future__ import annotations
 
 import base64
+import contextlib
 import fcntl
 import itertools
 import json
@@ -127,10 +128,8 @@ class Browser:
         return base64.b64decode(self.send("Page.captureScreenshot", format="png")["data"])
 
     def close(self) -> None:
-        try:
+        with contextlib.suppress(BrowserError):
             self.send("Browser.close")
-        except BrowserError:
-            pass
         try:
             self.process.wait(timeout=10)
         except subprocess.TimeoutExpired:

@@ -18,14 +18,14 @@ from PIL import Image
 from pydantic import ValidationError
 
 from kvray.config.models import ModelSource
+from kvray.config.sampling import KEYFRAME_SAMPLER
 from kvray.io.video import read_video
 from kvray.pipeline import VideoPipeline, VideoRequest
 from kvray.pipeline.animation import ANIMATION_KEYFRAMES, keyframe_poses, redraw_start, warp_fill
 from kvray.pipeline.camera import camera_poses, warp_between
-from kvray.requests.camera import parse_camera
 from kvray.pipeline.stages import text_from_tensors, text_tensors
+from kvray.requests.camera import parse_camera
 from kvray.sampling import GuidanceConfig, TextCondition
-from kvray.config.sampling import KEYFRAME_SAMPLER
 from kvray.sampling.schedulers import ddpm_scheduler
 
 SIZE = 256  # the geometry checks measure a marker's centroid in pixels: 32 x 32 latents

@@ -22,7 +22,20 @@ def _private_imports(path: Path, root: Path = PACKAGE.parent) -> list[str]:
 
 
 def test_no_module_imports_another_modules_private_names():
-    assert [] == [line for path in sorted(PACKAGE.rglob("*.py")) for line in _private_imports(path)]
+    assert [line for path in sorted(PACKAGE.rglob("*.py")) for line in _private_imports(path)] == []
+
+
+def test_every_module_of_the_package_is_in_the_layer_contract():
+    import tomllib
+
+    config = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())["tool"]["importlinter"]["contracts"]
+    layers = next(c for c in config if c["type"] == "layers")["layers"]
+    named = {name.strip() for layer in layers for name in layer.split("|")}
+    modules = {f"kvray.{p.stem}" for p in PACKAGE.glob("*.py") if p.stem != "__init__"}
+    # Every subpackage holding code (a data-only package, e.g. the shipped weights, has nothing to layer).
+    modules |= {f"kvray.{p.name}" for p in PACKAGE.iterdir() if (p / "__init__.py").exists()
+                and any(q.stem != "__init__" for q in p.glob("*.py"))}
+    assert modules - named == set(), "add these to the layers contract in pyproject.toml"
 
 
 def test_the_check_sees_a_private_import(tmp_path):

@@ -3,15 +3,14 @@ renderer's stage pools on the session's Ray (8 logical GPUs)."""
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import argparse
+from dataclasses import replace
 
 import pytest
 
 from kvray.bench import pipeline as B
-from kvray.distributed import planner as P
 from kvray.bench.simulation import SimulationResult, busy_window, measure, rate_within, steady_rates
+from kvray.distributed import planner as P
 
 TEXT_HEAVY = "text=0.5,keyframes=0.125,interpolate=0.01,decode=0.25"
 
@@ -113,7 +112,7 @@ def test_simulated_pipeline_runs_the_renderer(ray_cluster):
     assert all(sum(videos for *_, videos in calls[s]) == 16 for s in P.STAGES)
     text_actors = {pid for _, _, pid, _ in calls["text"]}
     assert len(text_actors) == 2 and all(videos == 1 for *_, videos in calls["text"])
-    assert 0 < result.efficiency and result.lines()[-1].startswith(("efficiency=", "could not measure: "))
+    assert result.efficiency > 0 and result.lines()[-1].startswith(("efficiency=", "could not measure: "))
     # The session's Ray is still up for the tests after this one.
     assert ray_cluster.is_initialized()
 

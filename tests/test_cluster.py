@@ -33,9 +33,8 @@ from kvray.config.job import RenderJob
 from kvray.config.stages import STAGES
 from kvray.distributed import secrets as sec
 from kvray.distributed import submit as sub
-from kvray.io.storage import parse_storage_options
-
 from kvray.distributed.local_cluster import start_head
+from kvray.io.storage import parse_storage_options
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"

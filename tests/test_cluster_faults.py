@@ -20,7 +20,6 @@ import pytest
 import yaml
 
 from kvray.distributed import submit as sub
-
 from kvray.distributed.local_cluster import ledger_report, start_head
 
 pytestmark = pytest.mark.slow

@@ -48,10 +48,10 @@ from kvray.io.shards import (
 from kvray.io.storage import open_fs, write_atomic
 from kvray.io.video import read_video
 from kvray.pipeline import Video, VideoRequest
-from kvray.requests.manifest import video_id
-from kvray.requests.prompts import count_duplicates, normalise_prompt, prompt_key
 from kvray.pipeline.quality import quality_fields, quality_signals
 from kvray.pipeline.samples import caption, dataset_sample, video_metadata
+from kvray.requests.manifest import video_id
+from kvray.requests.prompts import count_duplicates, normalise_prompt, prompt_key
 
 STAGES = ("text", "keyframes", "interpolate", "decode")
 

@@ -8,11 +8,11 @@ import re
 import pytest
 import torch
 
-from kvray.sizing import estimate as E
-from kvray.sizing.meter import DryRun
 from kvray.config import KV11, TINY, RuntimeConfig
 from kvray.config.models import ModelSource
 from kvray.pipeline import VideoPipeline, VideoRequest
+from kvray.sizing import estimate as E
+from kvray.sizing.meter import DryRun
 
 TFLOP = 1e12
 LATENT = 8  # pixels per latent position

@@ -11,10 +11,10 @@ import time
 
 import pytest
 
+from kvray.bench.fault_proxy import FaultyProxy
 from kvray.io.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost, read_lease
 from kvray.io.storage import open_fs
 
-from kvray.bench.fault_proxy import FaultyProxy
 from .s3 import _ENV
 
 

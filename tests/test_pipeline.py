@@ -9,13 +9,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from kvray.cli import main
+from kvray.config.models import ModelSource
+from kvray.config.runtime import NETWORKS, RuntimeConfig
 from kvray.io.video import read_video
 from kvray.pipeline import VideoPipeline, VideoRequest
 from kvray.pipeline.frames import image_to_tensor, to_uint8
 from kvray.pipeline.stages import Decode
 from kvray.sampling import GuidanceConfig
-from kvray.config.models import ModelSource
-from kvray.config.runtime import NETWORKS, RuntimeConfig
 
 from .golden_e2e import load_case_file
 
@@ -127,8 +127,8 @@ class LatentOracle(torch.nn.Module):
         self.register_buffer("alphas", torch.empty(0))
 
     def forward(self, x, time, context, context_mask, *args, **kwargs):
-        from kvray.sampling.schedulers import ddpm_scheduler
         from kvray.config.sampling import KEYFRAME_SAMPLER
+        from kvray.sampling.schedulers import ddpm_scheduler
 
         alphas = ddpm_scheduler(KEYFRAME_SAMPLER).alphas_cumprod[time.long()].reshape(-1, 1, 1, 1)
         x_t, condition, mask = x[:, :4], x[:, 4:8], x[:, 8:9]

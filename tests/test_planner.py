@@ -326,8 +326,8 @@ def test_the_job_keeps_pools_it_fixes():
 
 
 def test_the_job_plans_with_the_estimated_profile_for_kv11_only():
-    from kvray.sizing.estimate import job_profile
     from kvray.config.job import RenderJob
+    from kvray.sizing.estimate import job_profile
 
     kv11 = RenderJob(manifest="m", out="o", models={"preset": "kv11"}, gpu="a100")
     profile = job_profile(kv11)

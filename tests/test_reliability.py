@@ -15,10 +15,10 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from kvray.bench.fault_proxy import FaultyProxy
 from kvray.config.job import RenderJob
 
 from .bad_images import broken_chunk_png
-from kvray.bench.fault_proxy import FaultyProxy
 
 pytestmark = pytest.mark.slow
 

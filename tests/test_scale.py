@@ -12,13 +12,12 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from kvray.bench.fault_proxy import FaultyProxy
 from kvray.config.job import RenderJob
 from kvray.io import layout as L
 from kvray.io.manifest import open_manifest
 from kvray.io.storage import open_fs, write_json
 from kvray.requests.manifest import plan_row
-
-from kvray.bench.fault_proxy import FaultyProxy
 
 FAST = {"width": 64, "height": 64, "steps": 2, "interpolation_steps": 2}
 

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import s3fs
 
+from kvray.bench.fault_proxy import FaultyProxy
 from kvray.io.manifest import open_manifest
 from kvray.io.storage import (
     S3_POLICY,
@@ -28,8 +29,6 @@ from kvray.io.storage import (
     storage_options_for,
     write_atomic,
 )
-
-from kvray.bench.fault_proxy import FaultyProxy
 
 SMALL = os.urandom(4 << 10)
 LARGE = os.urandom(6 << 20)

@@ -6,8 +6,6 @@ import json
 
 import pytest
 import torch
-
-from kvray.sampling.loops import TextCondition
 from safetensors.torch import load_file
 
 from kvray.config import KV11, TINY
@@ -19,6 +17,7 @@ from kvray.models.text_encoder import (
     official_state_dict_to_ours,
     tokenize,
 )
+from kvray.sampling.loops import TextCondition
 
 TOLERANCE = 1e-4
 

@@ -16,9 +16,9 @@ from kvray.config import RuntimeConfig
 from kvray.config.models import ModelSource
 from kvray.pipeline import VideoPipeline, VideoRequest
 from kvray.toyworld import parse_caption
+from kvray.toyworld.judge import judge, observe
 
 from .conftest import REPO_ROOT
-from kvray.toyworld.judge import judge, observe
 
 # Fewer steps than the official 50 keep the test fast; the toy model holds up at this count.
 STEPS = 20

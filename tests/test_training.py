@@ -69,6 +69,13 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path):
         _run(tmp_path, 2, seed=1)
 
 
+def test_a_frame_size_that_does_not_fit_the_preset_is_one_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="multiple of 32"):
+        train(TrainConfig(step="image_movq", work=str(tmp_path), steps=1, size=48))
+    with pytest.raises(ValueError, match="multiple of 64"):
+        train(TrainConfig(step="image_movq", work=str(tmp_path), steps=1, size=96, preset="tiny"))
+
+
 def test_a_step_before_its_inputs_is_one_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="image_movq is not trained yet"):
         train(TrainConfig(step="first_frame", work=str(tmp_path), steps=1))
@@ -94,3 +101,27 @@ def test_export_writes_every_network_in_half_precision_with_a_digest(tmp_path):
     assert len(version) == 16
     _, state, _ = read_converted(WeightsSource(str(tmp_path / "out")), "keyframe_unet")
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    from kvray.config.presets import TINY
+    from kvray.models.unet3d import KeyframeUNet
+    from kvray.training.loop import enable_gradient_checkpointing
+
+    def gradients(checkpointed: bool) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        unet = KeyframeUNet(TINY.keyframe_unet)
+        if checkpointed:
+            assert enable_gradient_checkpointing(unet) == 8
+        x = torch.randn(2 * 3, 9, 16, 16, generator=torch.Generator().manual_seed(1))
+        context = torch.randn(6, 5, TINY.keyframe_unet.context_dim, generator=torch.Generator().manual_seed(2))
+        out = unet(x, torch.tensor([10.0] * 6), context, torch.ones(6, 5, dtype=torch.bool),
+                   temporal_embed=torch.arange(3).repeat(2).float(), num_frames=3,
+                   noise_aug_time=torch.zeros(6, dtype=torch.int32), motion_score=torch.ones(6, dtype=torch.int32))
+        out.pow(2).mean().backward()
+        return {name: p.grad for name, p in unet.named_parameters() if p.grad is not None}
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and len(plain) > 100
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)

@@ -42,10 +42,10 @@ def bench_dataset(models, runtime, sizes, *, fps: str = "medium", samples: int =
     from ..io.shards import Sample, write_samples
     from ..io.storage import open_fs
     from ..pipeline import Video, VideoRequest
-    from ..requests.manifest import video_id
+    from ..pipeline.device import torch_device
     from ..pipeline.samples import dataset_sample, video_metadata
     from ..pipeline.stages import Decode
-    from ..pipeline.device import torch_device
+    from ..requests.manifest import video_id
     from ..sampling import LATENT_CHANNELS
 
     say = progress or (lambda message: None)

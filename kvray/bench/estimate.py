@@ -27,8 +27,6 @@ from ..sizing.estimate import (
 )
 
 
-
-
 def _batches(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(v) for v in text.split(","))

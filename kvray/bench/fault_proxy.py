@@ -19,6 +19,7 @@ Bounded: it serves only loopback, and stops with the test (stalled requests are 
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import random
 import socket
@@ -123,10 +124,8 @@ class FaultyProxy:
                 self.close_connection = True
                 if reset:
                     self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                try:
+                with contextlib.suppress(OSError):
                     self.connection.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
             def _upstream(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
                 conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)

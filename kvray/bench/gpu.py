@@ -41,7 +41,8 @@ class Step:
 
 def check_plan(compile: bool = False) -> list[Step]:
     """What the check runs, in order."""
-    from ..sizing.estimate import PRECISIONS as NAMED, resolved_dtypes
+    from ..sizing.estimate import PRECISIONS as NAMED
+    from ..sizing.estimate import resolved_dtypes
 
     steps = [Step(p, resolved_dtypes(NAMED[p])) for p in PRECISIONS]
     if compile:

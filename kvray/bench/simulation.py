@@ -18,6 +18,7 @@ import psutil
 
 from ..config.stages import STAGES
 
+
 def default_payload_bytes(preset: str = "kv11", width: int = 512, height: int = 512, frames: int = 12,
                           prompt_tokens: int = 24) -> dict[str, int]:
     """What a video carries out of each stage in the real renderer (float32 tensors): the text context

@@ -13,7 +13,6 @@ from .stages import STAGES
 from .validation import validation_message
 
 
-
 class CostError(ValueError):
     """A cost profile that cannot be read; the message says what to fix."""
 

@@ -20,7 +20,6 @@ from .runtime import RuntimeConfig
 from .sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
 
 
-
 class _Strict(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

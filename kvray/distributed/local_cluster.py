@@ -5,6 +5,7 @@ line: nothing here imports Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import signal
@@ -92,26 +93,20 @@ def processes(marker: str) -> list[psutil.Process]:
     for process in psutil.process_iter(["cmdline"]):
         if any(marker in part for part in process.info["cmdline"] or ()):
             found[process.pid] = process
-            try:
+            with contextlib.suppress(psutil.Error):
                 found.update({child.pid: child for child in process.children(recursive=True)})
-            except psutil.Error:
-                pass
     return list(found.values())
 
 
 def stop_processes(marker: str) -> None:
     running = processes(marker)
     for process in running:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.send_signal(signal.SIGTERM)
-        except psutil.Error:
-            pass
     _, alive = psutil.wait_procs(running, timeout=6)  # gcs_server can sit on SIGTERM
     for process in alive:
-        try:
+        with contextlib.suppress(psutil.Error):
             process.kill()
-        except psutil.Error:
-            pass
 
 
 LEDGER_PROBE = """

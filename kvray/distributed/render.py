@@ -36,10 +36,9 @@ from ..config.stages import STAGES
 from ..io.dataset_card import dataset_counts, write_dataset_card
 from ..io.layout import done_keys, latest_run_path, remove_temporaries, results_dir, run_record_path
 from ..io.lease import Lease, read_lease
-from ..io.storage import read_json
-from ..io.shards import remove_orphans
 from ..io.manifest import Manifest, open_manifest
-from ..io.storage import open_fs, redact_job, redact_url, write_atomic, write_json
+from ..io.shards import remove_orphans
+from ..io.storage import open_fs, read_json, redact_job, redact_url, write_atomic, write_json
 from .cluster import check_resources, connect, on_this_node
 from .plan import PlanInputs, planned_dataset, scan_manifest
 from .planner import plan_job, plan_summary

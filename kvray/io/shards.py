@@ -38,8 +38,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from ..config.stages import STAGES
 from ..config.dataset import FILTERED, OK, SIGNALS, DatasetConfig
+from ..config.stages import STAGES
 from .storage import check_name, dumps_json, uri_of, write_atomic
 
 log = logging.getLogger(__name__)

@@ -404,10 +404,8 @@ def _write_local_atomic(path: str, data: bytes) -> None:
             os.fsync(fh.fileno())
         os.replace(temp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(temp)
-        except FileNotFoundError:
-            pass
         raise
     _fsync_dir(parent)
 

@@ -19,11 +19,11 @@ from .layers import (
     AttentionBlock,
     AttentionPolling,
     ConditionalGroupNorm,
+    EmbeddingMLP,
     Frames,
     Identity,
     ResNetBlock,
     build_levels,
-    EmbeddingMLP,
     feed_forward,
     run_levels,
 )

@@ -31,11 +31,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..config.sampling import FIRST_FRAME_SAMPLER, GuidanceConfig, SamplerConfig
+from ..requests.request import ANIMATION_FRAMES, VideoRequest
 from ..sampling.batching import TextCondition
 from ..sampling.loops import redraw, redraw_start
 from ..sampling.noise import NoiseSource
 from ..sampling.schedulers import make_stepper
-from ..requests.request import ANIMATION_FRAMES, VideoRequest
 from .camera import extend_poses, request_poses, warp_between
 
 # The interpolation U-Net puts 3 frames between 2: every 4th frame is redrawn.

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from ..requests.camera import IDENTITY, CameraPath, effect_path
 
+
 def camera_poses(camera: str | CameraPath, num_frames: int) -> torch.Tensor:
     """Per-frame poses (num_frames, 4) float64: zoom, x, y, angle (degrees)."""
     path = effect_path(camera, num_frames) if isinstance(camera, str) else camera

@@ -17,8 +17,8 @@ from ..config.images import ImagePolicy
 from ..config.models import ModelSource
 from ..io.images import load_image
 from ..io.video import clip_fps, encode_video
-from ..sampling import SamplingConfig
 from ..requests.request import ANIMATION_FPS, VideoRequest
+from ..sampling import SamplingConfig
 from .stages import Decode, EncodeText, Interpolate, Keyframes, Progress
 
 log = logging.getLogger(__name__)

@@ -45,12 +45,12 @@ from PIL import Image
 from ..config.models import ModelSource
 from ..config.runtime import RuntimeConfig
 from ..config.sampling import SamplingConfig, interpolation_passes
+from ..requests.request import ANIMATION_FRAMES, VideoRequest
 from ..sampling import GeneratorNoise, TextCondition, interpolate, sample_first_frame, sample_keyframes
 from ..weights.bundle import load_model, load_tokenizer
 from .animation import FILL_SKIP_FRAMES, animate_keyframes, frame_poses, keyframe_poses, warp_fill
 from .device import Denoiser, network_dtype, prepare, torch_device
 from .frames import decode_chunks, image_to_tensor, to_uint8
-from ..requests.request import ANIMATION_FRAMES, VideoRequest
 
 # progress(stage, step_index, num_steps)
 Progress = Callable[[str, int, int], None]

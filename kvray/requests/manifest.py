@@ -22,11 +22,12 @@ import pyarrow.compute as pc
 from pydantic import ValidationError
 
 from ..config.job import RequestDefaults
-from ..io.manifest import KNOWN_COLUMNS, Manifest, ManifestPart, part_batches
-from ..config.validation import validation_message
-from .prompts import prompt_key
 from ..config.sampling import GuidanceConfig
-from .request import VideoRequest, default_size as mode_default_size
+from ..config.validation import validation_message
+from ..io.manifest import KNOWN_COLUMNS, Manifest, ManifestPart, part_batches
+from .prompts import prompt_key
+from .request import VideoRequest
+from .request import default_size as mode_default_size
 
 GUIDANCE_COLUMNS = tuple(GuidanceConfig.model_fields)
 

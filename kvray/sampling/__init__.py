@@ -13,8 +13,8 @@ from ..config.sampling import (
     interpolation_passes,
     motion_score,
 )
-from .guidance import guide_2way, guide_3way
 from .batching import LATENT_CHANNELS, TextCondition
+from .guidance import guide_2way, guide_3way
 from .loops import (
     FRAMES_PER_GROUP,
     ModelFn,

@@ -27,6 +27,8 @@ def add_train_parser(subparsers):
     p.add_argument("--seed", type=int, default=0, help="data and noise seed (default 0)")
     p.add_argument("--threads", type=int, help="CPU threads (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ... (bfloat16 autocast on a GPU)")
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute U-Net activations in the backward pass: less memory, about a third more compute")
     p.add_argument("--to", help="export: where the weights go (default WORK/export)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="export: the weights' dtype (default float16)")
@@ -50,7 +52,7 @@ def _cmd_train(args) -> int:
         try:
             config = TrainConfig(step=name, work=args.work, preset=args.preset, seed=args.seed, device=args.device,
                                  steps=(args.steps if args.step != ALL else None) or recipe.steps,
-                                 lr=args.lr or recipe.lr)
+                                 lr=args.lr or recipe.lr, gradient_checkpointing=args.gradient_checkpointing)
             train(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)
