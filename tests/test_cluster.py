@@ -483,14 +483,17 @@ def test_the_job_reads_its_bundle_once_and_hands_the_variables_to_workers(tmp_pa
 
 
 def test_example_manifest_has_the_documented_columns_and_its_image_exists():
+    from kvray.toyworld import parse_caption
+
     table = pq.read_table(REPO / "examples" / "prompts.parquet")
-    assert table.schema.names == ["id", "prompt", "seed", "fps", "motion", "width", "height", "image"]
+    assert table.schema.names == ["id", "prompt", "seed", "fps", "motion", "image", "mode", "camera", "scenes"]
     rows = table.to_pylist()
-    assert 5 <= len(rows) <= 6
-    assert len({r["id"] for r in rows}) == len(rows) and all(r["prompt"].strip() for r in rows)
-    assert all(r["fps"] in (None, "low", "medium", "high") and r["motion"] in (None, "low", "medium", "high")
-               for r in rows)
-    assert all((r[k] is None or r[k] % 64 == 0) for r in rows for k in ("width", "height"))
+    assert len(rows) == 6 and len({r["id"] for r in rows}) == len(rows)
+    # Every prompt is in the toy world the default model was trained on; every fps and every mode is shown.
+    prompts = [p for r in rows for p in ([r["prompt"]] if r["prompt"] else r["scenes"])]
+    assert all(parse_caption(p) for p in prompts)
+    assert {r["fps"] for r in rows} >= {"low", "medium", "high"}
+    assert {r["mode"] for r in rows} >= {"animation"} and any(r["scenes"] and len(r["scenes"]) == 3 for r in rows)
     images = [r["image"] for r in rows if r["image"] is not None]
     assert len(images) == 1
     image = REPO / images[0]
@@ -499,7 +502,7 @@ def test_example_manifest_has_the_documented_columns_and_its_image_exists():
     from PIL import Image
 
     with Image.open(image) as img:
-        assert img.size == (256, 256) and img.mode == "RGB"
+        assert img.size == (128, 128) and img.mode == "RGB"
 
 
 def test_example_manifest_rows_become_valid_requests():

@@ -207,10 +207,10 @@ def test_unreadable_image_is_an_error(tmp_path, capsys):
 
 def test_generate_cli_writes_the_video(tmp_path, capsys):
     out = tmp_path / "car.webp"
-    argv = ["generate", "a red car", "--out", str(out), "--fps", "low", "--seed", "1", "--steps", "2", "--width", "64"]
+    argv = ["generate", "a red car", "--out", str(out), "--fps", "low", "--seed", "1", "--steps", "2", "--height", "128"]
     assert main(argv) == 0
     frames, _ = read_video(out)
-    assert frames.shape == (12, 128, 64, 3)
+    assert frames.shape == (12, 128, 64, 3)  # the toy model's default width, the height given
     assert "seed 1" in capsys.readouterr().out
 
 

@@ -257,11 +257,13 @@ class Keyframes:
         request = requests[0]
         drawn = [i for i, image in enumerate(images) if image is None]
         if drawn:
-            # text2video: the first frame's latents at twice the video's (kv11: height/4, width/4).
-            factor = self.models.model_preset.latent_factor
+            # text2video: the first frame's latents at `first_frame_scale` times the video's (kv11: twice,
+            # height/4 x width/4), decoded, then resized to the video's size and encoded again.
+            preset = self.models.model_preset
+            scale, factor = preset.first_frame_scale, preset.latent_factor
             denoiser = self.denoiser
             latents = sample_first_frame(
-                denoiser, [texts[i] for i in drawn], (2 * request.height // factor, 2 * request.width // factor),
+                denoiser, [texts[i] for i in drawn], (scale * request.height // factor, scale * request.width // factor),
                 GeneratorNoise([generators[i] for i in drawn]), guidance=[requests[i].guidance for i in drawn],
                 sampler=_with_steps(self.sampling.first_frame, request.steps),
                 callback=_step_callback(progress, "first frame"), **denoiser.loop_precision,

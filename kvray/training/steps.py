@@ -3,7 +3,7 @@
 | step          | trains                                   | needs (frozen)              | loss                                 |
 |---------------|------------------------------------------|-----------------------------|--------------------------------------|
 | image_movq    | image MoVQ                               | -                           | L1 + L2 reconstruction, latent range |
-| first_frame   | keyframe U-Net (image mode) + text encoder | image MoVQ                | epsilon, first frames at 2x size     |
+| first_frame   | keyframe U-Net (image mode) + text encoder | image MoVQ                | epsilon, weighted 1/alpha_bar, capped |
 | keyframes     | keyframe U-Net (video + image mode)      | text encoder, image MoVQ    | epsilon on 12 keyframes              |
 | interpolation | interpolation U-Net                      | text encoder, image MoVQ    | v on the 3 frames between keyframes  |
 | video_movq    | temporal MoVQ decoder (from the image one) | image MoVQ encoder        | L1 + L2 on chunks of frames          |
@@ -128,7 +128,7 @@ class ImageMoVQStep(Step):
 
     def loss(self, step, generator, validation=False):
         movq = self.networks["image_movq"]
-        # Every other batch at twice the size: the first frame is decoded at 2x before it is resized.
+        # Every other batch at twice the size: kv11 decodes its first frame at 2x before resizing it.
         double = step % 2 == 1
         count = max(1, self.batch_size // 2) if double else self.batch_size
         clips = self.ctx.data.clips(self.name, step, count, validation)
@@ -147,6 +147,19 @@ def _encode_frames(movq: nn.Module, frames: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         latents = movq.encode(rearrange(frames, "b t c h w -> (b t) c h w"))
     return rearrange(latents, "(b t) c h w -> b t c h w", b=frames.shape[0])
+
+
+# The epsilon loss weighted by 1 / alpha_bar(t) (the weighting of a v-prediction loss, capped): an epsilon
+# error e at time t is an x0 error e * sqrt((1 - a) / a), and the samplers start where a is nearly 0 (zero
+# terminal SNR), so a plain epsilon loss leaves the first steps' x0 guesses, which set the layout and the
+# colours, to noise until very long training. Normalised by the batch's weights, so the lr keeps its scale.
+EPSILON_WEIGHT_CAP = 50.0
+
+
+def epsilon_loss(acp: torch.Tensor, out: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    weight = (1 / acp[t]).clamp(max=EPSILON_WEIGHT_CAP)
+    per_sample = (out.float() - noise).pow(2).flatten(1).mean(1)
+    return (weight * per_sample).sum() / weight.sum()
 
 
 class _TextStep(Step):
@@ -182,10 +195,11 @@ def _null_embedding(unet: nn.Module, seed: int) -> nn.Parameter:
 
 def first_frame_loss(step: _TextStep, unet: nn.Module, movq: nn.Module, clips, generator) -> torch.Tensor:
     """The keyframe U-Net in image mode (official `p_sample_loop_image`'s network call): first frames at
-    twice the video's size, zeros in the condition and mask channels, prompt or null text."""
+    the preset's `first_frame_scale` times the video's size, zeros in the condition and mask channels,
+    prompt or null text."""
     ctx = step.ctx
-    pixels = ctx.data.frames(clips, 12, 2 * ctx.data.size, indices=[0]).to(ctx.device)
-    x0 = _encode_frames(movq, pixels)[:, 0]  # (B, 4, 2h, 2w)
+    pixels = ctx.data.frames(clips, 12, ctx.preset.first_frame_scale * ctx.data.size, indices=[0]).to(ctx.device)
+    x0 = _encode_frames(movq, pixels)[:, 0]  # (B, 4, s h, s w), s = first_frame_scale
     count = x0.shape[0]
     context, mask, lengths = step.encode([c.caption for c in clips])
     drop = step.dropped(count, DROP_TEXT + DROP_ALL, generator)
@@ -194,7 +208,7 @@ def first_frame_loss(step: _TextStep, unet: nn.Module, movq: nn.Module, clips, g
     noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
     x_in = torch.cat([add_noise(step.acp, x0, noise, t), torch.zeros(count, 5, *x0.shape[-2:], device=ctx.device)], 1)
     out = unet(x_in, t.to(torch.float32), context, mask, context_lengths=lengths)
-    return F.mse_loss(out, noise)
+    return epsilon_loss(step.acp, out, noise, t)
 
 
 class FirstFrameStep(_TextStep):
@@ -270,7 +284,7 @@ class KeyframesStep(_TextStep):
             num_frames=frames, noise_aug_time=per_frame(level).to(torch.int32),
             motion_score=per_frame(scores).to(torch.int32), context_lengths=per_frame(lengths),
         )
-        return F.mse_loss(out, rearrange(noise, "b f c h w -> (b f) c h w"))
+        return epsilon_loss(self.acp, out, rearrange(noise, "b f c h w -> (b f) c h w"), per_frame(t))
 
 
 def per_frame_context(values: torch.Tensor, frames: int) -> torch.Tensor:
@@ -379,9 +393,9 @@ class Recipe(NamedTuple):
 # The shipped toy weights' schedule (docs/training.md): optimiser steps and peak learning rate per step.
 RECIPE: dict[str, Recipe] = {
     "image_movq": Recipe(1500, 5e-4),
-    "first_frame": Recipe(1500, 3e-4),
-    "keyframes": Recipe(2000, 3e-4),
-    "interpolation": Recipe(1200, 3e-4),
+    "first_frame": Recipe(2000, 1e-3),
+    "keyframes": Recipe(1800, 1e-3),
+    "interpolation": Recipe(400, 5e-4),
     "video_movq": Recipe(400, 3e-4),
 }
 # What each step needs finished first.
