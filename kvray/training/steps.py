@@ -394,8 +394,8 @@ class Recipe(NamedTuple):
 RECIPE: dict[str, Recipe] = {
     "image_movq": Recipe(1500, 5e-4),
     "first_frame": Recipe(2000, 1e-3),
-    "keyframes": Recipe(1800, 1e-3),
-    "interpolation": Recipe(400, 5e-4),
+    "keyframes": Recipe(2400, 1e-3),
+    "interpolation": Recipe(900, 5e-4),
     "video_movq": Recipe(400, 3e-4),
 }
 # What each step needs finished first.
