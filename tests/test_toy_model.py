@@ -7,10 +7,10 @@ check asserts a property that model holds with a margin, and that a broken pipel
 
 - text conditioning and decoding: the object's colour is the prompt's (a dropped or swapped context,
   or the wrong MoVQ, gives other colours);
-- first-frame conditioning and keyframe order: image2video's frame 0 is closer to the given image than
-  its last frame is (a dropped condition makes them alike, reversed keyframes swap them);
-- interpolation: each in-between frame is closer to the blend of its two keyframes than to a frame
-  far away (frames in the wrong gaps or order are not).
+- first-frame conditioning and keyframe order: image2video's frame 0 is far closer to the given image
+  than its last frame is (a zeroed condition doubles frame 0's distance, reversed keyframes swap them);
+- interpolation: the middle frame of each gap is closer to the blend of its own two keyframes than to
+  the neighbouring gap's (frames filled into the wrong gaps are not).
 """
 
 from __future__ import annotations
@@ -59,13 +59,14 @@ def drawn_circle(pipeline):
 def test_image2video_starts_from_the_image(drawn_circle):
     image, frames = drawn_circle
     first, last = (np.abs(frames[i] - image).mean() for i in (0, -1))
-    assert first < 0.8 * last, (first, last)
+    assert first < 0.5 * last, (first, last)
 
 
-def test_interpolated_frames_lie_between_their_keyframes_in_order(drawn_circle):
+def test_interpolated_frames_lie_between_their_own_keyframes(drawn_circle):
     _, frames = drawn_circle
     assert frames.shape[0] == 45
-    groups = range(11)
-    between = np.mean([np.abs(frames[4 * g + 2] - (frames[4 * g] + frames[4 * g + 4]) / 2).mean() for g in groups])
-    far = np.mean([np.abs(frames[4 * g + 2] - frames[(4 * g + 24) % 45]).mean() for g in groups])
-    assert between < 0.85 * far, (between, far)
+    blend = [(frames[4 * g] + frames[4 * g + 4]) / 2 for g in range(11)]  # the middle of each gap
+    middle = [frames[4 * g + 2] for g in range(11)]
+    own = np.mean([np.abs(m - blend[g]).mean() for g, m in enumerate(middle)])
+    neighbour = np.mean([np.abs(m - blend[g + 1 if g < 10 else g - 1]).mean() for g, m in enumerate(middle)])
+    assert own < 0.85 * neighbour, (own, neighbour)
