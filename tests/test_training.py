@@ -29,7 +29,7 @@ def _kill_at(step: int, total: int):
 
 def _run(work, steps, progress=lambda line: None, **kwargs):
     # 32 x 32 frames, 2 per batch: the machinery at a fraction of the toy's cost.
-    config = TrainConfig(step="image_movq", work=str(work), steps=steps, batch_size=2, size=32, warmup=2, lr=1e-3,
+    config = TrainConfig(step="image_movq", work=str(work), steps=steps, batch_size=2, size=32, warmup=5, lr=4e-3,
                          log_every=1, validate_every=1, checkpoint_every=kwargs.pop("checkpoint_every", 1000), **kwargs)
     return train(config, progress=progress)
 
