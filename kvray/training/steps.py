@@ -276,10 +276,10 @@ class KeyframesStep(_TextStep):
         noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
         noisy = add_noise(self.acp, x0, noise, t)
         x_in = rearrange(torch.cat([noisy, condition], 2), "b f c h w -> (b f) c h w")
-        per_frame = lambda values: repeat(values, "b -> (b f)", f=frames)
+        per_frame = lambda values: per_sample(values, frames)
         scores = torch.tensor([c.scene.score for c in clips], device=ctx.device)
         out = unet(
-            x_in, per_frame(t).to(torch.float32), per_frame_context(context, frames), per_frame_context(mask, frames),
+            x_in, per_frame(t).to(torch.float32), per_frame(context), per_frame(mask),
             temporal_embed=repeat(torch.arange(frames, device=ctx.device), "f -> (b f)", b=count).to(torch.float32),
             num_frames=frames, noise_aug_time=per_frame(level).to(torch.int32),
             motion_score=per_frame(scores).to(torch.int32), context_lengths=per_frame(lengths),
@@ -287,8 +287,9 @@ class KeyframesStep(_TextStep):
         return epsilon_loss(self.acp, out, rearrange(noise, "b f c h w -> (b f) c h w"), per_frame(t))
 
 
-def per_frame_context(values: torch.Tensor, frames: int) -> torch.Tensor:
-    return repeat(values, "b ... -> (b f) ...", f=frames)
+def per_sample(values: torch.Tensor, count: int) -> torch.Tensor:
+    """Each clip's value repeated for its `count` U-Net samples (frames or groups): b ... -> (b k) ..."""
+    return repeat(values, "b ... -> (b k) ...", k=count)
 
 
 # Interpolation passes: (skip_frames, frames of the clip it fills); the first pass's share of batches.
@@ -339,7 +340,7 @@ class InterpolationStep(_TextStep):
         t = repeat(random_timesteps(count, generator), "b -> (b g)", g=GROUPS).to(ctx.device)
         noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
         x_in = torch.cat([left, add_noise(self.acp, x0, noise, t), right], 1)
-        per_group = lambda values: repeat(values, "b ... -> (b g) ...", g=GROUPS)
+        per_group = lambda values: per_sample(values, GROUPS)
         out = unet(
             x_in, t, per_group(context), per_group(mask), num_predicted_groups=GROUPS,
             perturbation_time=torch.zeros(count * GROUPS, dtype=torch.int32, device=ctx.device),
