@@ -125,3 +125,22 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert plain.keys() == checkpointed.keys() and len(plain) > 100
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-4, atol=1e-6)
+
+
+def test_video_mode_starts_as_image_mode_frame_by_frame():
+    from kvray.training.steps import start_video_mode_as_image_mode
+    from kvray.weights.networks import get_network
+
+    torch.manual_seed(0)
+    unet = get_network("keyframe_unet").build(get_preset("toy").keyframe_unet).eval()
+    start_video_mode_as_image_mode(unet)
+    frames, context = 3, torch.randn(1, 5, get_preset("toy").keyframe_unet.context_dim)
+    latents = torch.randn(frames, 4, 8, 8)
+    condition = torch.randn(frames, 5, 8, 8)  # the first frame's condition: ignored at the start
+    time = torch.full((frames,), 500.0)
+    with torch.no_grad():
+        video = unet(torch.cat([latents, condition], 1), time, context.expand(frames, -1, -1),
+                     temporal_embed=torch.arange(frames, dtype=torch.float32), num_frames=frames,
+                     noise_aug_time=torch.full((frames,), 20), motion_score=torch.full((frames,), 10))
+        image = unet(torch.cat([latents, torch.zeros_like(condition)], 1), time, context.expand(frames, -1, -1))
+    assert torch.allclose(video, image, atol=1e-5)

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config.presets import ModelPreset
 from ..models.text_encoder import build_tokenizer, tokenize
+from ..models.unet3d import TemporalAttentionBlock, TemporalResNetBlock
 from ..pipeline.frames import decode_chunks
 from ..weights.loader import load_network
 from ..weights.networks import get_network
@@ -242,6 +243,7 @@ class KeyframesStep(_TextStep):
     def __init__(self, ctx):
         super().__init__(ctx, ctx.load("text_encoder").requires_grad_(False))
         unet = ctx.load("keyframe_unet").requires_grad_(True).train()
+        start_video_mode_as_image_mode(unet)
         self.networks = {"keyframe_unet": unet}
         null = nn.Parameter(unet.null_embedding.detach().clone())
         self.extras = {"keyframe_unet": {"null_embedding": null}}
@@ -285,6 +287,28 @@ class KeyframesStep(_TextStep):
             motion_score=per_frame(scores).to(torch.int32), context_lengths=per_frame(lengths),
         )
         return epsilon_loss(self.acp, out, rearrange(noise, "b f c h w -> (b f) c h w"), per_frame(t))
+
+
+def start_video_mode_as_image_mode(unet: nn.Module) -> None:
+    """Video mode starts as image mode applied frame by frame: `in_layer` takes `image_in_layer`'s
+    weights for the noisy latents and zeros for the first frame's condition, and every temporal block
+    adds nothing yet (its last projection zeroed, as video models grown from image models start). The
+    keyframes step then begins from a model that already draws the prompt in every frame and learns only
+    what frames share; from random temporal layers and a random `in_layer`, 2,400 steps were not enough
+    for a background that stays put. A resumed run overwrites all of it from its checkpoint."""
+    latent_channels = unet.config.resolved_out_channels
+    with torch.no_grad():
+        unet.in_layer.weight.copy_(unet.image_in_layer.weight)
+        unet.in_layer.weight[:, latent_channels:] = 0
+        unet.in_layer.bias.copy_(unet.image_in_layer.bias)
+        for module in unet.modules():
+            if isinstance(module, TemporalResNetBlock):
+                last = module.temporal_resnet_blocks[-1][-1]
+                last.weight.zero_()
+                last.bias.zero_()
+            elif isinstance(module, TemporalAttentionBlock):
+                module.temporal_attention.output_layer.weight.zero_()
+                module.feed_forward[-1].weight.zero_()
 
 
 def per_sample(values: torch.Tensor, count: int) -> torch.Tensor:
