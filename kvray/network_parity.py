@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from .checks import CallResult
 from .models.text_encoder import official_state_dict_to_ours
-from .sampling.parity import check_schedulers_file
+from .sampling.scheduler_parity import check_schedulers_file
 from .weights.checkpoint import load_strict, read_checkpoint
 from .weights.networks import NETWORKS, State
 

@@ -13,7 +13,7 @@ from .config.models import DEFAULT_PRESET
 from .config.presets import PRESETS
 from .config.runtime import Precision
 from .config.sampling import FPS_PASSES, MOTION_SCORES, NOISE_AUGMENTATION
-from .requests.camera import EFFECTS
+from .requests.camera_path import EFFECTS
 
 MODES = ("text2video", "image2video", "animation")
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from kvray.parity import build_golden_network, max_abs_diff
+from kvray.network_parity import build_golden_network, max_abs_diff
 
 TOLERANCE = 1e-4
 

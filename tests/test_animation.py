@@ -22,9 +22,9 @@ from kvray.config.sampling import KEYFRAME_SAMPLER
 from kvray.io.video import read_video
 from kvray.pipeline import VideoPipeline, VideoRequest
 from kvray.pipeline.animation import ANIMATION_KEYFRAMES, keyframe_poses, redraw_start, warp_fill
-from kvray.pipeline.camera import camera_poses, warp_between
+from kvray.pipeline.camera_motion import camera_poses, warp_between
 from kvray.pipeline.stages import text_from_tensors, text_tensors
-from kvray.requests.camera import parse_camera
+from kvray.requests.camera_path import parse_camera
 from kvray.sampling import GuidanceConfig, TextCondition
 from kvray.sampling.schedulers import ddpm_scheduler
 

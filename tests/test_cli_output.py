@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from kvray.cli import ProgressBars
+from kvray.commands.generate import ProgressBars
 
 
 def test_progress_in_a_log_is_one_plain_line_per_stage():

@@ -29,12 +29,13 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from kvray.commands import submit as submit_command
 from kvray.config.job import RenderJob
 from kvray.config.stages import STAGES
 from kvray.distributed import secrets as sec
 from kvray.distributed import submit as sub
 from kvray.distributed.local_cluster import start_head
-from kvray.io.storage import parse_storage_options
+from kvray.io.storage_options import parse_storage_options
 
 REPO = Path(__file__).resolve().parent.parent
 CLUSTER = REPO / "cluster"
@@ -251,7 +252,7 @@ def test_entrypoint_quotes_every_argument():
 
 def _submit_parser():
     parser = argparse.ArgumentParser(prog="kvray")
-    sub.add_submit_parser(parser.add_subparsers(dest="command", required=True))
+    submit_command.add_parser(parser.add_subparsers(dest="command", required=True))
     return parser
 
 
@@ -262,7 +263,7 @@ def test_submit_parser_passes_render_options_through(monkeypatch):
         "--storage-option", "endpoint_url=http://x:9000", "--no-follow", "--runtime-env-json", '{"env_vars": {"A": "1"}}',
     ])
     seen = {}
-    monkeypatch.setattr(sub, "submit", lambda manifest, out, **kw: seen.update(manifest=manifest, out=out, **kw) or 0)
+    monkeypatch.setattr(submit_command, "submit", lambda manifest, out, **kw: seen.update(manifest=manifest, out=out, **kw) or 0)
     assert args.run(args) == 0
     assert seen["address"] == "http://head:8265" and seen["follow"] is False
     assert seen["runtime_env"] == {"env_vars": {"A": "1"}}
@@ -543,7 +544,7 @@ sys.path.insert(0, "jobs")
 import ray
 import render as job
 from kvray.distributed.secrets import BUNDLE_FILE, BUNDLE_PACKAGE, worker_setup_hook
-from kvray.io.storage import parse_storage_options
+from kvray.io.storage_options import parse_storage_options
 
 digest = lambda value: hashlib.sha256(value.encode()).hexdigest()
 args = job.job_args(["m", "--out", "o"])

@@ -24,11 +24,13 @@ from safetensors.torch import load as unpack_tensors
 
 from kvray.config.dataset import SIGNALS, DatasetConfig, QualityFilter, filter_reasons
 from kvray.config.validation import validation_message
+from kvray.io.atomic import write_atomic
 from kvray.io.dataset_card import (
     dataset_counts,
     public_storage_options,
     write_dataset_card,
 )
+from kvray.io.opening import open_fs
 from kvray.io.shards import (
     INDEX_SCHEMA,
     Sample,
@@ -45,7 +47,6 @@ from kvray.io.shards import (
     tar_size,
     write_samples,
 )
-from kvray.io.storage import open_fs, write_atomic
 from kvray.io.video import read_video
 from kvray.pipeline import Video, VideoRequest
 from kvray.pipeline.quality import quality_fields, quality_signals

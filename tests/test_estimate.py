@@ -200,8 +200,8 @@ def test_int8_and_bf16_text_encoders_are_offered_and_stay_close_to_fp32(golden_d
     with pytest.raises(ValueError, match="keyframe_unet: int8 is offered"):
         RuntimeConfig(keyframe_unet_dtype="int8")
     prompts = ["a red car", "waves on a beach at dawn"]
-    full, _ = EncodeText(ModelSource(preset="tiny"), RuntimeConfig(device="cpu"))(prompts)
-    int8, _ = EncodeText(ModelSource(preset="tiny"), RuntimeConfig(device="cpu", text_encoder_dtype="int8"))(prompts)
+    full, _ = EncodeText.from_source(ModelSource(preset="tiny"), RuntimeConfig(device="cpu"))(prompts)
+    int8, _ = EncodeText.from_source(ModelSource(preset="tiny"), RuntimeConfig(device="cpu", text_encoder_dtype="int8"))(prompts)
     for a, b in zip(full, int8):
         assert b.context.dtype == torch.float32 and b.context.shape == a.context.shape
         assert (b.context - a.context).norm() / a.context.norm() < 0.05

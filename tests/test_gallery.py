@@ -23,6 +23,7 @@ from kvray.config.dataset import QualityFilter
 from kvray.distributed.rows import RESULT_SCHEMA
 from kvray.gallery.build import GalleryError, NothingToShow, build_gallery
 from kvray.gallery.pages import text
+from kvray.io.atomic import write_atomic, write_json
 from kvray.io.layout import (
     gallery_dir,
     meta_path,
@@ -31,9 +32,9 @@ from kvray.io.layout import (
     results_dir,
     video_path,
 )
+from kvray.io.opening import open_fs
 from kvray.io.posters import poster_frame, poster_jpeg, preview_webp, write_stills
 from kvray.io.shards import Sample, write_shard
-from kvray.io.storage import open_fs, write_atomic, write_json
 from kvray.io.video import encode_video, read_video
 from kvray.pipeline.quality import quality_fields
 
@@ -220,7 +221,10 @@ def test_local_gallery_pages_links_and_escaping(tmp_path):
     index = Cards(read_page(fs, gallery.local_index))
     assert [link for link in index.links if link.startswith("page-")] == [
         "page-000002.html#row-3", "page-000002.html#row-5",  # the first error rows
+        "page-000001.html",  # above the first page's cards
         "page-000001.html", "page-000002.html", "page-000003.html"]
+    # The index opens on pictures: the first page's cards.
+    assert index.cards == Cards(read_page(fs, f"{folder}/page-000001.html")).cards and index.images
 
 
 def test_status_filter_pagination_and_stale_pages(tmp_path):
@@ -236,7 +240,8 @@ def test_status_filter_pagination_and_stale_pages(tmp_path):
     limited = build_gallery(out, page_size=2, max_pages=1)
     assert (limited.pages, limited.written) == (4, 1)
     index = read_page(fs, limited.local_index)
-    assert index.count("href=\"page-") == 1 and "rows 6–6" in index  # the unwritten pages listed without links
+    # The unwritten pages are listed without links; page 1 is linked from its list entry and its cards' heading.
+    assert index.count("href=\"page-") == 2 and "rows 6–6" in index
     with pytest.raises(NothingToShow, match="no rows with status nope"):
         build_gallery(out, statuses=["nope"])
     with pytest.raises(GalleryError, match="page size"):

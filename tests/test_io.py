@@ -12,20 +12,12 @@ import numpy as np
 import pytest
 from fsspec.implementations.dirfs import DirFileSystem
 
-from kvray.io import storage
-from kvray.io.storage import (
-    check_name,
-    exists,
-    open_fs,
-    parse_storage_options,
-    read_bytes,
-    read_json,
-    redact_storage_options,
-    safe_join,
-    uri_of,
-    write_atomic,
-    write_json,
-)
+from kvray.io import atomic
+from kvray.io.atomic import exists, read_bytes, read_json, write_atomic, write_json
+from kvray.io.names import check_name, safe_join
+from kvray.io.opening import open_fs, uri_of
+from kvray.io.redaction import redact_storage_options
+from kvray.io.storage_options import parse_storage_options
 from kvray.io.video import clip_fps, encode_video, read_video, video_format
 
 
@@ -210,7 +202,7 @@ def test_write_atomic_local_failure_leaves_nothing_partial(tmp_path, monkeypatch
     def boom(*args, **kwargs):
         raise OSError(28, "No space left on device (simulated)")
 
-    monkeypatch.setattr(storage.os, fail_in, boom)  # fsync: bytes written, not yet committed
+    monkeypatch.setattr(atomic.os, fail_in, boom)  # fsync: bytes written, not yet committed
     with pytest.raises(OSError, match="simulated"):
         write_atomic(fs, path, b"new content " * 1000)
     monkeypatch.undo()
@@ -410,7 +402,7 @@ def test_storage_option_values_from_the_environment_and_files(tmp_path, monkeypa
 
 
 def test_redacted_urls_argv_and_jobs():
-    from kvray.io.storage import redact_job, redact_url, redacted_argv
+    from kvray.io.redaction import redact_job, redact_url, redacted_argv
 
     assert redact_url("https://h/m.parquet?X-Amz-Credential=AK&X-Amz-Signature=abc&part=1&sig=s") == (
         "https://h/m.parquet?X-Amz-Credential=***&X-Amz-Signature=***&part=1&sig=***")

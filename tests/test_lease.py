@@ -13,7 +13,7 @@ import pytest
 
 from kvray.bench.fault_proxy import FaultyProxy
 from kvray.io.lease import LEASE_NAME, Lease, LeaseHeld, LeaseLost, read_lease
-from kvray.io.storage import open_fs
+from kvray.io.opening import open_fs
 
 from .s3 import _ENV
 
@@ -51,6 +51,7 @@ def test_acquire_renew_release(prefix):
     with Lease.acquire(fs, root, "run-b") as again:  # free again
         assert read_lease(fs, root) == again.record
     assert read_lease(fs, root) is None
+    assert fs.find(root) == [], "a released lease leaves nothing in the prefix (no lock file either)"
 
 
 def test_a_second_run_is_refused_naming_the_holder(prefix):
@@ -130,7 +131,7 @@ def test_answers_lost_after_the_write_landed(s3_bucket):
 def _racer(uri, options, env, barrier, rounds, results):
     os.environ.update(env)
     from kvray.io.lease import Lease, LeaseHeld
-    from kvray.io.storage import open_fs
+    from kvray.io.opening import open_fs
 
     fs, root = open_fs(uri, options)
     for round_ in range(rounds):

@@ -9,7 +9,7 @@ import torch
 
 from kvray.config import KV11, TINY
 from kvray.models.movq import MoVQ
-from kvray.parity import check_file, max_abs_diff
+from kvray.network_parity import check_file, max_abs_diff
 
 from .golden_e2e import TOLERANCE, assert_case, debug_paths, load_case_file, record_outputs
 

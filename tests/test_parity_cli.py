@@ -58,6 +58,9 @@ def test_layout_check_matches_every_manifest(manifests_dir, capsys):
     out = capsys.readouterr().out
     for count in ("4,149,077,956", "3,979,941,530", "270,603,567", "666,131,275", "33,570,816", "8,721,797,632"):
         assert f"{count} params (manifest {count}) ok" in out
+    assert main(["layout", "--check", str(manifests_dir)]) == 0  # kvray 0.1's spelling still works
+    same = lambda text: [line for line in text.splitlines() if not line.startswith("peak memory")]  # noqa: E731
+    assert same(capsys.readouterr().out) == same(out)
 
 
 def test_layout_check_reports_a_mismatch(manifests_dir, tmp_path, capsys):

@@ -58,10 +58,8 @@ def test_a_request_gives_the_same_frames_alone_twice_or_anywhere_in_a_batch(pipe
     others = [_request("snow falling on a quiet lake at dawn", seed=9, motion="high"),
               _request("x", seed=5, fps="low", width=128)]
     alone = pipeline.generate([target])[0].frames
-    twice = pipeline.generate([target, target])
-    beside = pipeline.generate([others[0], target, others[1]])
-    assert np.array_equal(twice[0].frames, alone) and np.array_equal(twice[1].frames, alone)
-    assert np.array_equal(beside[1].frames, alone)
+    batch = pipeline.generate([others[0], target, target, others[1]])  # twice, and beside others
+    assert np.array_equal(batch[1].frames, alone) and np.array_equal(batch[2].frames, alone)
     assert not np.array_equal(pipeline.generate([_request(seed=4, fps="medium")])[0].frames, alone)
 
 
@@ -92,13 +90,18 @@ def test_motion_and_noise_augmentation_reach_the_keyframe_unet(pipeline):
     assert video_calls[0] == ([100], [7]) and video_calls[-1] == ([1], [20])
 
 
+@pytest.fixture(scope="module")
+def medium_frames(pipeline):
+    """The float32 frames of one fps-medium request, made once for every precision compared with them."""
+    return pipeline.generate([_request(fps="medium")])[0].frames.astype(int)
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("precision", ["official", "fast"])
-def test_half_precision_end_to_end(pipeline, dtype, precision):
+def test_half_precision_end_to_end(medium_frames, dtype, precision):
     """Every network in bfloat16 / float16, with autocast (official) or without (fast): no dtype error,
     and frames within 12/255 on average of float32 (random tiny networks; real weights are far closer)."""
-    request = _request(fps="medium")
-    reference = pipeline.generate([request])[0].frames.astype(int)
+    request, reference = _request(fps="medium"), medium_frames
     runtime = RuntimeConfig(device="cpu", precision=precision, **{f"{n}_dtype": dtype for n in NETWORKS})
     try:
         half = VideoPipeline(ModelSource(preset="tiny"), runtime)
@@ -244,7 +247,6 @@ def test_first_frame_pixels_and_reencoding_match_official(golden_e2e_dir, pipeli
 
 def test_chunked_video_decoding_matches_official(golden_e2e_dir, pipeline_io):
     movq, _, _ = load_case_file(golden_e2e_dir, "movq_video", "video_movq")
-    decode = Decode.__new__(Decode)
-    decode.device, decode.movq = torch.device("cpu"), movq
+    decode = Decode(movq)
     for run in ("t2v", "i2v"):
         _close_uint8(decode(pipeline_io[f"{run}.decode_video.input"]), pipeline_io[f"{run}.frames_uint8"].numpy())

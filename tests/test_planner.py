@@ -10,6 +10,7 @@ import random
 
 import pytest
 
+from kvray.commands import plan as plan_command
 from kvray.distributed import planner as P
 
 EXAMPLE = "text=0.001,keyframes=0.62,interpolate=0.08,decode=0.30"
@@ -364,7 +365,7 @@ def test_plan_command(capsys):
     import argparse
 
     parser = argparse.ArgumentParser()
-    P.add_plan_parser(parser.add_subparsers())
+    plan_command.add_parser(parser.add_subparsers())
     args = parser.parse_args(["plan", "--gpus", "16", "--costs", EXAMPLE, "--equal"])
     assert args.run(args) == 0
     out = capsys.readouterr().out

@@ -136,8 +136,8 @@ def test_a_killed_stage_actor_loses_and_duplicates_nothing(ray_cluster, tmp_path
     assert all(len(v) == 1 and v[0]["status"] == "ok" for v in results.values())
     videos = {p.stem for p in (out / "videos").rglob("*.mp4")}
     assert videos == {v[0]["video_id"] for v in results.values()} == {p.stem for p in (out / "meta").rglob("*.json")}
-    # No partial file visible (the lease's lock file on a local disk is no output: it stays, empty).
-    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".") and p.name != ".lease.json.lock"]
+    # No partial file visible, and no lock file of the lease.
+    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
     assert not leftovers, leftovers
     assert summary.ok == len(rows)
     assert len(summary.stages["actors"]["decode"]) >= 2  # the killed actor was replaced
@@ -335,7 +335,7 @@ def test_a_driver_killed_twice_then_resubmitted_loses_and_duplicates_nothing(ray
 
     from kvray.distributed.render import render
     from kvray.io.layout import latest_results
-    from kvray.io.storage import open_fs
+    from kvray.io.opening import open_fs
 
     rows = [{"id": f"row{i}", "prompt": f"scene {i}", **{**FAST, "steps": 3}} for i in range(14)]
     manifest = _manifest(tmp_path / "m.parquet", rows)

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from kvray.config import TINY
-from kvray.parity import build_golden_network
+from kvray.network_parity import build_golden_network
 from kvray.sampling import (
     FIRST_FRAME_SAMPLER,
     INTERPOLATION_SAMPLER,

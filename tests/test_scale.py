@@ -15,8 +15,9 @@ import s3fs
 from kvray.bench.fault_proxy import FaultyProxy
 from kvray.config.job import RenderJob
 from kvray.io import layout as L
+from kvray.io.atomic import write_json
 from kvray.io.manifest import open_manifest
-from kvray.io.storage import open_fs, write_json
+from kvray.io.opening import open_fs
 from kvray.requests.manifest import plan_row
 
 FAST = {"width": 64, "height": 64, "steps": 2, "interpolation_steps": 2}
@@ -108,7 +109,7 @@ def test_planning_streams_a_part_before_reading_all_of_it(ray_cluster, tmp_path,
     """A planning task yields its first rows while the rest of its part is still unread."""
     ray = ray_cluster
 
-    from kvray.distributed import plan as P
+    from kvray.distributed import row_planning as P
     from kvray.io import manifest as M
 
     monkeypatch.setattr(M, "READ_BATCH_ROWS", 4)

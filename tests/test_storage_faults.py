@@ -16,19 +16,10 @@ import pytest
 import s3fs
 
 from kvray.bench.fault_proxy import FaultyProxy
+from kvray.io.atomic import exists, list_files, read_bytes, write_atomic
+from kvray.io.failures import StorageError, storage_errors
 from kvray.io.manifest import open_manifest
-from kvray.io.storage import (
-    S3_POLICY,
-    RetryPolicy,
-    StorageError,
-    exists,
-    list_files,
-    open_fs,
-    read_bytes,
-    storage_errors,
-    storage_options_for,
-    write_atomic,
-)
+from kvray.io.opening import S3_POLICY, RetryPolicy, open_fs, storage_options_for
 
 SMALL = os.urandom(4 << 10)
 LARGE = os.urandom(6 << 20)

@@ -106,7 +106,7 @@ def test_default_tokenizer_from_the_hub_cache_offline(spiece, tokenizer, tmp_pat
     (snapshot.parent.parent / "refs").mkdir()
     (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
     (snapshot / "spiece.model").write_bytes(spiece.read_bytes())
-    code = ("from kvray.config.models import ModelSource; from kvray.weights.bundle import load_tokenizer;"
+    code = ("from kvray.config.models import ModelSource; from kvray.weights.stage_models import load_tokenizer;"
             f"t = load_tokenizer(ModelSource(preset='kv11', weights='random', cache_dir={str(tmp_path)!r}));"
             "print(type(t).__name__, t.encode('a red fox <extra_id_0>'))")
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=False,

@@ -10,7 +10,7 @@ import torch
 from kvray.config import KV11, TINY
 from kvray.models.interpolator import InterpolationUNet
 from kvray.models.unet3d import KeyframeUNet
-from kvray.parity import check_file
+from kvray.network_parity import check_file
 from kvray.weights import random_network
 from kvray.weights.checkpoint import build_on_meta, shapes
 

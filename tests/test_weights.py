@@ -17,8 +17,8 @@ from kvray.config import TINY
 from kvray.config.models import ModelSource
 from kvray.models.text_encoder import build_tokenizer, tokenize
 from kvray.weights import CheckpointError, WeightsNotFound, WeightsSource, load_network, random_network, read_checkpoint
-from kvray.weights.bundle import load_tokenizer
 from kvray.weights.convert import convert
+from kvray.weights.stage_models import load_tokenizer
 
 from .t5_spiece import train_t5_like_spiece
 

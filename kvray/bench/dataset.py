@@ -39,8 +39,8 @@ def bench_dataset(models, runtime, sizes, *, fps: str = "medium", samples: int =
     import torch
 
     from ..config.dataset import DatasetConfig
+    from ..io.opening import open_fs
     from ..io.shards import Sample, write_samples
-    from ..io.storage import open_fs
     from ..pipeline import Video, VideoRequest
     from ..pipeline.device import torch_device
     from ..pipeline.samples import dataset_sample, video_metadata
@@ -49,7 +49,7 @@ def bench_dataset(models, runtime, sizes, *, fps: str = "medium", samples: int =
     from ..sampling import LATENT_CHANNELS
 
     say = progress or (lambda message: None)
-    decode = Decode(models, runtime)
+    decode = Decode.from_source(models, runtime)
     factor = models.model_preset.latent_factor
     dataset = DatasetConfig(layout="webdataset", shard_size=samples, filters=["motion>=0.5"])
     generator = torch.Generator().manual_seed(0)

@@ -119,7 +119,8 @@ def run_estimate_command(args) -> int:
     print(f"  {'total':<12}{total_flops / 1e12:>12.1f}{'':>35}{total_seconds:>9.3g}")
     print(f"dry run: {time.perf_counter() - start:.1f} s")
     if args.out:
-        from ..io.storage import open_fs, write_atomic
+        from ..io.atomic import write_atomic
+        from ..io.opening import open_fs
 
         profile = estimated_profile(args.preset, request, dtypes=dtypes, gpu=args.gpu, utilisation=args.utilisation,
                                     batch_sizes=dict.fromkeys(STAGES, args.batch),

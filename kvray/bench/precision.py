@@ -66,7 +66,7 @@ def tiny_differences(dtypes=TEXT_DTYPES) -> list[ContextDifference]:
     from ..config import get_preset
     from ..config.models import ModelSource
     from ..models.text_encoder import build_tokenizer, tokenize
-    from ..weights.bundle import load_model
+    from ..weights.stage_models import load_model
 
     preset = get_preset("tiny")
     encoder = load_model(ModelSource(preset="tiny"), "text_encoder", "cpu", torch.float32)
@@ -85,7 +85,7 @@ def golden_differences(golden_dir: str | Path, dtypes=TEXT_DTYPES) -> list[Conte
     import torch
     from safetensors.torch import load_file
 
-    from ..parity import build_golden_network
+    from ..network_parity import build_golden_network
 
     golden_dir = Path(golden_dir)
     spec = json.loads((golden_dir / "text_encoder.json").read_text())

@@ -23,7 +23,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from ..io.storage import dumps_json, open_fs, write_atomic
+from ..io.atomic import dumps_json, write_atomic
+from ..io.opening import open_fs
 
 FAST = {"width": 64, "height": 64, "steps": 1, "interpolation_steps": 1, "fps": "low"}
 
@@ -176,7 +177,7 @@ def add_scale_parser(bench_subparsers) -> argparse.ArgumentParser:
 
 
 def run_scale_command(args) -> int:
-    from ..io.storage import parse_storage_options
+    from ..io.storage_options import parse_storage_options
 
     if args.rows < 1 or not 0 <= args.done_fraction <= 1 or (args.baseline_rows is not None and args.baseline_rows < 1):
         print("error: --rows and --baseline-rows must be >= 1 and --done-fraction between 0 and 1", file=sys.stderr)

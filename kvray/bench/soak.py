@@ -69,7 +69,7 @@ def _faulty_s3(seed: int):
 def _check_round(out: str, options: dict, ids: list[str]) -> dict[str, int]:
     """Rows lost (no ok result), duplicated (a video written for no row, or a row twice), partial files."""
     from ..io.layout import latest_results
-    from ..io.storage import open_fs
+    from ..io.opening import open_fs
     from ..io.video import read_video
 
     fs, root = open_fs(out, {**options, "skip_instance_cache": True})

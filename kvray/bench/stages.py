@@ -104,23 +104,23 @@ def bench_stages(models, runtime, request, *, batch: int = 1, warmup: int = 1, r
         _reset_peak(device)
         return out
 
-    texts = timed("text", lambda: EncodeText(models, runtime),
+    texts = timed("text", lambda: EncodeText.from_source(models, runtime),
                   lambda w, rs: w([r.prompt for r in rs])[0], ("encoder",))
     results["text"]["output_bytes"] = _mean(len(pack_tensors({"context": t.context.contiguous(), "mask": t.mask.contiguous()}))
                                             for t in texts)
-    keyframes = timed("keyframes", lambda: Keyframes(models, runtime),
+    keyframes = timed("keyframes", lambda: Keyframes.from_source(models, runtime),
                       lambda w, rs: w(rs, texts, [None] * len(rs)), ("unet", "movq"))
     results["keyframes"]["output_bytes"] = _mean(
         len(pack_tensors({"context": t.context.contiguous(), "mask": t.mask.contiguous(), "latents": k.contiguous()}))
         for t, k in zip(texts, keyframes))
-    videos = timed("interpolate", lambda: Interpolate(models, runtime),
+    videos = timed("interpolate", lambda: Interpolate.from_source(models, runtime),
                    lambda w, rs: w(rs, texts, keyframes), ("unet",))
     results["interpolate"]["output_bytes"] = _mean(len(pack_tensors({"latents": v.contiguous()})) for v in videos)
 
     def decode(w, rs):
         return [Video(r, w(v)).encode(video_format) for r, v in zip(rs, videos)]
 
-    timed("decode", lambda: Decode(models, runtime), decode, ("movq",))
+    timed("decode", lambda: Decode.from_source(models, runtime), decode, ("movq",))
     results["decode"]["output_bytes"] = 0  # the video goes to storage; only its URI travels on
 
     device_memory = None
@@ -214,7 +214,8 @@ def run_stages_command(args) -> int:
         print(f"  {stage:<12}{cost.seconds:>10.4g}{peak:>10}{cost.output_bytes:>12}{r['load_seconds']:>8.1f}")
     print(f"total {profile.total_seconds:.4g} s/video on one device; inline: {profile.inline()}")
     if args.out:
-        from ..io.storage import open_fs, write_atomic
+        from ..io.atomic import write_atomic
+        from ..io.opening import open_fs
 
         fs, path = open_fs(args.out)
         write_atomic(fs, path, profile.to_json().encode())

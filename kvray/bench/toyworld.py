@@ -66,7 +66,7 @@ def judge_outputs(out: str, expected: dict[str, dict]) -> tuple[list[dict], list
     from PIL import Image
 
     from ..io.layout import latest_results
-    from ..io.storage import open_fs
+    from ..io.opening import open_fs
     from ..io.video import read_video
     from ..toyworld.judge import judge
 

@@ -21,11 +21,11 @@ from ..config.job import RenderJob
 from ..config.stages import STAGES
 from ..io.layout import done_keys
 from ..io.manifest import open_manifest
-from ..io.storage import open_fs
+from ..io.opening import open_fs
 from .cluster import connect, disconnect
-from .plan import PlanInputs, planned_dataset, scan_manifest
 from .pools import execution_context
 from .render import collapsed_rows, new_run_id, planning_tasks
+from .row_planning import PlanInputs, planned_dataset, scan_manifest
 from .rows import ERROR, PENDING, SKIPPED
 
 FIRST_REASONS = 5

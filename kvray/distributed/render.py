@@ -17,13 +17,12 @@ make progress for `stall_timeout_s` stops with the reason instead of waiting for
 
 from __future__ import annotations
 
-import _thread
 import logging
 import secrets
 import signal
-import threading
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -33,26 +32,26 @@ import ray
 
 from ..config.job import RenderJob
 from ..config.stages import STAGES
+from ..io.atomic import read_json, write_atomic, write_json
 from ..io.dataset_card import dataset_counts, write_dataset_card
 from ..io.layout import done_keys, latest_run_path, remove_temporaries, results_dir, run_record_path
 from ..io.lease import Lease, read_lease
 from ..io.manifest import Manifest, open_manifest
+from ..io.opening import open_fs
+from ..io.redaction import redact_job, redact_url
 from ..io.shards import remove_orphans
-from ..io.storage import open_fs, read_json, redact_job, redact_url, write_atomic, write_json
 from .cluster import check_resources, connect, on_this_node
-from .plan import PlanInputs, planned_dataset, scan_manifest
+from .false_alarms import dropped_from_stderr
+from .monitor import Monitor, Signals, StallError
 from .planner import plan_job, plan_summary
 from .pools import PoolOptions, block_bytes, execution_context, model_stages, queued_calls
+from .row_planning import REPEAT, NothingToRender, PlanInputs, plan_in_process, planned_dataset, scan_manifest, write_planned
 from .rows import ERROR, FILTERED, OK, SKIPPED, RunLedger, results_table
 
 log = logging.getLogger(__name__)
 
 FINISHED, FAILED, INTERRUPTED = "finished", "failed", "interrupted"
 FIRST_ERRORS = 5
-
-
-class StallError(RuntimeError):
-    """No progress for the job's stall timeout: the reason is in the message."""
 
 
 @dataclass
@@ -94,7 +93,8 @@ class RenderSummary:
         out = [f"{self.status}: {self.out} (run {self.run_id})",
                f"rows {self.rows}: ok {self.ok}, error {self.error}, skipped {self.skipped}"
                + (f", filtered {self.filtered}" if self.filtered else "")
-               + (f", identical to an earlier row {self.repeats}" if self.repeats else ""),
+               + (f", identical to an earlier row {self.repeats}" if self.repeats else "")
+               + (f", not reached (--limit, or the run stopped) {self.rows - self.done}" if self.rows > self.done else ""),
                f"start-up {self.startup_seconds:.1f} s; rendering {self.seconds:.1f} s, "
                f"{self.videos_per_second:.3f} videos/s"]
         for stage in STAGES:
@@ -177,130 +177,18 @@ class ResultsWriter:
         self.buffer, self.buffered = [], 0
 
 
-class Watchdog:
-    """Interrupts the driver when nothing has moved for `timeout` seconds (no actor started, no model
-    call, no row out), with the reason `explain()` gives."""
-
-    def __init__(self, timeout: float, explain: Callable[[], str]):
-        self.timeout, self.explain = timeout, explain
-        self.last = time.monotonic()
-        self.reason = ""
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-
-    def moved(self) -> None:
-        self.last = time.monotonic()
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-
-    def _watch(self) -> None:
-        while not self._stop.wait(min(5.0, self.timeout / 4)):
-            if time.monotonic() - self.last > self.timeout:
-                self.reason = f"no progress for {self.timeout:g} s: {self.explain()}"
-                _thread.interrupt_main()
-                return
-
-
-class Signals:
-    """SIGINT and SIGTERM end the run cleanly: both become KeyboardInterrupt in the driver (which
-    flushes its results and records the run as interrupted). Installed only in the main thread."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._saved = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                self._saved[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def __exit__(self, *exc):
-        for signum, handler in self._saved.items():
-            signal.signal(signum, handler)
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        raise KeyboardInterrupt
-
-
-class Monitor:
-    """The driver's view of a running render, refreshed every `interval` s from the run's ledger:
-    progress for the user, and the stall watchdog (anything that moves counts as progress)."""
-
-    def __init__(self, job: RenderJob, ledger, summary: RenderSummary, progress, interval: float = 2.0):
-        self.job, self.ledger, self.summary, self.progress = job, ledger, summary, progress
-        self.interval = interval
-        self.watchdog = Watchdog(job.stall_timeout_s, self.explain)
-        self.report: dict = {}
-        self._seen = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
-
-    def __enter__(self):
-        self.watchdog.__enter__()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self.watchdog.__exit__(*exc)
-
-    def rows_out(self) -> None:
-        self.watchdog.moved()
-
-    def refresh(self, timeout: float = 10.0) -> dict:
-        try:
-            self.report = ray.get(self.ledger.report.remote(), timeout=timeout)
-        except (ray.exceptions.RayError, TimeoutError) as err:
-            log.warning("the run's ledger did not answer (%s): progress figures are incomplete", err)
-        return self.report
-
-    def _poll(self) -> None:
-        while not self._stop.wait(self.interval):
-            report = self.refresh()
-            state = (report.get("model_calls"), report.get("planned"),
-                     {s: len(a) for s, a in report.get("actors", {}).items()})
-            if state != self._seen:
-                self._seen = state
-                self.watchdog.moved()
-            if self.progress is not None:
-                self.progress(self.summary, report)
-
-    def explain(self) -> str:
-        actors = self.report.get("actors", {})
-        pools = []
-        for stage in STAGES:
-            deployment = self.job.deployment.stage(stage)
-            started = len(actors.get(stage, []))
-            if started < deployment.actors:
-                pools.append(f"{stage} {started} of {deployment.actors} actors up (each needs "
-                             f"{deployment.gpus:g} GPU, {deployment.cpus:g} CPU)")
-        free = ray.available_resources()
-        where = "; ".join(pools) if pools else "every pool is up but no row finished"
-        return (f"{where}; free in the cluster: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU "
-                "(a lost node, or a pool that does not fit?)")
-
-
-def _tally(batch: pd.DataFrame, summary: RenderSummary) -> None:
+def _tally(batch: pd.DataFrame, summary: RenderSummary, error_rows: list[tuple[int, str, str]]) -> None:
     for status in (OK, ERROR, FILTERED):
         setattr(summary, status, getattr(summary, status) + int((batch["status"] == status).sum()))
     for stage in STAGES:
         summary.busy_seconds[stage] = summary.busy_seconds.get(stage, 0.0) + float(batch[f"seconds_{stage}"].sum())
     errors = batch.loc[batch["status"] == ERROR]
-    for row, row_id, error in zip(errors["row"], errors["id"], errors["error"]):
-        if len(summary.first_errors) < FIRST_ERRORS:
-            summary.first_errors.append(f"row {row} ({row_id}): {error}")
+    error_rows.extend(zip(errors["row"][:FIRST_ERRORS].tolist(), errors["id"], errors["error"]))
 
 
-def _planned_rows(fs, root: str, run_id: str, summary: RenderSummary) -> None:
+def _planned_rows(fs, root: str, summary: RenderSummary, error_rows: list[tuple[int, str, str]]) -> None:
     """The skipped and error rows of the planning tasks, counted from their results files."""
-    folder = results_dir(root, run_id)
+    folder = results_dir(root, summary.run_id)
     if not fs.isdir(folder):
         return
     for path in sorted(p for p in fs.ls(folder, detail=False) if p.rpartition("/")[2].startswith("plan-")):
@@ -309,14 +197,8 @@ def _planned_rows(fs, root: str, run_id: str, summary: RenderSummary) -> None:
         summary.skipped += int((table["status"] == SKIPPED).sum())
         errors = table.loc[table["status"] == ERROR]
         summary.error += len(errors)
-        summary.first_errors.extend(f"row {r} ({i}): {e}" for r, i, e in
-                                    zip(errors["row"][:FIRST_ERRORS], errors["id"], errors["error"]))
+        error_rows.extend(zip(errors["row"][:FIRST_ERRORS].tolist(), errors["id"], errors["error"]))
         summary.results.append(fs.unstrip_protocol(path))
-    summary.first_errors = sorted(summary.first_errors, key=_row_of)[:FIRST_ERRORS]
-
-
-def _row_of(line: str) -> int:
-    return int(line.split(" ", 2)[1])
 
 
 def collapsed_rows(job: RenderJob, scan):
@@ -327,6 +209,8 @@ def collapsed_rows(job: RenderJob, scan):
 
 
 PROBE_ROWS = 2_000
+# Manifests up to this many rows are planned in the driver first: with nothing to render, Ray never starts.
+IN_PROCESS_ROWS = PROBE_ROWS
 
 
 def _probe(planned, first_batch: int):
@@ -383,19 +267,25 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, t
     summary = RenderSummary(run_id, fs.unstrip_protocol(root), rows=manifest.rows)
     start = time.perf_counter()
     done = done_keys(fs, root, job.dataset.layout)
-    started_ray = connect(job.ray, verbose)
+    nothing = plan_in_process(job, manifest, done) if manifest.rows <= IN_PROCESS_ROWS else None
+    started_ray = nothing is None and connect(job.ray, verbose)
     try:
-        # The pools are sized and checked against the cluster before the prefix is touched.
-        job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
-        check_resources(job)
+        chosen = None
+        if nothing is None:
+            # The pools are sized and checked against the cluster before the prefix is touched.
+            job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
+            check_resources(job)
         before = read_lease(fs, root)
         lease = Lease.acquire(fs, root, run_id, ttl_s=job.lease_ttl_s, take_over=take_over, wait_s=wait_for_lease_s)
         if before is not None and before.run_id != run_id:
             _record_lost(fs, root, before.run_id, run_id)
         renewer = lease.renewer().start()
         try:
-            return _render(job, chosen, manifest, fs, root, summary, done, start, renewer, limit=limit, verbose=verbose,
-                           progress=progress, workers=workers, pool_options=pool_options, on_rows=on_rows)
+            run = RenderRun(job, manifest, fs, root, summary, start)
+            if nothing is not None:
+                return run.record_nothing_to_render(nothing)
+            return run.on_ray(chosen, done, renewer, limit=limit, verbose=verbose, progress=progress, workers=workers,
+                              pool_options=pool_options, on_rows=on_rows)
         finally:
             renewer.stop()
             lease.release()
@@ -416,85 +306,138 @@ def _record_lost(fs, root: str, lost: str, by: str) -> None:
             write_json(fs, path, data)
 
 
-def _render(job, chosen, manifest, fs, root, summary, done, start, renewer, *, limit, verbose, progress, workers,
-            pool_options, on_rows) -> RenderSummary:
-    remove_temporaries(fs, root)  # of writers killed mid-write: the lease says no other run writes here
-    run_id = summary.run_id
-    ledger_actor = monitor = record = None
-    try:
-        if job.dataset.layout == "webdataset":
-            remove_orphans(fs, root)  # shards of a writer killed before their index part: render them again
-        record = RunRecord(fs, root, run_id, job, manifest)
-        if chosen is not None:
-            for line in chosen.lines():
-                log.info("%s", line)
-            record.data["plan"] = plan_summary(chosen)
-        record.update()
-        if pool_options is None:
-            pool_options = PoolOptions(tasks_per_actor=queued_calls(chosen, job.deployment))
-        if workers is None:
-            from .workers import WORKERS as workers
-        with Signals() as signals, execution_context(pool_options, verbose=verbose) as context:
-            try:
-                scan = scan_manifest(manifest, job.storage_options, planning_tasks(alone=True))
-                summary.repeats = len(scan.repeats)
-                ledger_name = f"kvray-ledger-{run_id}"
-                ledger_actor = RunLedger.options(name=ledger_name, scheduling_strategy=on_this_node()).remote()
-                inputs = PlanInputs(job.model_dump_json(), run_id, ledger_name, ray.put(scan.duplicates),
-                                    ray.put(scan.repeats), ray.put(done), collapsed_rows(job, scan))
-                summary.prompts = scan.prompts.line()
-                planned = planned_dataset(manifest.parts, inputs, planning_tasks())
-                if limit is not None:
-                    planned = planned.limit(limit)
-                first_batch = job.deployment.stage(STAGES[0]).batch_size
-                planned, row_bytes = _probe(planned, first_batch)
-                if pool_options.small_blocks and row_bytes:
-                    context.target_max_block_size = block_bytes(row_bytes, first_batch)
-                writer = ResultsWriter(fs, root, run_id, job.results_per_file)
-                summary.startup_seconds = time.perf_counter() - start
-                render_start = time.perf_counter()
-                monitor = Monitor(job, ledger_actor, summary, progress)
-                with monitor:
-                    if planned is None:
-                        batches = iter(())
-                    else:
-                        stream = model_stages(planned, job, ledger_name, workers, pool_options)
-                        batches = iter(stream.iter_batches(batch_format="pandas", batch_size=None))
-                    try:
-                        for batch in batches:
-                            renewer.check()  # LeaseLost: another run took the prefix over
-                            monitor.rows_out()
-                            if on_rows is not None:
-                                on_rows(batch)
-                            writer.add(batch)
-                            _tally(batch, summary)
-                    finally:
-                        getattr(batches, "close", lambda: None)()
-                        writer.flush()
-                        summary.results.extend(writer.written)
-                        summary.seconds = time.perf_counter() - render_start
-                        summary.stages = monitor.refresh()
-                summary.status = FINISHED
-            except KeyboardInterrupt:
-                stalled = monitor.watchdog.reason if monitor is not None else ""
-                summary.status = FAILED if stalled else INTERRUPTED
-                summary.reason = stalled or (f"stopped by {signal.Signals(signals.received).name}" if signals.received
-                                             else "interrupted")
-                if stalled:
-                    raise StallError(stalled) from None
-    except Exception as err:
-        summary.status = FAILED
-        summary.reason = summary.reason or f"{type(err).__name__}: {err}"
-        raise
-    finally:
-        if ledger_actor is not None:
-            ray.kill(ledger_actor)
-        if record is not None:
-            _planned_rows(fs, root, run_id, summary)
-            if job.dataset.layout == "webdataset":
-                summary.results.append(_card(fs, root, job, summary))
-            record.update(status=summary.status, finished_at=_now(), reason=summary.reason, summary=summary.record())
-    return summary
+class RenderRun:
+    """One run of a job on its output prefix, the lease held: `start` records it, `on_ray` streams the
+    planned rows through the pools (or `record_nothing_to_render` records a run with none), and
+    `finish` counts the planned rows and records how it ended."""
+
+    def __init__(self, job: RenderJob, manifest, fs, root: str, summary: RenderSummary, start: float):
+        self.job, self.manifest, self.fs, self.root, self.summary = job, manifest, fs, root, summary
+        self.started = start
+        self.record: RunRecord | None = None
+        self.error_rows: list[tuple[int, str, str]] = []  # (row, id, error), the first few of each source
+
+    def start(self, plan: dict | None = None) -> None:
+        remove_temporaries(self.fs, self.root)  # of writers killed mid-write: the lease says no other run writes here
+        if self.job.dataset.layout == "webdataset":
+            remove_orphans(self.fs, self.root)  # shards of a writer killed before their index part: render them again
+        self.record = RunRecord(self.fs, self.root, self.summary.run_id, self.job, self.manifest)
+        if plan is not None:
+            self.record.data["plan"] = plan
+        self.record.update()
+
+    def finish(self) -> None:
+        """The planned rows counted, the first errors chosen, the dataset card refreshed, the end recorded."""
+        summary = self.summary
+        _planned_rows(self.fs, self.root, summary, self.error_rows)
+        summary.first_errors = [f"row {r} ({i}): {e}" for r, i, e in sorted(self.error_rows)[:FIRST_ERRORS]]
+        if self.job.dataset.layout == "webdataset":
+            summary.results.append(_card(self.fs, self.root, self.job, summary))
+        self.record.update(status=summary.status, finished_at=_now(), reason=summary.reason, summary=summary.record())
+
+    def record_nothing_to_render(self, nothing: NothingToRender) -> RenderSummary:
+        """A run that `plan_in_process` found nothing to render in: its skipped and error rows in its
+        results, as a run on Ray would have written them; no Ray, no pool."""
+        summary = self.summary
+        self.start()
+        try:
+            for part, finished in nothing.finished:
+                write_planned(self.job, summary.run_id, part, finished)
+            summary.repeats = nothing.counts[REPEAT]
+            summary.prompts = nothing.scan.prompts.line()
+            summary.startup_seconds = time.perf_counter() - self.started
+            summary.status = FINISHED
+        except Exception as err:
+            summary.status, summary.reason = FAILED, f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            self.finish()
+        return summary
+
+    def on_ray(self, chosen, done, renewer, *, limit, verbose, progress, workers, pool_options, on_rows) -> RenderSummary:
+        summary, job = self.summary, self.job
+        ledger = monitor = None
+        try:
+            if chosen is not None:
+                for line in chosen.lines():
+                    log.info("%s", line)
+            self.start(plan_summary(chosen) if chosen is not None else None)
+            if pool_options is None:
+                pool_options = PoolOptions(tasks_per_actor=queued_calls(chosen, job.deployment))
+            if workers is None:
+                from .workers import WORKERS as workers
+            quiet = nullcontext() if verbose else dropped_from_stderr()
+            with quiet, Signals() as signals, execution_context(pool_options, verbose=verbose) as context:
+                try:
+                    ledger = RunLedger.options(name=f"kvray-ledger-{summary.run_id}",
+                                               scheduling_strategy=on_this_node()).remote()
+                    planned = self._plan(done, limit, pool_options, context)
+                    summary.startup_seconds = time.perf_counter() - self.started
+                    monitor = Monitor(job, ledger, summary, progress)
+                    with monitor:
+                        stream = None if planned is None else model_stages(
+                            planned, job, self._ledger_name, workers, pool_options)
+                        self._drain(stream, monitor, renewer, on_rows)
+                    summary.status = FINISHED
+                except KeyboardInterrupt:
+                    stalled = monitor.watchdog.reason if monitor is not None else ""
+                    summary.status = FAILED if stalled else INTERRUPTED
+                    summary.reason = stalled or (f"stopped by {signal.Signals(signals.received).name}"
+                                                 if signals.received else "interrupted")
+                    if stalled:
+                        raise StallError(stalled) from None
+        except Exception as err:
+            summary.status = FAILED
+            summary.reason = summary.reason or f"{type(err).__name__}: {err}"
+            raise
+        finally:
+            if ledger is not None:
+                ray.kill(ledger)
+            if self.record is not None:
+                self.finish()
+        return summary
+
+    @property
+    def _ledger_name(self) -> str:
+        return f"kvray-ledger-{self.summary.run_id}"
+
+    def _plan(self, done, limit, pool_options: PoolOptions, context):
+        """The id pass, then the planning tasks' stream of pending rows (None: nothing to render)."""
+        job, summary = self.job, self.summary
+        scan = scan_manifest(self.manifest, job.storage_options, planning_tasks(alone=True))
+        summary.repeats = len(scan.repeats)
+        summary.prompts = scan.prompts.line()
+        inputs = PlanInputs(job.model_dump_json(), summary.run_id, self._ledger_name, ray.put(scan.duplicates),
+                            ray.put(scan.repeats), ray.put(done), collapsed_rows(job, scan))
+        planned = planned_dataset(self.manifest.parts, inputs, planning_tasks())
+        if limit is not None:
+            planned = planned.limit(limit)
+        first_batch = job.deployment.stage(STAGES[0]).batch_size
+        planned, row_bytes = _probe(planned, first_batch)
+        if pool_options.small_blocks and row_bytes:
+            context.target_max_block_size = block_bytes(row_bytes, first_batch)
+        return planned
+
+    def _drain(self, stream, monitor: Monitor, renewer, on_rows) -> None:
+        """The finished rows out of the pools, into the results, until the stream ends."""
+        summary = self.summary
+        writer = ResultsWriter(self.fs, self.root, summary.run_id, self.job.results_per_file)
+        batches = iter(()) if stream is None else iter(stream.iter_batches(batch_format="pandas", batch_size=None))
+        render_start = time.perf_counter()
+        try:
+            for batch in batches:
+                renewer.check()  # LeaseLost: another run took the prefix over
+                monitor.rows_out()
+                if on_rows is not None:
+                    on_rows(batch)
+                writer.add(batch)
+                _tally(batch, summary, self.error_rows)
+        finally:
+            getattr(batches, "close", lambda: None)()
+            writer.flush()
+            summary.results.extend(writer.written)
+            summary.seconds = time.perf_counter() - render_start
+            summary.stages = monitor.refresh()
 
 
 def _card(fs, root: str, job: RenderJob, summary: RenderSummary) -> str:

@@ -28,9 +28,10 @@ import pyarrow.parquet as pq
 import ray
 
 from ..config.job import RenderJob
+from ..io.atomic import write_atomic
 from ..io.layout import is_done, results_dir, video_path, where_in_sorted
 from ..io.manifest import Manifest, ManifestPart, part_batches
-from ..io.storage import open_fs, write_atomic
+from ..io.opening import open_fs
 from ..requests.manifest import IdScan, PartIds, part_ids, plan_row, scan_ids
 from .rows import ERROR, PENDING, SKIPPED, empty_row, ledger, results_table, rows_frame
 
@@ -57,19 +58,35 @@ def _job(job_json: str) -> RenderJob:
     return RenderJob.model_validate_json(job_json)
 
 
+@dataclass(frozen=True)
+class Shared:
+    """PlanInputs' shared values, resolved."""
+
+    duplicates: dict[str, int]
+    repeats: np.ndarray
+    done: np.ndarray
+    collapsed: tuple[np.ndarray, np.ndarray]  # (positions, positions of the rows they repeat)
+
+
+NOT_COLLAPSED = (np.array([], dtype=np.int64), np.array([], dtype=np.int64))
+
+
 @functools.lru_cache(maxsize=8)
-def _shared(duplicates: ray.ObjectRef, repeats: ray.ObjectRef, done: ray.ObjectRef, collapsed: ray.ObjectRef | None):
-    empty = np.array([], dtype=np.int64)
-    return ray.get(duplicates), ray.get(repeats), ray.get(done), ray.get(collapsed) if collapsed else (empty, empty)
+def _shared(duplicates: ray.ObjectRef, repeats: ray.ObjectRef, done: ray.ObjectRef,
+            collapsed: ray.ObjectRef | None) -> Shared:
+    return Shared(ray.get(duplicates), ray.get(repeats), ray.get(done), ray.get(collapsed) if collapsed else NOT_COLLAPSED)
 
 
-def _planned_frames(part: ManifestPart, inputs: PlanInputs, counts: dict[str, int], shapes: Counter | None = None):
+def _resolved(inputs: PlanInputs) -> Shared:
+    return _shared(inputs.duplicates, inputs.repeats, inputs.done, inputs.collapsed)
+
+
+def _planned_frames(part: ManifestPart, job: RenderJob, shared: Shared, counts: dict[str, int],
+                    shapes: Counter | None = None):
     """Every row of the part, planned, in DataFrames of a read batch each; repeats of identical rows
     without ids are counted in `counts` and left out. `shapes`, when given, counts the pending rows
     by (width, height, fps, mode, scenes)."""
-    job = _job(inputs.job_json)
-    duplicates, repeats, done, (collapsed, firsts) = _shared(inputs.duplicates, inputs.repeats, inputs.done,
-                                                              inputs.collapsed)
+    duplicates, repeats, done, (collapsed, firsts) = shared.duplicates, shared.repeats, shared.done, shared.collapsed
     manifest_fs = open_fs(job.manifest, job.storage_options)[0]
     out_fs, root = open_fs(job.out, job.storage_options)
     preset = job.models.model_preset
@@ -136,20 +153,16 @@ def plan_part(batch: dict, inputs: PlanInputs):
     reports its counts to the run's ledger."""
     part = _part(batch)
     job = _job(inputs.job_json)
-    out_fs, root = open_fs(job.out, job.storage_options)
     counts = {PENDING: 0, SKIPPED: 0, ERROR: 0, REPEAT: 0}
     errors: list[str] = []
     finished: list[pd.DataFrame] = []  # skipped and error rows, for the results
-    for frame in _planned_frames(part, inputs, counts):
+    for frame in _planned_frames(part, job, _resolved(inputs), counts):
         _first_errors(frame, errors)
         finished.append(frame.loc[frame["status"] != PENDING].drop(columns=["payload"]))
         pending = frame.loc[frame["status"] == PENDING]
         if len(pending):
             yield pending
-    results = pd.concat(finished) if finished else None
-    if results is not None and len(results):
-        write_atomic(out_fs, f"{results_dir(root, inputs.run_id)}/plan-{part.first_row:012d}.parquet",
-                     _parquet_bytes(results))
+    write_planned(job, inputs.run_id, part, finished)
     book = ledger(inputs.ledger_name) if inputs.ledger_name else None
     if book is not None:
         book.plan.remote(counts, {ERROR: errors} if errors else {})
@@ -161,10 +174,48 @@ def dry_part(batch: dict, inputs: PlanInputs):
     counts = {PENDING: 0, SKIPPED: 0, ERROR: 0, REPEAT: 0}
     errors: list[str] = []
     shapes: Counter = Counter()
-    for frame in _planned_frames(_part(batch), inputs, counts, shapes):
+    for frame in _planned_frames(_part(batch), _job(inputs.job_json), _resolved(inputs), counts, shapes):
         _first_errors(frame, errors)
     summary = {"counts": counts, "errors": errors, "shapes": {json.dumps(list(k)): n for k, n in shapes.items()}}
     yield pd.DataFrame({"summary": [json.dumps(summary)]})
+
+
+def write_planned(job: RenderJob, run_id: str, part: ManifestPart, finished: list[pd.DataFrame]) -> None:
+    """A part's skipped and error rows into the run's results (plan-{first row}.parquet), if it has any."""
+    results = pd.concat(finished) if finished else None
+    if results is not None and len(results):
+        out_fs, root = open_fs(job.out, job.storage_options)
+        write_atomic(out_fs, f"{results_dir(root, run_id)}/plan-{part.first_row:012d}.parquet", _parquet_bytes(results))
+
+
+@dataclass
+class NothingToRender:
+    """A small manifest planned in the driver's process with no pending row: each part's finished
+    (skipped and error) rows and the counts, ready to be written into a run's results without Ray."""
+
+    scan: IdScan
+    finished: list[tuple[ManifestPart, list[pd.DataFrame]]]
+    counts: dict[str, int]
+
+
+def plan_in_process(job: RenderJob, manifest: Manifest, done: np.ndarray) -> NothingToRender | None:
+    """Plans the whole manifest here, without Ray, stopping at its first pending row (None): a re-run of
+    a finished job then ends before Ray starts. For small manifests only; the rest plan on Ray."""
+    scan = scan_ids(manifest)
+    collapsed = NOT_COLLAPSED
+    if job.collapse_duplicate_prompts and scan.prompts.duplicate_rows:
+        collapsed = (scan.prompts.positions, scan.prompts.firsts)
+    shared = Shared(scan.duplicates, scan.repeats, done, collapsed)
+    counts = {PENDING: 0, SKIPPED: 0, ERROR: 0, REPEAT: 0}
+    finished = []
+    for part in manifest.parts:
+        frames = []
+        for frame in _planned_frames(part, job, shared, counts):
+            if counts[PENDING]:
+                return None
+            frames.append(frame.drop(columns=["payload"]))
+        finished.append((part, frames))
+    return NothingToRender(scan, finished, counts)
 
 
 def _parquet_bytes(frame: pd.DataFrame) -> bytes:

@@ -34,13 +34,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from ..io.storage import (
-    is_reference,
-    is_sensitive_key,
-    parse_storage_options,
-    redact_url,
-    redacted_argv,
-)
+from ..io.redaction import is_sensitive_key, redact_url, redacted_argv
+from ..io.storage_options import is_reference, parse_storage_options
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +80,7 @@ def _is_secret_option(item: str) -> bool:
 def split_storage_options(items: Iterable[str]) -> tuple[list[str], dict[str, Any]]:
     """``key=value`` items -> (those safe on a command line, the secret ones by dotted key, resolved here).
 
-    Secret: a sensitive key (:func:`~kvray.io.storage.is_sensitive_key`: key, secret, token, password,
+    Secret: a sensitive key (:func:`~kvray.io.redaction.is_sensitive_key`: key, secret, token, password,
     ...), a ``@env:`` / ``@file:`` reference (read on this machine, where the variable or file is), or a
     URL with credentials in it. Each item is checked as ``kvray render`` would parse it."""
     public, secret = [], {}
@@ -167,7 +162,7 @@ def worker_setup_hook() -> Callable[[], None] | None:
 
 def redact_command_line(argv: list[str] | None = None) -> bool:
     """Replaces what this process shows as its command line (``ps``, /proc/PID/cmdline, and so what Ray
-    records as a driver's entrypoint) by :func:`~kvray.io.storage.redacted_argv` of it. Call it before
+    records as a driver's entrypoint) by :func:`~kvray.io.redaction.redacted_argv` of it. Call it before
     ``ray.init``. Returns whether anything was secret. ``argv``: the command line (default: this
     process's own, from psutil, as Ray reads it)."""
     if argv is None:

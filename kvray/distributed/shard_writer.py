@@ -10,8 +10,8 @@ import pickle
 import pandas as pd
 
 from ..config.job import RenderJob
+from ..io.opening import open_fs
 from ..io.shards import Sample, write_samples
-from ..io.storage import open_fs
 from .rows import FILTERED, OK
 
 

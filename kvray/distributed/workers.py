@@ -12,9 +12,10 @@ from safetensors.torch import save as pack_tensors
 
 from ..config.runtime import RuntimeConfig
 from ..config.stages import STAGES
+from ..io.atomic import write_atomic, write_json
 from ..io.layout import meta_path, video_path
+from ..io.opening import open_fs
 from ..io.posters import write_stills
-from ..io.storage import open_fs, write_atomic, write_json
 from ..io.video import CONTENT_TYPES
 from ..pipeline import VideoRequest, load_first_frames
 from ..pipeline.device import stack_description, torch_device
@@ -55,7 +56,7 @@ class EncodeTextWorker(ModelWorker):
     stage = "text"
 
     def load(self, runtime):
-        self.encode = EncodeText(self.job.models, runtime)
+        self.encode = EncodeText.from_source(self.job.models, runtime)
 
     def process(self, rows):
         texts, truncated = self.encode([r.prompts for r in _requests(rows)])
@@ -69,7 +70,7 @@ class KeyframesWorker(ModelWorker):
     stage = "keyframes"
 
     def load(self, runtime):
-        self.keyframes = Keyframes(self.job.models, runtime)
+        self.keyframes = Keyframes.from_source(self.job.models, runtime)
 
     def process(self, rows):
         requests, texts = _requests(rows), _texts(rows)
@@ -92,7 +93,7 @@ class InterpolateWorker(ModelWorker):
     stage = "interpolate"
 
     def load(self, runtime):
-        self.interpolate = Interpolate(self.job.models, runtime)
+        self.interpolate = Interpolate.from_source(self.job.models, runtime)
 
     def process(self, rows):
         payloads = [unpack_tensors(p) for p in rows["payload"]]
@@ -110,7 +111,7 @@ class DecodeAndWriteWorker(ModelWorker):
     stage = "decode"
 
     def load(self, runtime):
-        self.decode = Decode(self.job.models, runtime)
+        self.decode = Decode.from_source(self.job.models, runtime)
         self.fs, self.root = open_fs(self.job.out, self.job.storage_options)
         self.dataset = self.job.dataset
 

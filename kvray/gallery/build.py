@@ -36,6 +36,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from ..config.dataset import SIGNALS
 from ..config.stages import STAGES
+from ..io.atomic import read_json, write_atomic
 from ..io.layout import (
     gallery_dir,
     latest_results,
@@ -45,7 +46,7 @@ from ..io.layout import (
     preview_path,
     video_path,
 )
-from ..io.storage import open_fs, read_json, uri_of, write_atomic
+from ..io.opening import open_fs, uri_of
 from ..io.video import FORMATS
 from .pages import INDEX as INDEX_PAGE
 from .pages import (
@@ -163,16 +164,18 @@ def build_gallery(out: str, *, storage_options: Mapping[str, Any] | None = None,
     for asset in (STYLESHEET, SCRIPT):
         _write(dest_fs, f"{dest}/{asset}", importlib.resources.files(__package__).joinpath(asset).read_bytes())
     index = _DatasetIndex.read(fs, root)
+    first_cards = []
     for number in range(1, written + 1):
         rows = selected.slice((number - 1) * page_size, page_size).to_pylist()
         cards = _cards(fs, root, rows, index, links)
+        first_cards = first_cards or cards
         _write(dest_fs, f"{dest}/{page_name(number)}", page_html(site, cards, number, pages, scope=scope).encode())
         if progress is not None:
             progress(number, written)
     _remove_stale_pages(dest_fs, dest, written)
     errors = [(_card(row, {}, None), page) for row, page in _first_errors(selected, page_size, written)]
     index_page = index_html(site, counts=counts, scope=scope, pages=_summaries(selected, page_size), written=written,
-                            errors=errors, run=_latest_run(fs, root))
+                            errors=errors, run=_latest_run(fs, root), first_cards=first_cards)
     _write(dest_fs, f"{dest}/{INDEX_PAGE}", index_page.encode())
     return Gallery(index=uri_of(dest_fs, f"{dest}/{INDEX_PAGE}"),
                    local_index=f"{dest}/{INDEX_PAGE}" if isinstance(dest_fs, LocalFileSystem) else None,

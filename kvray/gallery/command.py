@@ -9,7 +9,8 @@ from pathlib import Path
 from fsspec.implementations.local import LocalFileSystem
 from tqdm import tqdm
 
-from ..io.storage import open_fs, parse_storage_options
+from ..io.opening import open_fs
+from ..io.storage_options import parse_storage_options
 from .build import (
     DEFAULT_EXPIRES,
     DEFAULT_PAGE_SIZE,

@@ -210,10 +210,11 @@ def page_html(site: Site, cards: Sequence[Card], number: int, pages: int, *, sco
 
 
 def index_html(site: Site, *, counts: Mapping[str, int], scope: str, pages: Sequence[PageSummary],
-               written: int, errors: Sequence[tuple[Card, int]] = (), run: Mapping[str, Any] | None = None) -> str:
+               written: int, errors: Sequence[tuple[Card, int]] = (), run: Mapping[str, Any] | None = None,
+               first_cards: Sequence[Card] = ()) -> str:
     """The index: counts per status of every row, the latest run, the first error rows (card, page) with
-    their reasons, and a link per page with its rows and counts (`written`: pages that exist; the rest
-    are listed without links)."""
+    their reasons, the cards of the first page (so the gallery opens on pictures), and a link per page
+    with its rows and counts (`written`: pages that exist; the rest are listed without links)."""
     total = sum(counts.values())
     out = [_head(site, f"{site.title}: gallery"), f"<header><h1>{text(site.title)}</h1></header>\n",
            "<table class=\"counts\"><tr><th>status</th><th>rows</th></tr>",
@@ -228,6 +229,9 @@ def index_html(site: Site, *, counts: Mapping[str, int], scope: str, pages: Sequ
                    + "".join(f"<li><a href=\"{page_name(page)}#row-{card.row}\">row {card.row}</a> "
                              f"<span class=\"id\">{text(card.id)}</span>: <span class=\"bad\">{text(card.error)}</span></li>"
                              for card, page in errors) + "</ul>\n")
+    if first_cards:
+        more = f" (<a href=\"{page_name(1)}\">page 1</a>)" if len(pages) > 1 else ""
+        out += [f"<h2>first rows{more}</h2>\n<main class=\"cards\">\n", *(card_html(c) for c in first_cards), "</main>\n"]
     out.append(f"<h2>pages</h2>\n<p class=\"note\">{sum(sum(p.counts.values()) for p in pages):,} cards, {text(scope)}, "
                f"{len(pages):,} pages" + (f", the first {written:,} written" if written < len(pages) else "") + "</p>\n")
     out.append("<ol class=\"pages\">")

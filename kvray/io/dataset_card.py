@@ -18,6 +18,9 @@ from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
 from ..config.dataset import FILTERED, SIGNALS, DatasetConfig
+from .atomic import write_atomic
+from .opening import uri_of
+from .redaction import is_sensitive_key
 from .shards import (
     DROPPED,
     INDEX,
@@ -26,7 +29,6 @@ from .shards import (
     read_index,
     scan_shards,
 )
-from .storage import is_sensitive_key, uri_of, write_atomic
 
 CARD = "README.md"
 

@@ -34,7 +34,7 @@ from ..config.images import (
     normalized_uri,
     uri_scheme,
 )
-from .storage import redact_url
+from .redaction import redact_url
 
 # Cloud metadata services outside the link-local range (AWS IPv6, Alibaba, Oracle): refused as link-local.
 METADATA_ADDRESSES = frozenset(map(ipaddress.ip_address, ("fd00:ec2::254", "100.100.100.200", "192.0.0.192")))

@@ -8,7 +8,7 @@ every row.
     results/{run_id}/*.parquet   one row per input row that run handled
     runs/{run_id}.json           each run: status, error, timings, plan, counts
     run.json                     the latest run's record
-    lease.json                   the run that holds the prefix (on a local disk, with an empty .lease.json.lock)
+    lease.json                   the run that holds the prefix
     gallery/                     `kvray gallery`: static HTML pages of the outputs (index.html)
 
 Keys are spread over 256 prefixes so that no single prefix carries a large cluster's request rate (S3
@@ -28,12 +28,13 @@ from collections.abc import Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from fsspec.implementations.local import LocalFileSystem
 
+from .atomic import write_atomic, write_json
 from .shards import committed_keys
-from .storage import write_atomic, write_json
 
 log = logging.getLogger(__name__)
 
@@ -199,18 +200,41 @@ def result_files(fs: AbstractFileSystem, root: str) -> list[str]:
 
 
 def latest_results(fs: AbstractFileSystem, root: str, columns: list[str] | None = None) -> pa.Table:
-    """The latest status of every row: each id's row from the most recent run that handled it."""
+    """The state of every row, one per id, with the `run` that recorded it: the row from the most recent
+    run that handled the id, except that a skip (its video was already done) gives way to the outcome
+    of the run that made that video, so a re-run never hides how a row ended."""
     tables = []
     for path in result_files(fs, root):
         with fs.open(path, "rb") as f:
-            tables.append(pq.read_table(f, columns=columns))
+            table = pq.read_table(f, columns=columns)
+        run = path.rsplit("/", 2)[-2]  # results/{run}/{file}
+        tables.append(table.append_column("run", pa.array([run] * table.num_rows, pa.string())))
     if not tables:
         return pa.table({})
     table = pa.concat_tables(tables, promote_options="permissive")
     table = table.append_column("_position", pa.array(np.arange(len(table), dtype=np.int64)))
     last = table.group_by("id").aggregate([("_position", "max")]).column("_position_max").to_numpy()
-    return table.take(np.sort(last)).drop_columns(["_position"])
+    chosen = np.sort(last)
+    if {"status", "video_id"} <= set(table.column_names):
+        chosen = _outcomes_of_skips(table, chosen)
+    return table.take(chosen).drop_columns(["_position"])
 
+
+SKIPPED = "skipped"  # the status of a row whose video an earlier run made
+
+
+def _outcomes_of_skips(table: pa.Table, latest: np.ndarray) -> np.ndarray:
+    """`latest` positions, each skip replaced by the latest row of the same id and video that is not a skip."""
+    rows = table.take(latest)
+    skips = pc.and_(pc.equal(rows.column("status"), SKIPPED), pc.not_equal(rows.column("video_id"), ""))
+    if not pc.any(skips).as_py():
+        return latest
+    outcomes = table.filter(pc.not_equal(table.column("status"), SKIPPED)).select(["id", "video_id", "_position"])
+    made = outcomes.group_by(["id", "video_id"]).aggregate([("_position", "max")])
+    skipped = rows.filter(skips).select(["id", "video_id", "_position"])
+    found = skipped.join(made, keys=["id", "video_id"], join_type="inner")
+    replaced = dict(zip(found.column("_position").to_numpy(), found.column("_position_max").to_numpy()))
+    return np.sort([replaced.get(p, p) for p in latest.tolist()]).astype(np.int64)
 
 # ---------------------------------------------------------------------------------------------- migration
 

@@ -7,12 +7,14 @@
 
 The lease names its holder (run id, host, pid, token) and when it was last renewed; a lease that has not
 been renewed for longer than its ``ttl_s`` belongs to a dead run (a killed driver, a lost node) and the
-next run takes it over. Every change is conditional, so that two runs racing for a prefix cannot both win:
+next run takes it over. Every change is conditional (:mod:`kvray.io.lease_stores`), so that two runs racing
+for a prefix cannot both win:
 
 - S3: create with ``If-None-Match: *`` (``pipe_file(mode="create")``), renew and take over with
   ``If-Match: <ETag>``, release with a conditional DELETE (``If-Match``);
 - local disk: create by ``link()``-ing a complete temporary file to the lease's name (fails if the name
-  exists, also on NFS); renew, take over and release compare the content under a file lock;
+  exists, also on NFS); renew, take over and release compare the content under an flock of the lease file
+  itself (no lock file is left behind);
 - any other filesystem: the same checks under a lock of this process only (exact for ``memory://``,
   best effort elsewhere, logged as such).
 
@@ -23,7 +25,6 @@ within a small fraction of the TTL of each other (NTP).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -36,16 +37,12 @@ from datetime import UTC, datetime
 from typing import Any, Self
 
 from fsspec import AbstractFileSystem
-from fsspec.implementations.local import LocalFileSystem
 
-from .storage import (
-    S3_PROTOCOLS,
-    dumps_json,
-    safe_join,
-    storage_errors,
-    uri_of,
-    write_atomic,
-)
+from .atomic import dumps_json
+from .failures import storage_errors
+from .lease_stores import Conflict, LeaseStore, lease_store
+from .names import safe_join
+from .opening import uri_of
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +68,6 @@ class LeaseHeld(RuntimeError):
 
 class LeaseLost(RuntimeError):
     """This run's lease was taken over (or removed) by another run: it must stop writing to the prefix."""
-
-
-class _Conflict(Exception):
-    """A conditional write or delete found another version than expected."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,190 +112,13 @@ def _iso(seconds: float) -> str:
     return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-# ----------------------------------------------------------------------------------------- stores
-
-
-class _Store:
-    """Conditional operations on one lease object; a version is whatever the store compares (ETag, digest)."""
-
-    def __init__(self, fs: AbstractFileSystem, path: str):
-        self.fs, self.path = fs, path
-
-    def create(self, data: bytes) -> str:
-        """Writes ``data`` if there is no lease; FileExistsError if there is. Returns the new version."""
-        raise NotImplementedError
-
-    def read(self) -> tuple[bytes, str]:
-        """The lease's bytes and version; FileNotFoundError if there is none."""
-        raise NotImplementedError
-
-    def replace(self, data: bytes, version: str) -> str:
-        """Writes ``data`` if the lease is still at ``version``, else _Conflict. Returns the new version."""
-        raise NotImplementedError
-
-    def delete(self, version: str) -> None:
-        """Removes the lease if it is still at ``version``, else _Conflict; nothing if it is gone."""
-        raise NotImplementedError
-
-
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-class _LocalStore(_Store):
-    def __init__(self, fs, path):
-        super().__init__(fs, path)
-        from filelock import FileLock
-
-        directory, name = os.path.split(path)
-        self.lock = FileLock(os.path.join(directory, f".{name}.lock"))
-
-    def create(self, data):
-        directory, name = os.path.split(self.path)
-        os.makedirs(directory, exist_ok=True)
-        temp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-        write_atomic(self.fs, temp, data)
-        try:
-            os.link(temp, self.path)  # atomic, and the lease appears complete
-        finally:
-            os.unlink(temp)
-        return _digest(data)
-
-    def read(self):
-        with open(self.path, "rb") as fh:
-            data = fh.read()
-        return data, _digest(data)
-
-    def replace(self, data, version):
-        with self.lock:
-            try:
-                _, current = self.read()
-            except FileNotFoundError:
-                raise _Conflict from None
-            if current != version:
-                raise _Conflict
-            write_atomic(self.fs, self.path, data)
-        return _digest(data)
-
-    def delete(self, version):
-        with self.lock:
-            try:
-                _, current = self.read()
-            except FileNotFoundError:
-                return
-            if current != version:
-                raise _Conflict
-            os.unlink(self.path)
-
-
-class _S3Store(_Store):
-    def create(self, data):
-        response = self.fs.pipe_file(self.path, data, mode="create")  # If-None-Match: * -> FileExistsError
-        return response["ETag"]
-
-    def read(self):
-        from s3fs.utils import FileExpired
-
-        for attempt in range(3):
-            self.fs.invalidate_cache(self.path)
-            # An S3File reads with If-Match on the ETag it found: content and version belong together.
-            try:
-                with self.fs.open(self.path, "rb", cache_type="none") as fh:
-                    return fh.read(), fh.details["ETag"]
-            except FileExpired:  # replaced between the HEAD and the GET: read the new one
-                if attempt == 2:
-                    raise
-        raise AssertionError("unreachable")
-
-    def replace(self, data, version):
-        try:
-            response = self.fs.pipe_file(self.path, data, IfMatch=version)
-        except FileNotFoundError:
-            raise _Conflict from None
-        except OSError as err:
-            if _precondition_failed(err):
-                raise _Conflict from None
-            raise
-        return response["ETag"]
-
-    def delete(self, version):
-        bucket, key, _ = self.fs.split_path(self.path)
-        self.fs.invalidate_cache(self.path)
-        try:
-            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
-        except FileNotFoundError:
-            return
-        except OSError as err:
-            if _precondition_failed(err):
-                raise _Conflict from None
-            raise
-
-
-def _precondition_failed(err: OSError) -> bool:
-    """S3's 412 PreconditionFailed, or 409 ConditionalRequestConflict (a concurrent conditional write)."""
-    cause = err.__cause__ or err.__context__
-    code = getattr(cause, "response", {}).get("Error", {}).get("Code", "")
-    return code in ("PreconditionFailed", "ConditionalRequestConflict", "412", "409")
-
-
-_PROCESS_LOCK = threading.Lock()
-
-
-class _ProcessLockedStore(_Store):
-    """Filesystems without conditional writes: exact within this process (memory://), best effort across."""
-
-    def __init__(self, fs, path):
-        super().__init__(fs, path)
-        log.warning("the lease on %s is checked within this process only: two drivers racing for it on this "
-                    "filesystem might both start", uri_of(fs, path))
-
-    def create(self, data):
-        with _PROCESS_LOCK:
-            if self.fs.exists(self.path):
-                raise FileExistsError(self.path)
-            write_atomic(self.fs, self.path, data)
-        return _digest(data)
-
-    def read(self):
-        data = self.fs.cat_file(self.path)
-        return data, _digest(data)
-
-    def replace(self, data, version):
-        with _PROCESS_LOCK:
-            try:
-                if self.read()[1] != version:
-                    raise _Conflict
-            except FileNotFoundError:
-                raise _Conflict from None
-            write_atomic(self.fs, self.path, data)
-        return _digest(data)
-
-    def delete(self, version):
-        with _PROCESS_LOCK:
-            try:
-                if self.read()[1] != version:
-                    raise _Conflict
-            except FileNotFoundError:
-                return
-            self.fs.rm_file(self.path)
-
-
-def _store(fs: AbstractFileSystem, path: str) -> _Store:
-    protocols = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
-    if isinstance(fs, LocalFileSystem):
-        return _LocalStore(fs, fs._strip_protocol(path))
-    if protocols & S3_PROTOCOLS:
-        return _S3Store(fs, path)
-    return _ProcessLockedStore(fs, path)
-
-
 # ----------------------------------------------------------------------------------------- the lease
 
 
 class Lease:
     """A held lease on one output prefix. Make one with :meth:`acquire`."""
 
-    def __init__(self, store: _Store, record: LeaseRecord, version: str, clock: Callable[[], float]):
+    def __init__(self, store: LeaseStore, record: LeaseRecord, version: str, clock: Callable[[], float]):
         self._store, self.record, self._version, self._clock = store, record, version, clock
         self._lock = threading.Lock()  # renew (renewer thread) and release (driver) never interleave
         self.released = False
@@ -326,11 +142,11 @@ class Lease:
         A lease not renewed for longer than its own TTL is taken over (logged, naming the run it belonged
         to). ``take_over=True`` takes a live one too: for a holder known to be dead, its TTL not yet run out.
         ``wait_s``: how long to wait for a held lease to be released or to expire before giving up.
-        Storage failures raise :class:`~kvray.io.storage.StorageError`.
+        Storage failures raise :class:`~kvray.io.failures.StorageError`.
         """
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
-        store = _store(fs, safe_join(root, LEASE_NAME))
+        store = lease_store(fs, safe_join(root, LEASE_NAME))
         now = clock()
         record = LeaseRecord(run_id=run_id, host=socket.gethostname(), pid=os.getpid(), token=uuid.uuid4().hex,
                              started_at=now, renewed_at=now, ttl_s=float(ttl_s))
@@ -358,7 +174,7 @@ class Lease:
                     fresh = dataclasses.replace(record, started_at=clock(), renewed_at=clock())
                     try:
                         version = store.replace(fresh.to_bytes(), version)
-                    except _Conflict:
+                    except Conflict:
                         continue  # someone else changed it first: look again
                     if holder is not None:
                         why = "as asked" if take_over and not holder.expired(clock()) else (
@@ -381,7 +197,7 @@ class Lease:
             with storage_errors(self._store.fs, self._store.path):
                 try:
                     self._version = self._store.replace(renewed.to_bytes(), self._version)
-                except _Conflict:
+                except Conflict:
                     self._version = self._adopt_own_write()
             self.record = renewed
 
@@ -410,10 +226,10 @@ class Lease:
             with storage_errors(self._store.fs, self._store.path):
                 try:
                     self._store.delete(self._version)
-                except _Conflict:
+                except Conflict:
                     try:
                         self._store.delete(self._adopt_own_write())
-                    except (LeaseLost, _Conflict) as err:
+                    except (LeaseLost, Conflict) as err:
                         log.warning("not releasing %s: %s", self.uri, err)
             self.released = True
 

@@ -23,7 +23,8 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from .storage import StorageError, open_fs, storage_errors
+from .failures import StorageError, storage_errors
+from .opening import open_fs
 
 
 class ManifestError(ValueError):

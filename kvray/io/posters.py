@@ -16,8 +16,8 @@ import numpy as np
 from fsspec import AbstractFileSystem
 from PIL import Image
 
+from .atomic import write_atomic
 from .layout import poster_path, preview_path
-from .storage import write_atomic
 from .video import Fps, as_fraction, encode_video
 
 POSTER_SIZE = 512  # longer side in pixels at most: sharp on a high-density screen at gallery card sizes

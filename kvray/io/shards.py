@@ -40,7 +40,9 @@ from fsspec import AbstractFileSystem
 
 from ..config.dataset import FILTERED, OK, SIGNALS, DatasetConfig
 from ..config.stages import STAGES
-from .storage import check_name, dumps_json, uri_of, write_atomic
+from .atomic import dumps_json, write_atomic
+from .names import check_name
+from .opening import uri_of
 
 log = logging.getLogger(__name__)
 

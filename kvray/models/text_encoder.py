@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 
 import sentencepiece
 import torch
-import transformers
 from torch import nn
 
 from ..config.arch import TextEncoderConfig
@@ -49,6 +48,10 @@ class TextConditionEncoder(nn.Module):
 
     def __init__(self, config: TextEncoderConfig):
         super().__init__()
+        # Imported here, not with the module: a process that never builds a text encoder (the decode
+        # stage's actors) should not pay for importing transformers.
+        import transformers
+
         self.config = config
         t5_config = transformers.T5Config(**config.t5.to_transformers())
         # The official code keeps `T5EncoderModel.from_pretrained(...).encoder`; building the same model
@@ -236,6 +239,8 @@ def build_tokenizer(name: str):
     e.g. Flan-UL2's for Kandinsky Video 1.1), as a `T5SentencePieceTokenizer`.
     """
     if name == BYT5:
+        import transformers
+
         return transformers.ByT5Tokenizer()
     return T5SentencePieceTokenizer(name)
 

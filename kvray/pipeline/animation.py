@@ -36,7 +36,7 @@ from ..sampling.batching import TextCondition
 from ..sampling.loops import redraw, redraw_start
 from ..sampling.noise import NoiseSource
 from ..sampling.schedulers import make_stepper
-from .camera import extend_poses, request_poses, warp_between
+from .camera_motion import extend_poses, request_poses, warp_between
 
 # The interpolation U-Net puts 3 frames between 2: every 4th frame is redrawn.
 KEYFRAME_STRIDE = 4

@@ -1,6 +1,6 @@
 """Camera motion for animations: the pose of every frame along a path, and the warps between poses.
 
-Paths are `kvray.requests.camera` (effects, keyframes, the pose fields). Between keyframes x, y and
+Paths are `kvray.requests.camera_path` (effects, keyframes, the pose fields). Between keyframes x, y and
 angle are interpolated linearly and zoom geometrically (linearly in log zoom, so a zoom between two
 keyframes runs at a steady speed); before the first and after the last keyframe the pose holds (the
 camera stands still). Only changes of pose matter: frame 0 always shows the first image, and frame t
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from ..requests.camera import IDENTITY, CameraPath, effect_path
+from ..requests.camera_path import IDENTITY, CameraPath, effect_path
 
 
 def camera_poses(camera: str | CameraPath, num_frames: int) -> torch.Tensor:

@@ -75,10 +75,10 @@ class VideoPipeline:
     def __init__(self, models: ModelSource = ModelSource(), runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
         self.models = models
-        self.encode_text = EncodeText(models, runtime)
-        self.keyframes = Keyframes(models, runtime, sampling)
-        self.interpolate = Interpolate(models, runtime, sampling)
-        self.decode = Decode(models, runtime)
+        self.encode_text = EncodeText.from_source(models, runtime)
+        self.keyframes = Keyframes.from_source(models, runtime, sampling)
+        self.interpolate = Interpolate.from_source(models, runtime, sampling)
+        self.decode = Decode.from_source(models, runtime)
 
     def generate(self, requests: Sequence[VideoRequest], *, images: Sequence[Image.Image | None] | None = None,
                  progress: Progress | None = None) -> list[Video]:

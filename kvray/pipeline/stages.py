@@ -41,13 +41,15 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image
+from torch import nn
 
 from ..config.models import ModelSource
+from ..config.presets import ModelPreset
 from ..config.runtime import RuntimeConfig
 from ..config.sampling import SamplingConfig, interpolation_passes
 from ..requests.request import ANIMATION_FRAMES, VideoRequest
 from ..sampling import GeneratorNoise, TextCondition, interpolate, sample_first_frame, sample_keyframes
-from ..weights.bundle import load_model, load_tokenizer
+from ..weights.stage_models import load_model, load_tokenizer
 from .animation import FILL_SKIP_FRAMES, animate_keyframes, frame_poses, keyframe_poses, warp_fill
 from .device import Denoiser, network_dtype, prepare, torch_device
 from .frames import decode_chunks, image_to_tensor, to_uint8
@@ -119,6 +121,18 @@ def _scene_stage(stage: str, scene: int) -> str:
     return stage if scene == 0 else f"{stage}/scene-{scene + 1}"
 
 
+def load_networks(models: ModelSource, runtime: RuntimeConfig, names: Sequence[str]) -> list[nn.Module]:
+    """A stage's networks from `models`, on the runtime's device in its dtypes (the runtime's thread
+    count and precision settings applied first): what every stage's `from_source` does."""
+    device = torch_device(runtime)
+    prepare(runtime, device)
+    return [load_model(models, name, device, network_dtype(runtime, name, device)) for name in names]
+
+
+def _device_of(network: nn.Module) -> torch.device:
+    return next(network.parameters()).device
+
+
 def _with_steps(sampler, steps: int | None):
     return sampler if steps is None else sampler.model_copy(update={"num_steps": steps})
 
@@ -128,14 +142,16 @@ class EncodeText:
 
     networks = ("text_encoder",)
 
-    def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(), tokenizer=None):
+    def __init__(self, encoder: nn.Module, tokenizer, tokens_length: int, runtime: RuntimeConfig = RuntimeConfig()):
+        self.encoder, self.tokenizer, self.tokens_length, self.runtime = encoder, tokenizer, tokens_length, runtime
+        self.device = _device_of(encoder)
+
+    @classmethod
+    def from_source(cls, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(), tokenizer=None) -> EncodeText:
         """`tokenizer`: instead of the preset's (estimates run offline with a stand-in)."""
-        self.runtime = runtime
-        self.device = torch_device(runtime)
-        prepare(runtime, self.device)
-        self.encoder = load_model(models, "text_encoder", self.device, network_dtype(runtime, "text_encoder", self.device))
-        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(models)
-        self.tokens_length = models.model_preset.text_encoder.tokens_length
+        (encoder,) = load_networks(models, runtime, cls.networks)
+        return cls(encoder, tokenizer if tokenizer is not None else load_tokenizer(models),
+                   models.model_preset.text_encoder.tokens_length, runtime)
 
     @torch.inference_mode()
     def __call__(self, prompts: Sequence[str | Sequence[str]]) -> tuple[list[Text], list[bool]]:
@@ -190,15 +206,15 @@ class Keyframes:
 
     networks = ("keyframe_unet", "image_movq")
 
-    def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
+    def __init__(self, unet: nn.Module, movq: nn.Module, preset: ModelPreset, runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
-        self.runtime = runtime
-        self.device = torch_device(runtime)
-        prepare(runtime, self.device)
-        self.unet = load_model(models, "keyframe_unet", self.device, network_dtype(runtime, "keyframe_unet", self.device))
-        self.movq = load_model(models, "image_movq", self.device, network_dtype(runtime, "image_movq", self.device))
-        self.models = models
-        self.sampling = sampling
+        self.unet, self.movq, self.preset, self.runtime, self.sampling = unet, movq, preset, runtime, sampling
+        self.device = _device_of(unet)
+
+    @classmethod
+    def from_source(cls, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
+                    sampling: SamplingConfig = SamplingConfig()) -> Keyframes:
+        return cls(*load_networks(models, runtime, cls.networks), models.model_preset, runtime, sampling)
 
     def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[Text],
                  images: Sequence[Image.Image | None], progress: Progress | None = None):
@@ -259,8 +275,7 @@ class Keyframes:
         if drawn:
             # text2video: the first frame's latents at `first_frame_scale` times the video's (kv11: twice,
             # height/4 x width/4), decoded, then resized to the video's size and encoded again.
-            preset = self.models.model_preset
-            scale, factor = preset.first_frame_scale, preset.latent_factor
+            scale, factor = self.preset.first_frame_scale, self.preset.latent_factor
             denoiser = self.denoiser
             latents = sample_first_frame(
                 denoiser, [texts[i] for i in drawn], (scale * request.height // factor, scale * request.width // factor),
@@ -309,14 +324,15 @@ class Interpolate:
 
     networks = ("interpolation_unet",)
 
-    def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
+    def __init__(self, unet: nn.Module, runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
-        self.runtime = runtime
-        self.device = torch_device(runtime)
-        prepare(runtime, self.device)
-        self.unet = load_model(models, "interpolation_unet", self.device,
-                               network_dtype(runtime, "interpolation_unet", self.device))
-        self.sampling = sampling
+        self.unet, self.runtime, self.sampling = unet, runtime, sampling
+        self.device = _device_of(unet)
+
+    @classmethod
+    def from_source(cls, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
+                    sampling: SamplingConfig = SamplingConfig()) -> Interpolate:
+        return cls(*load_networks(models, runtime, cls.networks), runtime, sampling)
 
     @torch.inference_mode()
     def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[Text],
@@ -384,10 +400,13 @@ class Decode:
 
     networks = ("video_movq",)
 
-    def __init__(self, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig()):
-        self.device = torch_device(runtime)
-        prepare(runtime, self.device)
-        self.movq = load_model(models, "video_movq", self.device, network_dtype(runtime, "video_movq", self.device))
+    def __init__(self, movq: nn.Module):
+        self.movq = movq
+        self.device = _device_of(movq)
+
+    @classmethod
+    def from_source(cls, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig()) -> Decode:
+        return cls(*load_networks(models, runtime, cls.networks))
 
     @torch.inference_mode()
     def __call__(self, latents: torch.Tensor, progress: Progress | None = None,

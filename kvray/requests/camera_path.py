@@ -17,7 +17,7 @@ A camera path is a list of keyframes `{"frame": n, "zoom": .., "x": .., "y": ..,
 increasing frame numbers; a field left out keeps the previous keyframe's value (the first keyframe's:
 the identity). A named effect is a preset path: a steady motion from the identity at frame 0 to
 `EFFECT_TOTALS` at the last frame (zoom 2x in or out, half a frame of pan, 45 degrees of roll over the
-clip). How poses are interpolated between keyframes and applied is `kvray.pipeline.camera`.
+clip). How poses are interpolated between keyframes and applied is `kvray.pipeline.camera_motion`.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Modes (`mode`; left out: image2video when an image is given, else text2video):
 * `text2video`: the official pipeline; the first frame is drawn from the prompt.
 * `image2video`: the official pipeline from the given first frame.
 * `animation`: a still scene filmed by a moving camera (`camera`: a named effect or a keyframed path, see
-  `camera.py`), 96 frames at 24 fps (4 s), 640 x 640 unless a size is given; the first frame is the
+  `camera_path.py`), 96 frames at 24 fps (4 s), 640 x 640 unless a size is given; the first frame is the
   given image or is drawn from the prompt. Every 4th frame is redrawn from the previous redrawn frame,
   warped by the camera and re-noised by `strength` (0: the warp alone, no diffusion at all; 1: redrawn
   from almost pure noise; default 0.4); see `animation.py`. `fps` and `motion` do not apply.
@@ -25,7 +25,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from ..config.sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
-from .camera import CameraPath, parse_camera
+from .camera_path import CameraPath, parse_camera
 
 Mode = Literal["text2video", "image2video", "animation"]
 MODES: tuple[str, ...] = ("text2video", "image2video", "animation")

@@ -28,7 +28,7 @@ from .loops import (
     sample_keyframes,
 )
 from .noise import GeneratorNoise, NoiseSource, RecordedNoise
-from .parity import check_scheduler_golden, check_schedulers_file
+from .scheduler_parity import check_scheduler_golden, check_schedulers_file
 from .schedulers import (
     DDPMStepper,
     DPMSolverStepper,

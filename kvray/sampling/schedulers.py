@@ -18,14 +18,19 @@ the DPM-Solver stepper keeps one scheduler per request.
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
-from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
 from einops import rearrange
 
 from ..config.sampling import SamplerConfig
 from .noise import NoiseSource
+
+if TYPE_CHECKING:
+    from diffusers import DDPMScheduler, DPMSolverMultistepScheduler
+
+# diffusers is imported where a scheduler is built, not with this module: importing it costs seconds
+# that a process which never samples (the decode stage's actors, the CLI's planning) should not pay.
 
 # The training noise schedule of both Kandinsky Video 1.1 U-Nets (official `get_sampler` arguments).
 NUM_TRAIN_TIMESTEPS = 1000
@@ -44,6 +49,8 @@ DDPM_SETTINGS = dict(variance_type="fixed_small_log", clip_sample=True)
 
 def ddpm_scheduler(config: SamplerConfig) -> DDPMScheduler:
     """A fresh diffusers `DDPMScheduler` as the official `get_sampler` builds it, timesteps set."""
+    from diffusers import DDPMScheduler
+
     scheduler = DDPMScheduler(
         **SCHEDULE, **DDPM_SETTINGS, prediction_type=config.prediction_type, timestep_spacing=config.timestep_spacing
     )
@@ -55,6 +62,8 @@ def dpm_solver_scheduler(config: SamplerConfig) -> DPMSolverMultistepScheduler:
     """A fresh diffusers `DPMSolverMultistepScheduler` on the same schedule, timesteps set. One difference:
     the schedule's last alphas_cumprod (t = 999) is 0 in float32, where DPM-Solver's log-SNR is infinite,
     and diffusers makes it 2**-24 (tested)."""
+    from diffusers import DPMSolverMultistepScheduler
+
     scheduler = DPMSolverMultistepScheduler(
         **SCHEDULE,
         prediction_type=config.prediction_type,
@@ -90,6 +99,8 @@ def add_noise(samples: torch.Tensor, noise: torch.Tensor, timestep: int) -> torc
     The official key-frame augmentation calls it with UNIFORM noise (`torch.rand_like`) at t = 20.
     A scheduler is built per call because `add_noise` moves its tensors to the samples' device.
     """
+    from diffusers import DDPMScheduler
+
     scheduler = DDPMScheduler(**SCHEDULE, **DDPM_SETTINGS)
     return scheduler.add_noise(samples, noise, torch.tensor([int(timestep)]))
 

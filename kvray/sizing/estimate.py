@@ -162,22 +162,23 @@ def estimate_cases(preset: str, cases, dtypes: dict[str, str] | None = None, *,
 
     tokenizer = transformers.ByT5Tokenizer()
     texts = [t for t, _ in run(
-        "text", lambda: EncodeText(models, runtime, tokenizer=tokenizer), lambda w, i: w([r.prompts for r in cases[i]]),
+        "text", lambda: EncodeText.from_source(models, runtime, tokenizer=tokenizer),
+        lambda w, i: w([r.prompts for r in cases[i]]),
         lambda i: [], lambda i, out: _mean(_nbytes(text_tensors(t).values()) for t in out[0]))]
     payloads = [[t for text in case for t in text_tensors(text).values()] for case in texts]
     if last >= 1:
         keyframes = run(
-            "keyframes", lambda: Keyframes(models, runtime),
+            "keyframes", lambda: Keyframes.from_source(models, runtime),
             lambda w, i: w(cases[i], texts[i], stand_in_images(cases[i])), lambda i: payloads[i],
             lambda i, out: _mean(_nbytes(text_tensors(t).values()) + k.nbytes for t, k in zip(texts[i], out)))
     if last >= 2:
         videos = run(
-            "interpolate", lambda: Interpolate(models, runtime),
+            "interpolate", lambda: Interpolate.from_source(models, runtime),
             lambda w, i: w(cases[i], texts[i], keyframes[i]), lambda i: payloads[i] + list(keyframes[i]),
             lambda i, out: _mean(v.nbytes for v in out))
     if last >= 3:
         # Only the frames' shapes are kept: the frames themselves (host memory, black) go at once.
-        run("decode", lambda: Decode(models, runtime),
+        run("decode", lambda: Decode.from_source(models, runtime),
             lambda w, i: [w(v, request=r).shape for v, r in zip(videos[i], cases[i])], lambda i: list(videos[i]),
             lambda i, out: 0)
     return [{s: case[s] for s in stages} for case in results]

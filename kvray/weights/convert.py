@@ -14,10 +14,10 @@ from safetensors.torch import save_file
 
 from ..config import ModelPreset
 from ..models.text_encoder import BYT5, SPIECE
-from .bundle import TOKENIZER_DIR
 from .checkpoint import CheckpointError, build_on_meta, describe_mismatch, shapes
 from .networks import NETWORKS, converted_names, get_network, read_official
 from .source import WeightsSource
+from .stage_models import TOKENIZER_DIR
 
 log = logging.getLogger(__name__)
 FORMAT = "kvray-weights-1"

@@ -35,7 +35,7 @@ from filelock import FileLock
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
-from ..io.storage import storage_options_for
+from ..io.opening import storage_options_for
 
 log = logging.getLogger(__name__)
 

@@ -1,17 +1,16 @@
-"""`kvray train`: the command line of the training recipe."""
+"""`kvray train`: the command line of the training recipe (kvray/training), one resumable step per network."""
 
 from __future__ import annotations
 
 import sys
 
-from .steps import NEEDS, RECIPE, STEPS
+from ..training.steps import NEEDS, RECIPE, STEPS
 
 EXPORT = "export"
 ALL = "all"
 
 
-def add_train_parser(subparsers):
-    """Registers `kvray train` on the CLI's subparsers."""
+def add_parser(subparsers) -> None:
     steps = ", ".join(f"{name} (needs {', '.join(NEEDS[name]) or 'nothing'}; {RECIPE[name].steps} steps)" for name in STEPS)
     p = subparsers.add_parser(
         "train", help="train the networks of a preset on the toy world, one resumable step per network",
@@ -32,13 +31,13 @@ def add_train_parser(subparsers):
     p.add_argument("--to", help="export: where the weights go (default WORK/export)")
     p.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"],
                    help="export: the weights' dtype (default float16)")
-    p.set_defaults(run=_cmd_train)
+    p.set_defaults(run=run)
 
 
-def _cmd_train(args) -> int:
+def run(args) -> int:
     import torch
 
-    from .loop import TrainConfig, export_work, train
+    from ..training.loop import TrainConfig, export_work, train
 
     if args.threads:
         torch.set_num_threads(args.threads)
