@@ -70,3 +70,16 @@ def test_interpolated_frames_lie_between_their_own_keyframes(drawn_circle):
     own = np.mean([np.abs(m - blend[g]).mean() for g, m in enumerate(middle)])
     neighbour = np.mean([np.abs(m - blend[g + 1 if g < 10 else g - 1]).mean() for g, m in enumerate(middle)])
     assert own < 0.85 * neighbour, (own, neighbour)
+
+
+def test_the_shipped_version_names_the_shipped_tensors():
+    """VERSION (in every video id made with the shipped weights) is the digest of the tensors shipped
+    beside it: weights replaced without `kvray train export` fail here."""
+    import fsspec
+
+    from kvray.config.models import shipped_toy_weights
+    from kvray.training.loop import weights_digest
+    from kvray.weights.networks import NETWORKS
+
+    folder, version = shipped_toy_weights()
+    assert weights_digest(fsspec.filesystem("file"), folder, NETWORKS) == version

@@ -99,6 +99,9 @@ def test_export_writes_every_network_in_half_precision_with_a_digest(tmp_path):
     assert len(written) == 11
     version = (tmp_path / "out" / "VERSION").read_text().strip()
     assert len(version) == 16
+    # Exported again (safetensors orders its metadata differently each time): the same tensors, the same name.
+    export_work(str(tmp_path), str(tmp_path / "again"), torch.float16)
+    assert (tmp_path / "again" / "VERSION").read_text().strip() == version
     _, state, _ = read_converted(WeightsSource(str(tmp_path / "out")), "keyframe_unet")
     assert {t.dtype for t in state.values() if t.is_floating_point()} == {torch.float16}
 

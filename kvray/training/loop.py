@@ -117,12 +117,26 @@ def export_work(work: str, dst: str, dtype: torch.dtype) -> list[str]:
         arch = json.loads(source.path(f"{name}.json").read_text())
         written += write_converted(dst, name, arch["preset"], config, state, extras, dtype=dtype)
     fs, root = fsspec.core.url_to_fs(dst)
-    digest = hashlib.sha256()
-    for name in NETWORKS:  # the weights' own digest names them in video ids, wherever they are installed
-        digest.update(fs.cat_file(f"{root}/{name}.safetensors"))
     with fs.open(f"{root}/{TOY_WEIGHTS_VERSION_FILE}", "w") as f:
-        f.write(digest.hexdigest()[:16] + "\n")
+        f.write(weights_digest(fs, root, NETWORKS) + "\n")
     return [*written, f"{dst.rstrip('/')}/{TOY_WEIGHTS_VERSION_FILE}"]
+
+
+def weights_digest(fs, root: str, names) -> str:
+    """What names the weights in video ids, wherever they are installed: a digest of every tensor (name,
+    dtype, shape, bytes) and architecture of `names`. Not of the files' bytes: safetensors writes its
+    metadata in an order that changes from run to run, so the same tensors make different files."""
+    from safetensors.torch import load
+
+    digest = hashlib.sha256()
+    for name in names:
+        digest.update(fs.cat_file(f"{root}/{name}.json"))
+        tensors = load(fs.cat_file(f"{root}/{name}.safetensors"))
+        for key in sorted(tensors):
+            tensor = tensors[key].contiguous()
+            digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()[:16]
 
 
 def _lr(config: TrainConfig, step: int) -> float:
@@ -141,23 +155,13 @@ def train(config: TrainConfig, progress=None) -> dict:
     if config.step not in STEPS:
         raise ValueError(f"unknown training step {config.step!r}; steps in order: {', '.join(STEPS)}")
     preset = get_preset(config.preset)
-    # The U-Nets halve the latent once per level below the first and need exact skips.
-    multiple = preset.latent_factor * 2 ** (preset.keyframe_unet.num_levels - 1)
-    if config.size % multiple:
-        halvings = preset.keyframe_unet.num_levels - 1
-        raise ValueError(f"frames of {config.size} px do not fit preset {preset.name}: the side must be a multiple "
-                         f"of {multiple} (latents 1/{preset.latent_factor} of it, halved {halvings} times)")
+    _check_size(preset, config.size)
     work = Path(config.work)
     folder = work / config.step
     folder.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
     ctx = Context(preset, ToyData(config.seed, config.size), str(work / WEIGHTS_DIR), device)
-    step_obj = STEPS[config.step](ctx)
-    if config.batch_size is not None:
-        step_obj.batch_size = config.batch_size
-    if config.gradient_checkpointing:
-        for module in step_obj.networks.values():
-            enable_gradient_checkpointing(module)
+    step_obj = _build_step(config, ctx)
     params = step_obj.parameters()
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     ema = EMA(_trained_tensors(step_obj), config.ema_decay)
@@ -183,16 +187,7 @@ def train(config: TrainConfig, progress=None) -> dict:
             writer.writerow(["step", "loss", "validation_loss", "lr", "seconds"])
         began, window = time.perf_counter(), []
         for step in range(start, config.steps):
-            for group in optimiser.param_groups:
-                group["lr"] = _lr(config, step)
-            with autocast:
-                loss = step_obj.loss(step, ctx.data.generator(config.step, step))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            optimiser.step()
-            ema.update(_trained_tensors(step_obj), step)
-            window.append(loss.item())
+            window.append(_optimise(step_obj, optimiser, params, ema, ctx, config, step, autocast))
             done = step + 1
             validation = _validate(step_obj, ctx, done) if done % config.validate_every == 0 or done == config.steps else None
             if done % config.log_every == 0 or validation is not None:
@@ -208,6 +203,39 @@ def train(config: TrainConfig, progress=None) -> dict:
                 _save(checkpoint, step_obj, optimiser, ema, done, config)
                 export(step_obj, ema.shadow, ctx.weights, preset)
     return {"step": config.step, "steps": config.steps, "weights": ctx.weights, "log": str(log_file)}
+
+
+def _build_step(config: TrainConfig, ctx: Context):
+    step_obj = STEPS[config.step](ctx)
+    if config.batch_size is not None:
+        step_obj.batch_size = config.batch_size
+    if config.gradient_checkpointing:
+        for module in step_obj.networks.values():
+            enable_gradient_checkpointing(module)
+    return step_obj
+
+
+def _check_size(preset, size: int) -> None:
+    # The U-Nets halve the latent once per level below the first and need exact skips.
+    multiple = preset.latent_factor * 2 ** (preset.keyframe_unet.num_levels - 1)
+    if size % multiple:
+        halvings = preset.keyframe_unet.num_levels - 1
+        raise ValueError(f"frames of {size} px do not fit preset {preset.name}: the side must be a multiple "
+                         f"of {multiple} (latents 1/{preset.latent_factor} of it, halved {halvings} times)")
+
+
+def _optimise(step_obj, optimiser, params, ema: EMA, ctx: Context, config: TrainConfig, step: int, autocast) -> float:
+    """One optimiser step at `step` (learning rate, loss under `autocast`, clipped gradients, EMA); returns the loss."""
+    for group in optimiser.param_groups:
+        group["lr"] = _lr(config, step)
+    with autocast:
+        loss = step_obj.loss(step, ctx.data.generator(config.step, step))
+    optimiser.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimiser.step()
+    ema.update(_trained_tensors(step_obj), step)
+    return loss.item()
 
 
 def _truncate_log(log_file: Path, step: int) -> None:
