@@ -4,21 +4,21 @@ from __future__ import annotations
 
 import sys
 
-from ..training.steps import NEEDS, RECIPE, STEPS
+from ..training.recipe import NEEDS, RECIPE, STEP_NAMES
 
 EXPORT = "export"
 ALL = "all"
 
 
 def add_parser(subparsers) -> None:
-    steps = ", ".join(f"{name} (needs {', '.join(NEEDS[name]) or 'nothing'}; {RECIPE[name].steps} steps)" for name in STEPS)
+    steps = ", ".join(f"{name} (needs {', '.join(NEEDS[name]) or 'nothing'}; {RECIPE[name].steps} steps)" for name in STEP_NAMES)
     p = subparsers.add_parser(
         "train", help="train the networks of a preset on the toy world, one resumable step per network",
         description=f"Steps, in order: {steps}. `all` runs every step that is not finished, in order; `export` writes "
                     "the trained networks (EMA weights) to --to, by default in half precision, for --weights. A step "
                     "resumes from WORK/STEP/checkpoint.pt; WORK/STEP/loss.csv has its loss and validation curves. "
                     "docs/training.md has the recipe and the commands that made the shipped weights.")
-    p.add_argument("step", choices=[*STEPS, ALL, EXPORT])
+    p.add_argument("step", choices=[*STEP_NAMES, ALL, EXPORT])
     p.add_argument("--work", required=True, help="work directory: checkpoints, loss logs and weights/ (local path)")
     p.add_argument("--preset", default="toy", help="network sizes (default toy)")
     p.add_argument("--steps", type=int, help="optimiser steps of this step (default: the recipe's; `all` runs the recipe's)")
@@ -45,7 +45,7 @@ def run(args) -> int:
         written = export_work(args.work, args.to or f"{args.work}/export", getattr(torch, args.dtype))
         print(f"wrote {len(written)} files to {args.to or args.work + '/export'}")
         return 0
-    names = list(STEPS) if args.step == ALL else [args.step]
+    names = list(STEP_NAMES) if args.step == ALL else [args.step]
     for name in names:
         recipe = RECIPE[name]
         try:

@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from ..config.models import TOY_WEIGHTS_VERSION_FILE
 from ..weights.convert import write_converted
 from .data import ToyData
-from .steps import NEEDS, STEPS, Context
+from .recipe import NEEDS
+from .steps import STEPS, Context
 
 log = logging.getLogger(__name__)
 

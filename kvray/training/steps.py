@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ from ..weights.networks import get_network
 from ..weights.source import WeightsSource
 from .data import ToyData, batch_seed
 from .diffusion import add_noise, alphas_cumprod, random_timesteps, unconditional_context, v_target
+from .recipe import STEP_NAMES
 
 # Share of samples trained on each guidance branch's dropped condition (the null text; the null text and
 # no first frame; the interpolation's zero neighbours).
@@ -410,24 +410,4 @@ class VideoMoVQStep(Step):
 
 STEPS: dict[str, type[Step]] = {s.name: s for s in (ImageMoVQStep, FirstFrameStep, KeyframesStep, InterpolationStep,
                                                     VideoMoVQStep)}
-class Recipe(NamedTuple):
-    steps: int
-    lr: float
-
-
-# The shipped toy weights' schedule (docs/training.md): optimiser steps and peak learning rate per step.
-RECIPE: dict[str, Recipe] = {
-    "image_movq": Recipe(1500, 5e-4),
-    "first_frame": Recipe(2000, 1e-3),
-    "keyframes": Recipe(2400, 1e-3),
-    "interpolation": Recipe(900, 5e-4),
-    "video_movq": Recipe(400, 3e-4),
-}
-# What each step needs finished first.
-NEEDS: dict[str, tuple[str, ...]] = {
-    "image_movq": (),
-    "first_frame": ("image_movq",),
-    "keyframes": ("first_frame",),
-    "interpolation": ("first_frame",),
-    "video_movq": ("image_movq",),
-}
+assert tuple(STEPS) == STEP_NAMES, "the recipe's steps and their classes, in one order"
