@@ -48,7 +48,7 @@ def run(args) -> int:
         print(f"wrote {table.num_rows} rows to {args.save}")
     else:
         for row in table.slice(0, args.show).to_pylist():
-            print(f"{row['id']}\t{row['status']}\t{row['uri'] or row['error']}")
+            print(f"{row['id']}\t{row['status']}\t{row['uri'] or row['error']}\t{row['run']}")
     return 0
 
 
