@@ -23,9 +23,21 @@ FALSE_ALARMS = (b"has constructor arguments in the object store",)
 LINE_ENDS = (b"\n", b"\r")
 
 
+def _write(target: int, data: bytes) -> bool:
+    """False once the real stderr is gone (closed, a broken pipe): the pipe is still drained after
+    that, or the render would block on its next log line."""
+    try:
+        os.write(target, data)
+    except OSError:
+        return False
+    return True
+
+
 def _forward(source: int, target: int, alarms: tuple[bytes, ...]) -> None:
-    pending = b""
+    pending, alive = b"", True
     while chunk := os.read(source, 65536):
+        if not alive:
+            continue
         pending += chunk
         cut = max(pending.rfind(end) for end in LINE_ENDS) + 1
         lines, pending = pending[:cut], pending[cut:]
@@ -35,9 +47,9 @@ def _forward(source: int, target: int, alarms: tuple[bytes, ...]) -> None:
         if pending and not pending.startswith(b"["):
             kept, pending = kept + pending, b""
         if kept:
-            os.write(target, kept)
-    if pending:
-        os.write(target, pending)
+            alive = _write(target, kept)
+    if pending and alive:
+        _write(target, pending)
     os.close(source)
 
 
