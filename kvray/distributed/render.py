@@ -183,7 +183,14 @@ def _tally(batch: pd.DataFrame, summary: RenderSummary, error_rows: list[tuple[i
     for stage in STAGES:
         summary.busy_seconds[stage] = summary.busy_seconds.get(stage, 0.0) + float(batch[f"seconds_{stage}"].sum())
     errors = batch.loc[batch["status"] == ERROR]
-    error_rows.extend(zip(errors["row"][:FIRST_ERRORS].tolist(), errors["id"], errors["error"]))
+    _keep_first_errors(error_rows, errors)
+
+
+def _keep_first_errors(error_rows: list[tuple[int, str, str]], errors: pd.DataFrame) -> None:
+    """Adds `errors` (rows with `row`, `id`, `error`) to `error_rows`, keeping only the FIRST_ERRORS lowest
+    rows: the driver holds a few error rows whatever the manifest's size."""
+    error_rows.extend(zip(errors["row"].tolist(), errors["id"], errors["error"]))
+    error_rows[:] = sorted(error_rows)[:FIRST_ERRORS]
 
 
 def _planned_rows(fs, root: str, summary: RenderSummary, error_rows: list[tuple[int, str, str]]) -> None:
@@ -197,7 +204,7 @@ def _planned_rows(fs, root: str, summary: RenderSummary, error_rows: list[tuple[
         summary.skipped += int((table["status"] == SKIPPED).sum())
         errors = table.loc[table["status"] == ERROR]
         summary.error += len(errors)
-        error_rows.extend(zip(errors["row"][:FIRST_ERRORS].tolist(), errors["id"], errors["error"]))
+        _keep_first_errors(error_rows, errors)
         summary.results.append(fs.unstrip_protocol(path))
 
 
@@ -315,7 +322,7 @@ class RenderRun:
         self.job, self.manifest, self.fs, self.root, self.summary = job, manifest, fs, root, summary
         self.started = start
         self.record: RunRecord | None = None
-        self.error_rows: list[tuple[int, str, str]] = []  # (row, id, error), the first few of each source
+        self.error_rows: list[tuple[int, str, str]] = []  # (row, id, error): the FIRST_ERRORS lowest rows so far
 
     def start(self, plan: dict | None = None) -> None:
         remove_temporaries(self.fs, self.root)  # of writers killed mid-write: the lease says no other run writes here
@@ -330,7 +337,7 @@ class RenderRun:
         """The planned rows counted, the first errors chosen, the dataset card refreshed, the end recorded."""
         summary = self.summary
         _planned_rows(self.fs, self.root, summary, self.error_rows)
-        summary.first_errors = [f"row {r} ({i}): {e}" for r, i, e in sorted(self.error_rows)[:FIRST_ERRORS]]
+        summary.first_errors = [f"row {r} ({i}): {e}" for r, i, e in self.error_rows]
         if self.job.dataset.layout == "webdataset":
             summary.results.append(_card(self.fs, self.root, self.job, summary))
         self.record.update(status=summary.status, finished_at=_now(), reason=summary.reason, summary=summary.record())
@@ -369,7 +376,7 @@ class RenderRun:
             quiet = nullcontext() if verbose else dropped_from_stderr()
             with quiet, Signals() as signals, execution_context(pool_options, verbose=verbose) as context:
                 try:
-                    ledger = RunLedger.options(name=f"kvray-ledger-{summary.run_id}",
+                    ledger = RunLedger.options(name=self._ledger_name,
                                                scheduling_strategy=on_this_node()).remote()
                     planned = self._plan(done, limit, pool_options, context)
                     summary.startup_seconds = time.perf_counter() - self.started
