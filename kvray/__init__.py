@@ -11,7 +11,7 @@ Names are imported when first used, so that `import kvray` (and `kvray --help`) 
 
 from __future__ import annotations
 
-import importlib
+from .lazy_exports import lazy_exports
 
 _EXPORTS = {
     "VideoPipeline": "kvray.pipeline.pipeline",
@@ -27,13 +27,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kvray' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -1,5 +1,6 @@
 """Rules of the code base that no linter here checks (ruff and import-linter run in CI for the rest:
-see pyproject.toml): no module imports another module's private names."""
+see pyproject.toml): no module imports another module's private names, and no module or function is
+too long to read."""
 
 from __future__ import annotations
 
@@ -69,3 +70,27 @@ def test_every_list_of_stages_and_networks_is_the_registrys():
     assert tuple(Deployment.model_fields) == STAGES == tuple(STAGE_NETWORKS)
     assert sorted(n for networks in STAGE_NETWORKS.values() for n in networks) == sorted(NETWORKS) == sorted(WEIGHT_NETWORKS)
     assert sorted(f[: -len("_dtype")] for f in RuntimeConfig.model_fields if f.endswith("_dtype")) == sorted(NETWORKS)
+
+
+# Size limits that keep a module and a function readable in one sitting, and the exceptions, with why.
+MAX_MODULE_LINES = 500
+MAX_FUNCTION_LINES = 60
+LONG_FUNCTIONS = {
+    # The dataset card is one Markdown document with its code examples: split, it could not be read as one.
+    "kvray/io/dataset_card.py:dataset_card",
+}
+
+
+def test_no_module_or_function_is_too_long_to_read():
+    too_long = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        name = path.relative_to(PACKAGE.parent).as_posix()
+        source = path.read_text()
+        if len(source.splitlines()) > MAX_MODULE_LINES:
+            too_long.append(f"{name}: {len(source.splitlines())} lines")
+        for node in ast.walk(ast.parse(source)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES and f"{name}:{node.name}" not in LONG_FUNCTIONS:
+                    too_long.append(f"{name}:{node.lineno} {node.name}: {lines} lines")
+    assert too_long == [], f"split these (modules <= {MAX_MODULE_LINES} lines, functions <= {MAX_FUNCTION_LINES})"

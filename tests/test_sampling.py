@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from safetensors.torch import load_file
 
 from kvray.config import TINY
+from kvray.config.presets import get_preset
 from kvray.network_parity import build_golden_network
 from kvray.sampling import (
     FIRST_FRAME_SAMPLER,
@@ -20,6 +21,7 @@ from kvray.sampling import (
     DPMSolverStepper,
     GeneratorNoise,
     GuidanceConfig,
+    LoopOptions,
     RecordedNoise,
     SamplerConfig,
     SamplingConfig,
@@ -74,6 +76,16 @@ def test_default_timesteps():
     assert SamplingConfig().keyframes.solver == "ddpm"  # the multistep solver is an option only
     stepper = DDPMStepper(KEYFRAME_SAMPLER)
     assert stepper.scheduler.alphas_cumprod[-1] == 0  # zero terminal SNR
+
+
+def test_a_v_keyframe_unet_is_sampled_from_t_999_and_kv11_as_the_official_one():
+    official = SamplingConfig()
+    assert official.for_keyframe_unet(get_preset("kv11").keyframe_prediction) is official
+    toy = official.for_keyframe_unet(get_preset("toy").keyframe_prediction)
+    for sampler in (toy.first_frame, toy.keyframes):
+        assert sampler.prediction_type == "v_prediction"
+        assert DDPMStepper(sampler).timesteps[0] == 999  # alpha_bar 0: a v network predicts x0 there
+    assert toy.interpolation == official.interpolation and toy.keyframes.num_steps == 50
 
 
 @pytest.mark.parametrize("config", [KEYFRAME_SAMPLER, INTERPOLATION_SAMPLER,
@@ -303,15 +315,16 @@ def _run_stage(stage, tiny, indices, seeds, sampler_update=FAST, callback=None):
     texts = [texts[i] for i in indices]
     guidance = [GUIDANCE[i] for i in indices]
     noise = GeneratorNoise.from_seeds(seeds)
+    options = LoopOptions(callback=callback)
     if stage == "first_frame":
         return sample_first_frame(keyframe, texts, (8, 8), noise, guidance=guidance,
-                                  sampler=FIRST_FRAME_SAMPLER.model_copy(update=sampler_update), callback=callback)
+                                  sampler=FIRST_FRAME_SAMPLER.model_copy(update=sampler_update), options=options)
     if stage == "keyframes":
         return sample_keyframes(keyframe, texts, latents[indices, 0], noise, motion=[["low", "high", 10][i] for i in indices],
                                 num_frames=3, guidance=guidance, sampler=KEYFRAME_SAMPLER.model_copy(update=sampler_update),
-                                callback=callback)
+                                options=options)
     return sample_interpolation(interpolation, texts, latents[indices, :3], noise, skip_frames=3, guidance=guidance,
-                                sampler=INTERPOLATION_SAMPLER.model_copy(update=sampler_update), callback=callback)
+                                sampler=INTERPOLATION_SAMPLER.model_copy(update=sampler_update), options=options)
 
 
 @pytest.mark.parametrize("stage", ["first_frame", "keyframes", "interpolation"])

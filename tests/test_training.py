@@ -147,3 +147,28 @@ def test_video_mode_starts_as_image_mode_frame_by_frame():
                      noise_aug_time=torch.full((frames,), 20), motion_score=torch.full((frames,), 10))
         image = unet(torch.cat([latents, torch.zeros_like(condition)], 1), time, context.expand(frames, -1, -1))
     assert torch.allclose(video, image, atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["kv11", "toy"])
+def test_the_keyframe_unet_learns_the_target_its_sampler_reads(preset):
+    """A network that outputs its training target exactly gives the sampler the clean latents back, at every
+    timestep the preset's sampler walks (so training and sampling agree on what the U-Net predicts)."""
+    from kvray.config.sampling import SamplingConfig
+    from kvray.sampling.schedulers import DDPMStepper
+    from kvray.training.diffusion import add_noise, alphas_cumprod
+    from kvray.training.steps import keyframe_unet_target
+
+    prediction = get_preset(preset).keyframe_prediction
+    stepper = DDPMStepper(SamplingConfig().for_keyframe_unet(prediction).keyframes)
+    acp = alphas_cumprod()
+    generator = torch.Generator().manual_seed(0)
+    x0 = torch.rand(2, 4, 8, 8, generator=generator) * 1.6 - 0.8  # inside the sampler's x0 clipping
+    noise = torch.randn(x0.shape, generator=generator)
+    for index, t in enumerate(stepper.timesteps):
+        if prediction == "epsilon" and acp[t] < 1e-3:
+            continue  # x0 = (x - eps) / sqrt(alpha_bar) is ill-conditioned where kv11 starts; float32 cannot recover it
+        times = torch.full((2,), t)
+        sample = add_noise(acp, x0, noise, times)
+        _, predicted = stepper.step_frames(keyframe_unet_target(prediction, acp, x0, noise, times), index, sample,
+                                           variance_noise=torch.zeros_like(x0))
+        torch.testing.assert_close(predicted, x0, atol=2e-4, rtol=0)

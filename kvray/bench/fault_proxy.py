@@ -110,77 +110,79 @@ class FaultyProxy:
                 self.faulted[method] += 1
             return fail
 
-    def _handler(self):
-        proxy = self
+    def _handler(self) -> type[BaseHTTPRequestHandler]:
+        return type("Handler", (_FaultHandler,), {"proxy": self})
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
 
-            def log_message(self, *args):
-                pass
+class _FaultHandler(BaseHTTPRequestHandler):
+    """Forwards each request to the proxy's upstream, or answers it with the proxy's fault when it decides so."""
 
-            def _drop(self, reset: bool) -> None:
-                """Ends the connection without an answer: RST when `reset`, else an orderly close."""
-                self.close_connection = True
-                if reset:
-                    self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                with contextlib.suppress(OSError):
-                    self.connection.shutdown(socket.SHUT_RDWR)
+    protocol_version = "HTTP/1.1"
+    proxy: FaultyProxy  # set per proxy by FaultyProxy._handler
 
-            def _upstream(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-                conn = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port, timeout=60)
-                try:
-                    headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
-                    headers["Host"] = proxy.upstream.netloc
-                    conn.request(self.command, self.path, body=body, headers=headers)
-                    response = conn.getresponse()
-                    return response.status, response.getheaders(), response.read()
-                finally:
-                    conn.close()
+    def log_message(self, *args):
+        pass
 
-            def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes, cut: bool = False) -> None:
-                self.send_response(status)
-                # A HEAD answer's length is the object's, not its (empty) body's.
-                keep_length = self.command == "HEAD"
-                for key, value in headers:
-                    if key.lower() in ("transfer-encoding", "connection"):
-                        continue
-                    if key.lower() == "content-length" and not keep_length:
-                        continue
-                    self.send_header(key, value)
-                if not keep_length:
-                    self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data[: len(data) // 2] if cut else data)
-                self.wfile.flush()
-                if cut:
-                    self._drop(reset=False)
+    def _drop(self, reset: bool) -> None:
+        """Ends the connection without an answer: RST when `reset`, else an orderly close."""
+        self.close_connection = True
+        if reset:
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)
 
-            def _forward(self):
-                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if not proxy._decide(self.command):
-                    self._answer(*self._upstream(body))
-                    return
-                fault = proxy.fault
-                if fault in ERROR_ANSWERS:
-                    status, data = ERROR_ANSWERS[fault]
-                    self._answer(status, [("Content-Type", "application/xml")], data)
-                elif fault == "reset":
-                    if proxy.after_upstream:
-                        self._upstream(body)
-                    self._drop(reset=True)
-                elif fault == "truncate":
-                    status, headers, data = self._upstream(body)
-                    self._answer(status, headers, data, cut=self.command != "HEAD" and len(data) > 1)
-                elif fault == "stall":
-                    if proxy.closing.wait(proxy.stall_s) or proxy.stall_s is None:
-                        self._drop(reset=False)
-                    else:
-                        self._answer(*self._upstream(body))
-                else:  # gone
-                    self._drop(reset=True)
+    def _upstream(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+        conn = http.client.HTTPConnection(self.proxy.upstream.hostname, self.proxy.upstream.port, timeout=60)
+        try:
+            headers = {k: v for k, v in self.headers.items() if k.lower() != "host"}
+            headers["Host"] = self.proxy.upstream.netloc
+            conn.request(self.command, self.path, body=body, headers=headers)
+            response = conn.getresponse()
+            return response.status, response.getheaders(), response.read()
+        finally:
+            conn.close()
 
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward
+    def _answer(self, status: int, headers: list[tuple[str, str]], data: bytes, cut: bool = False) -> None:
+        self.send_response(status)
+        # A HEAD answer's length is the object's, not its (empty) body's.
+        keep_length = self.command == "HEAD"
+        for key, value in headers:
+            if key.lower() in ("transfer-encoding", "connection"):
+                continue
+            if key.lower() == "content-length" and not keep_length:
+                continue
+            self.send_header(key, value)
+        if not keep_length:
+            self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data[: len(data) // 2] if cut else data)
+        self.wfile.flush()
+        if cut:
+            self._drop(reset=False)
 
-        return Handler
+    def _forward(self):
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if not self.proxy._decide(self.command):
+            self._answer(*self._upstream(body))
+            return
+        fault = self.proxy.fault
+        if fault in ERROR_ANSWERS:
+            status, data = ERROR_ANSWERS[fault]
+            self._answer(status, [("Content-Type", "application/xml")], data)
+        elif fault == "reset":
+            if self.proxy.after_upstream:
+                self._upstream(body)
+            self._drop(reset=True)
+        elif fault == "truncate":
+            status, headers, data = self._upstream(body)
+            self._answer(status, headers, data, cut=self.command != "HEAD" and len(data) > 1)
+        elif fault == "stall":
+            if self.proxy.closing.wait(self.proxy.stall_s) or self.proxy.stall_s is None:
+                self._drop(reset=False)
+            else:
+                self._answer(*self._upstream(body))
+        else:  # gone
+            self._drop(reset=True)
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _forward

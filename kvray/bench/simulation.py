@@ -208,16 +208,77 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
     the videos (default: all distinct); `dedupe_prompts`: the text stand-in works once per distinct
     prompt of a batch, as EncodeText does. `kvray.bench.pipeline.simulated_pipeline` makes all these
     from a cost profile and the planner."""
+    from ..distributed.planner import parse_costs
+
+    costs = parse_costs(costs)
+    run = _simulated_run(costs, gpus, videos, deployment=deployment, payload_bytes=payload_bytes,
+                         pool_options=pool_options, time_scale=time_scale, prompts=prompts,
+                         dedupe_prompts=dedupe_prompts, object_store_memory=object_store_memory)
+    summary, arrivals, total, start_wall = run.summary, run.arrivals, run.total, run.start_wall
+    expected = {s: deployment.stage(s).actors for s in STAGES}
+    registered = {s: summary.stages.get("actors", {}).get(s, []) for s in STAGES}
+    notes, unmeasured = [], []
+    if any(len(registered[s]) < n for s, n in expected.items()):
+        unmeasured.append("not every actor started: the pools were never all up")
+    up_times = [a["at"] - start_wall for s in STAGES for a in registered[s]]
+    pools_up = max(up_times) if up_times else total
+    output = measure(arrivals, pools_up)
+    timeline = {s: sorted((a - start_wall, b - start_wall, pid, n) for a, b, pid, n in run.calls[s].values())
+                for s in STAGES}
+    # Every video passes every pool: the pipeline is as fast as its slowest pool in the steady window.
+    rates, window_start, window_end = steady_rates(timeline, expected, pools_up)
+    if rates:
+        bottleneck = min(rates, key=rates.get)
+        steady = rates[bottleneck]
+    else:
+        bottleneck = "output"
+        notes.append("no window in which every actor of every pool had work: the steady rate is the output's")
+        steady, window_start, window_end = output
+    after_rate = _rate_after_pools(arrivals, pools_up, videos, summary, unmeasured)
+    window = max(window_end - window_start, 1e-9)
+    busy = {}  # the share of the window its actors spent in calls
+    for s in STAGES:
+        inside = sum(max(0.0, min(b, window_end) - max(a, window_start)) for a, b, _, _ in timeline[s])
+        busy[s] = inside / (deployment.stage(s).actors * window)
+    run_cpu, other_cpu = _cpu_during(run.cpu_marks, window_start, window_end)
+    if other_cpu is not None and other_cpu > 0.25:
+        notes.append(f"other processes used {other_cpu:.2f} cores during the measurement: expect lower figures")
+    return SimulationResult(
+        gpus=gpus, videos=videos, bound=costs.bound(gpus), steady_videos_per_second=steady * time_scale,
+        after_pools_videos_per_second=after_rate * time_scale, pools_up_seconds=pools_up,
+        first_video_seconds=arrivals[0] if arrivals else total, last_video_seconds=arrivals[-1] if arrivals else total,
+        spilled_bytes=run.spilled, time_scale=time_scale,
+        deployment={s: deployment.stage(s).model_dump() for s in STAGES},
+        window=(window_start, window_end), bottleneck=bottleneck, output_videos_per_second=output[0] * time_scale,
+        actors=expected, actors_started={s: len(registered[s]) for s in STAGES}, busy=busy, other_cpu=other_cpu,
+        run_cpu=run_cpu, ok=summary.ok, notes=notes, unmeasured="; ".join(unmeasured), label=label,
+        timeline={"arrivals": arrivals, "actors": {s: [a["at"] - start_wall for a in registered[s]] for s in STAGES},
+                  "calls": timeline},
+    )
+
+
+@dataclass
+class _Run:
+    summary: object  # the renderer's summary
+    arrivals: list[float]  # seconds from the start at which each video arrived
+    calls: dict[str, dict]  # stage -> the stand-ins' calls
+    cpu_marks: list[tuple[float, tuple[float, float]]]  # (seconds, (this run's CPU seconds, all CPU seconds))
+    start_wall: float
+    total: float
+    spilled: int | None
+
+
+def _simulated_run(costs, gpus: int, videos: int, *, deployment, payload_bytes, pool_options, time_scale: float,
+                   prompts: int | None, dedupe_prompts: bool, object_store_memory: int | None) -> _Run:
+    """The simulated render itself, on a local Ray started for it (or the running one), with its marks."""
     from ..config.job import RayOptions
     from ..distributed.cluster import cluster_gpus, connect, disconnect, object_store_stats
-    from ..distributed.planner import parse_costs
     from ..distributed.simulate import simulated_render, stand_in_workers
 
     def spilled_bytes_total():
         stats = object_store_stats()
         return None if stats is None else stats["spilled"]
 
-    costs = parse_costs(costs)
     cpus_needed = sum(deployment.stage(s).actors * deployment.stage(s).cpus for s in STAGES)
     started_ray = connect(RayOptions(num_cpus=max(8, math.ceil(cpus_needed) + 4), num_gpus=gpus,
                                      object_store_memory=object_store_memory or 1_000_000_000))
@@ -246,56 +307,26 @@ def simulate(costs, gpus: int, videos: int, *, deployment, payload_bytes: dict[s
         if started_ray:
             disconnect()
     spilled = None if spilled_before is None or spilled_after is None else spilled_after - spilled_before
-    total = time.perf_counter() - start
-    expected = {s: deployment.stage(s).actors for s in STAGES}
-    registered = {s: summary.stages.get("actors", {}).get(s, []) for s in STAGES}
-    notes, unmeasured = [], []
-    if any(len(registered[s]) < n for s, n in expected.items()):
-        unmeasured.append("not every actor started: the pools were never all up")
-    up_times = [a["at"] - start_wall for s in STAGES for a in registered[s]]
-    pools_up = max(up_times) if up_times else total
-    output = measure(arrivals, pools_up)
-    timeline = {s: sorted((a - start_wall, b - start_wall, pid, n) for a, b, pid, n in calls[s].values())
-                for s in STAGES}
-    # Every video passes every pool: the pipeline is as fast as its slowest pool in the steady window.
-    rates, window_start, window_end = steady_rates(timeline, expected, pools_up)
-    if rates:
-        bottleneck = min(rates, key=rates.get)
-        steady = rates[bottleneck]
-    else:
-        bottleneck = "output"
-        notes.append("no window in which every actor of every pool had work: the steady rate is the output's")
-        steady, window_start, window_end = output
+    return _Run(summary, arrivals, calls, cpu_marks, start_wall, time.perf_counter() - start, spilled)
+
+
+def _rate_after_pools(arrivals: list[float], pools_up: float, videos: int, summary, unmeasured: list[str]) -> float:
+    """Videos per second after every pool was up; what makes the figures unmeasured goes to `unmeasured`."""
     after = [t for t in arrivals if t > pools_up]
-    after_rate = len(after) / (after[-1] - pools_up) if after and after[-1] > pools_up else 0.0
     if len(after) < videos / 2:
         unmeasured.append(f"only {len(after)} of {videos} videos finished after the pools were up: too few to measure "
                           "(more --videos, or a larger --time-scale)")
     if summary.ok < videos:
         why = "; ".join(summary.first_errors[:2]) or summary.reason or f"the render ended {summary.status}"
         unmeasured.append(f"{videos - summary.ok} video(s) did not finish ok ({why})")
-    window = max(window_end - window_start, 1e-9)
-    busy = {}  # the share of the window its actors spent in calls
-    for s in STAGES:
-        inside = sum(max(0.0, min(b, window_end) - max(a, window_start)) for a, b, _, _ in timeline[s])
-        busy[s] = inside / (deployment.stage(s).actors * window)
-    run_cpu = other_cpu = None
+    return len(after) / (after[-1] - pools_up) if after and after[-1] > pools_up else 0.0
+
+
+def _cpu_during(cpu_marks, window_start: float, window_end: float) -> tuple[float | None, float | None]:
+    """Cores used by this run and by other processes in the window (None: unknown, as when processes of
+    this run ended meanwhile and took their CPU seconds with them)."""
     inside = [(t, c) for t, c in cpu_marks if window_start <= t <= window_end]
-    # Processes of this run that ended meanwhile take their CPU seconds with them: then it is unknown.
     if len(inside) >= 2 and inside[-1][0] > inside[0][0] and inside[-1][1][0] >= inside[0][1][0]:
         (t0, (ours0, all0)), (t1, (ours1, all1)) = inside[0], inside[-1]
-        run_cpu, other_cpu = (ours1 - ours0) / (t1 - t0), max(0.0, (all1 - all0) - (ours1 - ours0)) / (t1 - t0)
-        if other_cpu > 0.25:
-            notes.append(f"other processes used {other_cpu:.2f} cores during the measurement: expect lower figures")
-    return SimulationResult(
-        gpus=gpus, videos=videos, bound=costs.bound(gpus), steady_videos_per_second=steady * time_scale,
-        after_pools_videos_per_second=after_rate * time_scale, pools_up_seconds=pools_up,
-        first_video_seconds=arrivals[0] if arrivals else total, last_video_seconds=arrivals[-1] if arrivals else total,
-        spilled_bytes=spilled, time_scale=time_scale,
-        deployment={s: deployment.stage(s).model_dump() for s in STAGES},
-        window=(window_start, window_end), bottleneck=bottleneck, output_videos_per_second=output[0] * time_scale,
-        actors=expected, actors_started={s: len(registered[s]) for s in STAGES}, busy=busy, other_cpu=other_cpu,
-        run_cpu=run_cpu, ok=summary.ok, notes=notes, unmeasured="; ".join(unmeasured), label=label,
-        timeline={"arrivals": arrivals, "actors": {s: [a["at"] - start_wall for a in registered[s]] for s in STAGES},
-                  "calls": timeline},
-    )
+        return (ours1 - ours0) / (t1 - t0), max(0.0, (all1 - all0) - (ours1 - ours0)) / (t1 - t0)
+    return None, None

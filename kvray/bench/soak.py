@@ -110,6 +110,22 @@ def _inject(fault: str, cluster, driver: subprocess.Popen, rng: random.Random, n
     return False
 
 
+def _write_round(work: Path, n: int, rows: int, rng: random.Random, bucket, endpoint):
+    """Round n's rows, manifest and job file: (ids, manifest, job, output URI, storage options)."""
+    ids = [f"r{n}-{i}" for i in range(rows)]
+    manifest = work / f"round{n}.parquet"
+    pq.write_table(pa.table({"id": ids, "prompt": [f"soak {i}" for i in ids], "width": [64] * rows,
+                             "height": [64] * rows, "steps": [2] * rows,
+                             "fps": [rng.choice(["low", "medium"]) for _ in ids]}), manifest)
+    round_out = f"{bucket}/round{n}" if bucket else str(work / f"out{n}")
+    options = {**CREDENTIALS, "client_kwargs": {"endpoint_url": endpoint}} if bucket else {}
+    job = work / f"round{n}.yaml"
+    job.write_text(yaml.safe_dump({"storage_options": options, "lease_ttl_s": 10, "stall_timeout_s": 600,
+                                   "deployment": {s: {"actors": 2} for s in ("keyframes", "decode")}}))
+    job.chmod(0o600)  # the job may carry the store's credentials
+    return ids, manifest, job, round_out, options
+
+
 def soak(minutes: float, rows: int = 12, kill_every: float = 20.0, seed: int = 0, out: str | None = None,
          faults: tuple[str, ...] = FAULTS, faults_per_round: int | None = None) -> dict:
     from ..distributed.local_cluster import start_head
@@ -127,17 +143,7 @@ def soak(minutes: float, rows: int = 12, kill_every: float = 20.0, seed: int = 0
             while time.time() < deadline:
                 node = [cluster.add_node(cpus=2)] if "node" in faults else []
                 n = totals["rounds"]
-                ids = [f"r{n}-{i}" for i in range(rows)]
-                manifest = work / f"round{n}.parquet"
-                pq.write_table(pa.table({"id": ids, "prompt": [f"soak {i}" for i in ids], "width": [64] * rows,
-                                         "height": [64] * rows, "steps": [2] * rows,
-                                         "fps": [rng.choice(["low", "medium"]) for _ in ids]}), manifest)
-                round_out = f"{bucket}/round{n}" if bucket else str(work / f"out{n}")
-                options = {**CREDENTIALS, "client_kwargs": {"endpoint_url": endpoint}} if bucket else {}
-                job = work / f"round{n}.yaml"
-                job.write_text(yaml.safe_dump({"storage_options": options, "lease_ttl_s": 10, "stall_timeout_s": 600,
-                                               "deployment": {s: {"actors": 2} for s in ("keyframes", "decode")}}))
-                job.chmod(0o600)
+                ids, manifest, job, round_out, options = _write_round(work, n, rows, rng, bucket, endpoint)
                 finished, attempts, injected = False, 0, 0
                 while not finished and attempts < ATTEMPTS:
                     attempts += 1

@@ -78,31 +78,8 @@ def bench_stages(models, runtime, request, *, batch: int = 1, warmup: int = 1, r
                 for i in range(batch)]
     warm = [request.model_copy(update={"prompt": f"{request.prompt} (warm-up {i})", "seed": 10_000 + i})
             for i in range(batch)]
-    results: dict[str, dict] = {}
-
-    def timed(stage: str, build, call, networks: tuple[str, ...]):
-        _reset_peak(device)
-        start = time.perf_counter()
-        worker = build()
-        if compile:
-            _compile(worker, networks)
-        _sync(device)
-        load = time.perf_counter() - start
-        say(f"{stage}: loaded in {load:.1f} s; {warmup} warm-up and {repeats} timed call(s) of {batch} video(s)")
-        for _ in range(warmup):
-            call(worker, warm)
-            _sync(device)
-        seconds, out = [], None
-        for _ in range(repeats):
-            start = time.perf_counter()
-            out = call(worker, requests)
-            _sync(device)
-            seconds.append(time.perf_counter() - start)
-        results[stage] = {"seconds": min(seconds) / batch, "seconds_all": [s / batch for s in seconds],
-                          "peak_memory_gib": _peak_gib(device), "load_seconds": load, "batch_size": batch}
-        del worker
-        _reset_peak(device)
-        return out
+    timer = _StageTimer(device, requests, warm, warmup=warmup, repeats=repeats, compile=compile, say=say)
+    results, timed = timer.results, timer.timed
 
     texts = timed("text", lambda: EncodeText.from_source(models, runtime),
                   lambda w, rs: w([r.prompt for r in rs])[0], ("encoder",))
@@ -136,6 +113,43 @@ def bench_stages(models, runtime, request, *, batch: int = 1, warmup: int = 1, r
                  "dtypes": {n: runtime.dtype_name(n, device.type == "cuda") for n in NETWORKS},
                  "host_max_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20},
     }
+
+
+class _StageTimer:
+    """Builds a stage, warms it up, then times its calls on the same requests; `results[stage]` holds the
+    figures per video."""
+
+    def __init__(self, device, requests, warm, *, warmup: int, repeats: int, compile: bool, say):
+        self.device, self.requests, self.warm, self.say = device, requests, warm, say
+        self.warmup, self.repeats, self.compile = warmup, repeats, compile
+        self.results: dict[str, dict] = {}
+
+    def timed(self, stage: str, build, call, networks: tuple[str, ...]):
+        """`call(worker, requests)`'s output of the last timed call."""
+        device, batch = self.device, len(self.requests)
+        _reset_peak(device)
+        start = time.perf_counter()
+        worker = build()
+        if self.compile:
+            _compile(worker, networks)
+        _sync(device)
+        load = time.perf_counter() - start
+        self.say(f"{stage}: loaded in {load:.1f} s; {self.warmup} warm-up and {self.repeats} timed call(s) "
+                 f"of {batch} video(s)")
+        for _ in range(self.warmup):
+            call(worker, self.warm)
+            _sync(device)
+        seconds, out = [], None
+        for _ in range(self.repeats):
+            start = time.perf_counter()
+            out = call(worker, self.requests)
+            _sync(device)
+            seconds.append(time.perf_counter() - start)
+        self.results[stage] = {"seconds": min(seconds) / batch, "seconds_all": [s / batch for s in seconds],
+                               "peak_memory_gib": _peak_gib(device), "load_seconds": load, "batch_size": batch}
+        del worker
+        _reset_peak(device)
+        return out
 
 
 def _mean(values) -> int:

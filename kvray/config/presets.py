@@ -37,6 +37,11 @@ class ModelPreset(ArchConfig):
     # The first frame of text2video is drawn at this many times the video's latent size, decoded and resized
     # (official: 2, a quirk that costs 4x the first frame's compute; the toy draws it at the video's size).
     first_frame_scale: int = 2
+    # What the keyframe U-Net predicts, in both modes (it is how the network was trained, so it belongs to
+    # the weights). kv11 predicts epsilon; the toy predicts v: on a schedule with zero terminal SNR an
+    # epsilon network's first x0 guesses are its error times up to 34 (at t = 980), which a small model
+    # cannot make small, and its keyframes' brightness then follows each frame's initial noise.
+    keyframe_prediction: Literal["epsilon", "v_prediction"] = "epsilon"
 
     @property
     def latent_factor(self) -> int:
@@ -164,6 +169,7 @@ TOY = ModelPreset(
     default_width=64,
     default_height=64,
     first_frame_scale=1,
+    keyframe_prediction="v_prediction",
 )
 
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in (KV11, TINY, TOY)}

@@ -64,6 +64,16 @@ class SamplingConfig(BaseModel):
     interpolation: SamplerConfig = INTERPOLATION_SAMPLER
     num_keyframes: int = Field(default=12, ge=2)
 
+    def for_keyframe_unet(self, prediction_type: Literal["epsilon", "v_prediction"]) -> SamplingConfig:
+        """These settings for a keyframe U-Net that predicts `prediction_type` (the preset's
+        `keyframe_prediction`): a v network starts at t = 999 (trailing spacing), where it predicts x0."""
+        if prediction_type == self.keyframes.prediction_type == self.first_frame.prediction_type:
+            return self
+        update = {"prediction_type": prediction_type,
+                  "timestep_spacing": "trailing" if prediction_type == "v_prediction" else "leading"}
+        return self.model_copy(update={"first_frame": self.first_frame.model_copy(update=update),
+                                       "keyframes": self.keyframes.model_copy(update=update)})
+
 
 # Diffusion time at which the first frame is noised before it conditions the keyframes (also fed to the
 # U-Net as `noise_aug_time`); the official default.

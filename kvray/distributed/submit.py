@@ -302,6 +302,13 @@ def wait_for_status(client, job_id: str, poll_s: float = 0.5, timeout_s: float =
         time.sleep(poll_s)
 
 
+def _submission_hint(err: Exception) -> str:
+    if "413" in str(err):
+        return (" (the working dir is packed whole and Ray refuses uploads over 100 MiB: keep data and "
+                "environments out of it, or add excludes with --runtime-env-json '{\"excludes\": [...]}')")
+    return ""
+
+
 def submit(manifest: str, out: str, *, address: str | None, render_args: list[str] | tuple[str, ...] = (),
            working_dir: str | None = None, runtime_env: dict | None = None, follow: bool = True,
            pip: list[str] | None = None, env_vars: dict[str, str] | None = None, token: str | None = None,
@@ -342,11 +349,7 @@ def submit(manifest: str, out: str, *, address: str | None, render_args: list[st
     try:
         job_id = client.submit_job(**kwargs)
     except Exception as err:  # noqa: BLE001 - HTTP, auth and packaging errors all end the command the same way
-        hint = ""
-        if "413" in str(err):
-            hint = (" (the working dir is packed whole and Ray refuses uploads over 100 MiB: keep data and "
-                    "environments out of it, or add excludes with --runtime-env-json '{\"excludes\": [...]}')")
-        raise SubmitError(f"job submission to {address} failed: {err}{hint}") from err
+        raise SubmitError(f"job submission to {address} failed: {err}{_submission_hint(err)}") from err
     finally:
         if bundle is not None:
             remove_bundle_dir(bundle)  # uploaded with the job's packages, or not sent at all

@@ -33,7 +33,7 @@ import torch
 from ..config.sampling import FIRST_FRAME_SAMPLER, GuidanceConfig, SamplerConfig
 from ..requests.request import ANIMATION_FRAMES, VideoRequest
 from ..sampling.batching import TextCondition
-from ..sampling.loops import redraw, redraw_start
+from ..sampling.loops import DEFAULT_OPTIONS, LoopOptions, redraw, redraw_start
 from ..sampling.noise import NoiseSource
 from ..sampling.schedulers import make_stepper
 from .camera_motion import extend_poses, request_poses, warp_between
@@ -67,7 +67,7 @@ def animate_keyframes(
     guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
     sampler: SamplerConfig = FIRST_FRAME_SAMPLER,
     progress: Callable[[int, int], None] | None = None,
-    **kwargs,
+    options: LoopOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """The redrawn keyframes of R animations: `first` (R, 4, h, w) latents of frame 0, `poses` (R, K, 4)
     camera poses of the K keyframes, `size` the video's (width, height). Keyframe k is keyframe k-1
@@ -85,7 +85,8 @@ def animate_keyframes(
         source = k - 1 if redraws else 0
         warped = warp_between(frames[source], poses[:, source], poses[:, k], width, height)
         if redraws:
-            warped = redraw(denoiser, texts, warped, noise, strength=strength, guidance=guidance, sampler=sampler, **kwargs)
+            warped = redraw(denoiser, texts, warped, noise, strength=strength, guidance=guidance, sampler=sampler,
+                            options=options)
         frames.append(warped)
         if progress is not None:
             progress(k - 1, steps)

@@ -4,6 +4,7 @@ deterministic settings that make a request's frames depend only on the request a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import os
 import platform
@@ -11,6 +12,7 @@ import platform
 import torch
 
 from ..config.runtime import RuntimeConfig
+from ..sampling.loops import LoopOptions
 
 
 class DeviceError(ValueError):
@@ -90,9 +92,13 @@ class Denoiser:
         tensors = itertools.chain(unet.parameters(), unet.buffers())
         self.dtype = next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
         if runtime.precision == "official":
-            self.loop_precision = {"model_dtype": torch.float32, "guidance_dtype": None}
+            self.loop_options = LoopOptions(model_dtype=torch.float32, guidance_dtype=None)
         else:
-            self.loop_precision = {"model_dtype": self.dtype, "guidance_dtype": torch.float32}
+            self.loop_options = LoopOptions(model_dtype=self.dtype, guidance_dtype=torch.float32)
+
+    def options(self, callback=None) -> LoopOptions:
+        """The sampling loops' options for this U-Net, with a step callback."""
+        return dataclasses.replace(self.loop_options, callback=callback)
 
     def __call__(self, *args, **kwargs):
         with autocast(self.runtime, self.device, self.dtype):

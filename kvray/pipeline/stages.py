@@ -208,7 +208,8 @@ class Keyframes:
 
     def __init__(self, unet: nn.Module, movq: nn.Module, preset: ModelPreset, runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
-        self.unet, self.movq, self.preset, self.runtime, self.sampling = unet, movq, preset, runtime, sampling
+        self.unet, self.movq, self.preset, self.runtime = unet, movq, preset, runtime
+        self.sampling = sampling.for_keyframe_unet(preset.keyframe_prediction)
         self.device = _device_of(unet)
 
     @classmethod
@@ -264,7 +265,7 @@ class Keyframes:
             size=(request.width, request.height), strength=request.denoise_strength,
             guidance=[r.guidance for r in requests], sampler=_with_steps(self.sampling.first_frame, request.steps),
             progress=None if progress is None else (lambda index, total: progress("animation", index, total)),
-            **denoiser.loop_precision,
+            options=denoiser.options(),
         )
         return keyframes.cpu()
 
@@ -281,7 +282,7 @@ class Keyframes:
                 denoiser, [texts[i] for i in drawn], (scale * request.height // factor, scale * request.width // factor),
                 GeneratorNoise([generators[i] for i in drawn]), guidance=[requests[i].guidance for i in drawn],
                 sampler=_with_steps(self.sampling.first_frame, request.steps),
-                callback=_step_callback(progress, "first frame"), **denoiser.loop_precision,
+                options=denoiser.options(_step_callback(progress, "first frame")),
             )
             images = list(images)
             for i, latent in zip(drawn, latents):
@@ -304,7 +305,7 @@ class Keyframes:
             motion=[r.motion for r in requests], num_frames=self.sampling.num_keyframes,
             guidance=[r.guidance for r in requests], noise_augmentation=[r.noise_augmentation for r in requests],
             sampler=_with_steps(self.sampling.keyframes, requests[0].steps),
-            callback=_step_callback(progress, "keyframes"), **denoiser.loop_precision,
+            options=denoiser.options(_step_callback(progress, "keyframes")),
         )
 
     @property
@@ -376,7 +377,7 @@ class Interpolate:
                     frames = interpolate(
                         denoiser, clip_texts, frames, noise, skip_frames=skip_frames,
                         guidance=[r.guidance for r in owners], sampler=sampler,
-                        callback=_step_callback(progress, "interpolation"), **denoiser.loop_precision,
+                        options=denoiser.options(_step_callback(progress, "interpolation")),
                     )
             for member, video in zip(members, frames):
                 parts[member.request][member.scene] = video.cpu()

@@ -17,6 +17,7 @@ from .batching import LATENT_CHANNELS, TextCondition
 from .guidance import guide_2way, guide_3way
 from .loops import (
     FRAMES_PER_GROUP,
+    LoopOptions,
     ModelFn,
     StepCallback,
     assemble_interpolated,
@@ -45,7 +46,7 @@ __all__ = [
     "GuidanceConfig", "Motion", "SamplerConfig", "SamplingConfig", "interpolation_passes", "motion_score",
     "guide_2way", "guide_3way",
     "FRAMES_PER_GROUP", "LATENT_CHANNELS", "ModelFn", "StepCallback", "TextCondition", "assemble_interpolated",
-    "denoise", "interpolate", "redraw", "sample_first_frame", "sample_interpolation", "sample_keyframes",
+    "LoopOptions", "denoise", "interpolate", "redraw", "sample_first_frame", "sample_interpolation", "sample_keyframes",
     "GeneratorNoise", "NoiseSource", "RecordedNoise",
     "check_scheduler_golden", "check_schedulers_file",
     "DDPMStepper", "DPMSolverStepper", "Stepper", "add_noise", "ddpm_scheduler", "dpm_solver_scheduler",

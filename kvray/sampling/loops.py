@@ -12,15 +12,17 @@ loop started part-way. See `batching.py` for the layout of a batch.
 The denoiser is any callable with the U-Nets' signature (`KeyframeUNet`, `InterpolationUNet`, or a
 wrapper around them, e.g. one that autocasts); the loops run it under `torch.no_grad()`.
 
-Precision. `model_dtype` is the dtype of the U-Net inputs (default: the denoiser's parameters').
-`guidance_dtype` is the dtype the guidance combination is computed in: float32 by default; None keeps
-the U-Net's output dtype, as the official code does under autocast (guidance in fp16, the DDPM step
-then promoted to float32 by the float32 latents).
+How a loop runs its network is one `LoopOptions`, the same for every loop. Precision: `model_dtype`
+is the dtype of the U-Net inputs (default: the denoiser's parameters'). `guidance_dtype` is the dtype
+the guidance combination is computed in: float32 by default; None keeps the U-Net's output dtype, as
+the official code does under autocast (guidance in fp16, the DDPM step then promoted to float32 by
+the float32 latents).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from einops import rearrange, repeat
@@ -57,6 +59,19 @@ StepCallback = Callable[[int, int, int], None]
 ModelFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class LoopOptions:
+    """How a loop runs its network: what every loop takes beside its inputs, sampler and guidance."""
+
+    null_embedding: torch.Tensor | None = None  # the unconditional branch's token; default the denoiser's
+    model_dtype: torch.dtype | None = None  # the U-Net inputs' dtype; default the denoiser's parameters'
+    guidance_dtype: torch.dtype | None = torch.float32  # None: the U-Net's output dtype (official autocast)
+    callback: StepCallback | None = None
+
+
+DEFAULT_OPTIONS = LoopOptions()
+
+
 def denoise(stepper: Stepper, model: ModelFn, x: torch.Tensor, noise: NoiseSource, *, start: int = 0,
             callback: StepCallback | None = None) -> torch.Tensor:
     """Walks `stepper.timesteps[start:]` from `x` (R, K, C, h, w); returns the float32 result."""
@@ -74,15 +89,14 @@ def _guided(out: torch.Tensor, guidance_dtype: torch.dtype | None) -> torch.Tens
 
 
 def image_mode_model(denoiser, texts: Sequence[TextCondition], guidance: Sequence[GuidanceConfig],
-                     latent_size: tuple[int, int], *, null_embedding=None, model_dtype=None,
-                     guidance_dtype: torch.dtype | None = torch.float32) -> ModelFn:
+                     latent_size: tuple[int, int], options: LoopOptions = DEFAULT_OPTIONS) -> ModelFn:
     """The keyframe U-Net in image mode (no frame to condition on, no temporal layers), 2 branches
     (prompt, null) per request, `(w + 1) cond - w uncond` with w = key_frame_guidance_scale."""
     count = len(texts)
-    dtype = model_dtype_of(denoiser, texts, model_dtype)
+    dtype = model_dtype_of(denoiser, texts, options.model_dtype)
     device = texts[0].context.device
     height, width = latent_size
-    blocks = branch_inputs(texts, null_embedding_of(denoiser, null_embedding), "cu", 1, dtype)
+    blocks = branch_inputs(texts, null_embedding_of(denoiser, options.null_embedding), "cu", 1, dtype)
     for block in blocks:  # condition and mask channels: zeros, as the official first frame
         block["cond"] = torch.zeros(2, LATENT_CHANNELS + 1, height, width, device=device)
     static = concat_blocks(blocks)
@@ -92,7 +106,7 @@ def image_mode_model(denoiser, texts: Sequence[TextCondition], guidance: Sequenc
         time = torch.full((x_in.shape[0],), t, dtype=dtype, device=device)
         # No temporal_embed: image mode (image_in_layer, temporal layers skipped).
         out = denoiser(x_in, time, static["context"], static["context_mask"], **context_args(static))
-        out = rearrange(_guided(out, guidance_dtype), "(r b k) c h w -> r b k c h w", r=count, b=2)
+        out = rearrange(_guided(out, options.guidance_dtype), "(r b k) c h w -> r b k c h w", r=count, b=2)
         return torch.stack([guide_2way(o[0], o[1], g.key_frame_guidance_scale) for o, g in zip(out, guidance)])
 
     return model
@@ -107,10 +121,7 @@ def sample_first_frame(
     *,
     guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
     sampler: SamplerConfig = FIRST_FRAME_SAMPLER,
-    null_embedding: torch.Tensor | None = None,
-    model_dtype: torch.dtype | None = None,
-    guidance_dtype: torch.dtype | None = torch.float32,
-    callback: StepCallback | None = None,
+    options: LoopOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Text to first-frame latent with the keyframe U-Net in image mode (official `p_sample_loop_image`).
 
@@ -118,11 +129,10 @@ def sample_first_frame(
     latent. Returns (R, 4, H, W) float32.
     """
     check_noise(noise, len(texts))
-    model = image_mode_model(denoiser, texts, per_request(guidance, len(texts), "guidance configs"), latent_size,
-                             null_embedding=null_embedding, model_dtype=model_dtype, guidance_dtype=guidance_dtype)
+    model = image_mode_model(denoiser, texts, per_request(guidance, len(texts), "guidance configs"), latent_size, options)
     height, width = latent_size
     x = noise.randn((1, LATENT_CHANNELS, height, width), device=texts[0].context.device)  # (R, 1, C, H, W)
-    x = denoise(make_stepper(sampler), model, x, noise, callback=callback)
+    x = denoise(make_stepper(sampler), model, x, noise, callback=options.callback)
     return rearrange(x, "r 1 c h w -> r c h w")
 
 
@@ -142,9 +152,7 @@ def redraw(
     strength: float,
     guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
     sampler: SamplerConfig = FIRST_FRAME_SAMPLER,
-    null_embedding: torch.Tensor | None = None,
-    model_dtype: torch.dtype | None = None,
-    guidance_dtype: torch.dtype | None = torch.float32,
+    options: LoopOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """Image-to-image with the keyframe U-Net in image mode: (R, 4, h, w) latents noised to the start of
     the last `int(steps * strength)` steps (diffusers' img2img convention), then denoised with the prompt
@@ -158,57 +166,21 @@ def redraw(
         return latents
     device = texts[0].context.device
     model = image_mode_model(denoiser, texts, per_request(guidance, len(texts), "guidance configs"),
-                             tuple(latents.shape[-2:]), null_embedding=null_embedding, model_dtype=model_dtype,
-                             guidance_dtype=guidance_dtype)
+                             tuple(latents.shape[-2:]), options)
     clean = latents[:, None].to(device)  # (R, 1, C, h, w)
     x = add_noise(clean, noise.randn(clean.shape[1:], device=device), stepper.timesteps[first])
-    return denoise(stepper, model, x, noise, start=first)[:, 0]
+    return denoise(stepper, model, x, noise, start=first, callback=options.callback)[:, 0]
 
 
-@torch.no_grad()
-def sample_keyframes(
-    denoiser,
-    texts: Sequence[TextCondition],
-    first_frames: torch.Tensor | Sequence[torch.Tensor],
-    noise: NoiseSource,
-    *,
-    motion: str | int | Sequence[str | int] = "medium",
-    num_frames: int = 12,
-    guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
-    noise_augmentation: int | Sequence[int] = 20,
-    sampler: SamplerConfig = KEYFRAME_SAMPLER,
-    null_embedding: torch.Tensor | None = None,
-    model_dtype: torch.dtype | None = None,
-    guidance_dtype: torch.dtype | None = torch.float32,
-    callback: StepCallback | None = None,
-) -> torch.Tensor:
-    """Keyframe latents conditioned on each request's first frame (official `p_sample_loop`).
-
-    `first_frames`: (R, 4, h, w) latents (the image MoVQ encoding of the first frame). Each is noised
-    with UNIFORM noise to t = `noise_augmentation` and conditions frame 0 of branches A (text + frame)
-    and B (frame only); branch C has neither. `motion`: a name of `MOTION_SCORES` or an int score;
-    `motion` and `noise_augmentation` per request or shared. Returns (R, num_frames, 4, h, w) float32.
-    """
-    count = len(texts)
-    check_noise(noise, count)
-    guidance = per_request(guidance, count, "guidance configs")
-    scores = [motion_score(m) for m in per_request(motion, count, "motions")]
-    augmentations = [int(a) for a in per_request(noise_augmentation, count, "noise augmentations")]
-    first_frames = stack_latents(first_frames)
-    if first_frames.shape[0] != count or first_frames.dim() != 4:
-        raise ValueError(f"first_frames must be ({count}, C, h, w), got {tuple(first_frames.shape)}")
-    _, channels, height, width = first_frames.shape
-    frames = num_frames
-    dtype = model_dtype_of(denoiser, texts, model_dtype)
+def video_mode_model(denoiser, texts: Sequence[TextCondition], guidance: Sequence[GuidanceConfig],
+                     key_frames: torch.Tensor, scores: Sequence[int], augmentations: Sequence[int], frames: int,
+                     options: LoopOptions = DEFAULT_OPTIONS) -> ModelFn:
+    """The keyframe U-Net in video mode, 3 branches per request: (A) prompt and first frame, (B) null text
+    and first frame, (C) neither; guided by `guide_3way`. `key_frames` (R, C, h, w): the noised first frames."""
+    count, (channels, height, width) = len(texts), key_frames.shape[1:]
+    dtype = model_dtype_of(denoiser, texts, options.model_dtype)
     device = texts[0].context.device
-    first_frames = first_frames.to(device)
-
-    # Official draw order: x_T, then the key-frame augmentation noise, then one draw per step with t > 0.
-    x = noise.randn((frames, channels, height, width), device=device)  # (R, F, C, h, w)
-    augmentation = noise.rand((channels, height, width), device=device)  # uniform, as the official code
-    key_frames = [add_noise(f[None], a[None], t)[0] for f, a, t in zip(first_frames, augmentation, augmentations)]
-
-    blocks = branch_inputs(texts, null_embedding_of(denoiser, null_embedding), "cuu", frames, dtype)
+    blocks = branch_inputs(texts, null_embedding_of(denoiser, options.null_embedding), "cuu", frames, dtype)
     for block, key_frame, score, level in zip(blocks, key_frames, scores, augmentations):
         condition = torch.zeros(frames, channels + 1, height, width, device=device)
         condition[0, :channels] = key_frame
@@ -228,13 +200,54 @@ def sample_keyframes(
             temporal_embed=static["temporal_embed"], num_frames=frames,
             noise_aug_time=static["noise_aug_time"], motion_score=static["motion_score"], **context_args(static),
         )
-        out = rearrange(_guided(out, guidance_dtype), "(r b f) c h w -> r b f c h w", r=count, b=3)
+        out = rearrange(_guided(out, options.guidance_dtype), "(r b f) c h w -> r b f c h w", r=count, b=3)
         return torch.stack([
             guide_3way(o[0], o[1], o[2], g.guidance_weight_prompt, g.guidance_weight_image)
             for o, g in zip(out, guidance)
         ])
 
-    return denoise(make_stepper(sampler), model, x, noise, callback=callback)
+    return model
+
+
+@torch.no_grad()
+def sample_keyframes(
+    denoiser,
+    texts: Sequence[TextCondition],
+    first_frames: torch.Tensor | Sequence[torch.Tensor],
+    noise: NoiseSource,
+    *,
+    motion: str | int | Sequence[str | int] = "medium",
+    num_frames: int = 12,
+    guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
+    noise_augmentation: int | Sequence[int] = 20,
+    sampler: SamplerConfig = KEYFRAME_SAMPLER,
+    options: LoopOptions = DEFAULT_OPTIONS,
+) -> torch.Tensor:
+    """Keyframe latents conditioned on each request's first frame (official `p_sample_loop`).
+
+    `first_frames`: (R, 4, h, w) latents (the image MoVQ encoding of the first frame). Each is noised
+    with UNIFORM noise to t = `noise_augmentation` and conditions frame 0 of branches A (text + frame)
+    and B (frame only); branch C has neither. `motion`: a name of `MOTION_SCORES` or an int score;
+    `motion` and `noise_augmentation` per request or shared. Returns (R, num_frames, 4, h, w) float32.
+    """
+    count = len(texts)
+    check_noise(noise, count)
+    guidance = per_request(guidance, count, "guidance configs")
+    scores = [motion_score(m) for m in per_request(motion, count, "motions")]
+    augmentations = [int(a) for a in per_request(noise_augmentation, count, "noise augmentations")]
+    first_frames = stack_latents(first_frames)
+    if first_frames.shape[0] != count or first_frames.dim() != 4:
+        raise ValueError(f"first_frames must be ({count}, C, h, w), got {tuple(first_frames.shape)}")
+    device = texts[0].context.device
+    first_frames = first_frames.to(device)
+
+    # Official draw order: x_T, then the key-frame augmentation noise, then one draw per step with t > 0.
+    x = noise.randn((num_frames, *first_frames.shape[1:]), device=device)  # (R, F, C, h, w)
+    augmentation = noise.rand(first_frames.shape[1:], device=device)  # uniform, as the official code
+    key_frames = torch.stack([add_noise(f[None], a[None], t)[0]
+                              for f, a, t in zip(first_frames, augmentation, augmentations)])
+    model = video_mode_model(denoiser, texts, guidance, key_frames, scores, augmentations, num_frames, options)
+    return denoise(make_stepper(sampler), model, x, noise, callback=options.callback)
 
 
 @torch.no_grad()
@@ -247,10 +260,7 @@ def sample_interpolation(
     skip_frames: int,
     guidance: GuidanceConfig | Sequence[GuidanceConfig] = GuidanceConfig(),
     sampler: SamplerConfig = INTERPOLATION_SAMPLER,
-    null_embedding: torch.Tensor | None = None,
-    model_dtype: torch.dtype | None = None,
-    guidance_dtype: torch.dtype | None = torch.float32,
-    callback: StepCallback | None = None,
+    options: LoopOptions = DEFAULT_OPTIONS,
 ) -> torch.Tensor:
     """The 3 frames between each pair of consecutive frames (official `p_sample_loop_interpolation`).
 
@@ -268,13 +278,13 @@ def sample_interpolation(
         raise ValueError(f"frames must be ({count}, N >= 2, C, h, w), got {tuple(frames.shape)}")
     _, num, channels, height, width = frames.shape
     groups = num - 1
-    dtype = model_dtype_of(denoiser, texts, model_dtype)
+    dtype = model_dtype_of(denoiser, texts, options.model_dtype)
     device = texts[0].context.device
     frames = frames.to(device)
 
     x = noise.randn((groups, FRAMES_PER_GROUP * channels, height, width), device=device)  # (R, G, 3C, h, w)
 
-    blocks = branch_inputs(texts, null_embedding_of(denoiser, null_embedding), "cu", groups, dtype)
+    blocks = branch_inputs(texts, null_embedding_of(denoiser, options.null_embedding), "cu", groups, dtype)
     for block, video in zip(blocks, frames):
         # Conditional half: the frames on either side of each group; unconditional half: zeros.
         block["left"] = torch.cat([video[:-1], torch.zeros_like(video[:-1])])
@@ -293,10 +303,10 @@ def sample_interpolation(
             num_predicted_groups=groups, perturbation_time=static["perturbation_time"],
             skip_frames=static["skip_frames"], temporal_mask=static["temporal_mask"], **context_args(static),
         )
-        out = rearrange(_guided(out, guidance_dtype), "(r b g) c h w -> r b g c h w", r=count, b=2)
+        out = rearrange(_guided(out, options.guidance_dtype), "(r b g) c h w -> r b g c h w", r=count, b=2)
         return torch.stack([guide_2way(o[0], o[1], g.interpolation_guidance_scale) for o, g in zip(out, guidance)])
 
-    return denoise(make_stepper(sampler), model, x, noise, callback=callback)
+    return denoise(make_stepper(sampler), model, x, noise, callback=options.callback)
 
 
 def assemble_interpolated(frames: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:

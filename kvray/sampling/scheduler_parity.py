@@ -77,6 +77,28 @@ def _normalise(spec: dict) -> tuple[list[dict], list[dict]]:
     return samplers, cases
 
 
+def _check_step(step: dict, prefix: str, stepper: DDPMStepper, steppers: dict[str, DDPMStepper],
+                tensors: dict[str, torch.Tensor]):
+    """(check, diff, kind, note) of one recorded step, for each of `steppers`."""
+    sample, model_output = tensors[f"{prefix}.sample"], tensors[f"{prefix}.model_output"]
+    index = stepper.timesteps.index(step["timestep"])
+    # What diffusers draws inside step() (randn_tensor in the model output's dtype), only for t > 0.
+    drawn = step["timestep"] > 0
+    generator = torch.Generator().manual_seed(int(step["seed"]))
+    noise = torch.randn(model_output.shape, generator=generator, dtype=model_output.dtype) if drawn else None
+    for kind, each in sorted(steppers.items()):
+        prev, x0 = each.step_frames(model_output, index, sample, noise)
+        diffs = {"prev_sample": _diff(prev, tensors[f"{prefix}.prev_sample"])}
+        if f"{prefix}.pred_original_sample" in tensors:
+            diffs["pred_original_sample"] = _diff(x0, tensors[f"{prefix}.pred_original_sample"])
+        if f"{prefix}.variance_noise" in tensors:
+            diffs["variance_noise"] = _diff(noise if drawn else torch.zeros_like(model_output),
+                                            tensors[f"{prefix}.variance_noise"])
+        worst = max(diffs, key=diffs.get)
+        check = step["name"] if kind == "step" else f"{step['name']}.own_schedule"
+        yield check, diffs[worst], kind, f"t={step['timestep']}, worst: {worst}"
+
+
 def check_scheduler_golden(spec: dict, tensors: dict[str, torch.Tensor]) -> list[CallResult]:
     """Every check of a parsed `schedulers.json` against its tensors (pure; see `check_schedulers_file`)."""
     samplers, cases = _normalise(spec)
@@ -113,24 +135,8 @@ def check_scheduler_golden(spec: dict, tensors: dict[str, torch.Tensor]) -> list
         if recorded_schedule is not None:
             steppers["step"] = DDPMStepper(config, alphas_cumprod=recorded_schedule)
         for step in entry["steps"]:
-            prefix = f"{name}.{step['name']}"
-            sample, model_output = tensors[f"{prefix}.sample"], tensors[f"{prefix}.model_output"]
-            index = stepper.timesteps.index(step["timestep"])
-            # What diffusers draws inside step() (randn_tensor in the model output's dtype), only for t > 0.
-            drawn = step["timestep"] > 0
-            generator = torch.Generator().manual_seed(int(step["seed"]))
-            noise = torch.randn(model_output.shape, generator=generator, dtype=model_output.dtype) if drawn else None
-            for kind, each in sorted(steppers.items()):
-                prev, x0 = each.step_frames(model_output, index, sample, noise)
-                diffs = {"prev_sample": _diff(prev, tensors[f"{prefix}.prev_sample"])}
-                if f"{prefix}.pred_original_sample" in tensors:
-                    diffs["pred_original_sample"] = _diff(x0, tensors[f"{prefix}.pred_original_sample"])
-                if f"{prefix}.variance_noise" in tensors:
-                    diffs["variance_noise"] = _diff(noise if drawn else torch.zeros_like(model_output),
-                                                    tensors[f"{prefix}.variance_noise"])
-                worst = max(diffs, key=diffs.get)
-                check = step["name"] if kind == "step" else f"{step['name']}.own_schedule"
-                add(name, check, diffs[worst], kind, f"t={step['timestep']}, worst: {worst}")
+            for check, diff, kind, note in _check_step(step, f"{name}.{step['name']}", stepper, steppers, tensors):
+                add(name, check, diff, kind, note)
 
     for case in cases:
         timestep = case["timestep"]

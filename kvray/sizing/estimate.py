@@ -117,48 +117,16 @@ def estimate_cases(preset: str, cases, dtypes: dict[str, str] | None = None, *,
     A case's peak: the stage's weights + the case's inputs + the call's high-water mark above what was
     live before it (other cases' outputs, kept for the next stage, do not count)."""
     import transformers
-    from torch import nn
 
     from ..config.models import ModelSource
     from ..pipeline.stages import Decode, EncodeText, Interpolate, Keyframes, text_tensors
-    from .meter import Calls, DryRun, Meter, instrument
 
     models = ModelSource(preset=preset, weights="random")  # the weights' values do not matter: there are none
     runtime = estimate_runtime(dtypes, batch_invariant)
-    network_dtypes = resolved_dtypes(dtypes)
     order = list(STAGE_NETWORKS)
     last = max(order.index(s) for s in stages)
-    results: list[dict[str, StageEstimate]] = [{} for _ in cases]
-    dry = DryRun()
-
-    def run(stage: str, build, call, inputs, output_bytes):
-        """`call(worker, i)`: case i's outputs; `inputs(i)`: the tensors case i is fed; `output_bytes(i, out)`:
-        what a video of case i hands on."""
-        outs = []
-        with dry.fake, Meter() as meter:
-            start = time.perf_counter()
-            worker = build()
-            for module in vars(worker).values():
-                if isinstance(module, nn.Module):
-                    instrument(module, meter, type(module).__name__, replay=replay)
-            weights, build_seconds = meter.live, time.perf_counter() - start
-            for index, requests in enumerate(cases):
-                start = time.perf_counter()
-                flops, calls, live = Counter(meter.flops), {k: (c.count, c.flops) for k, c in meter.calls.items()}, meter.live
-                meter.reset_peak()
-                out = call(worker, index)
-                outs.append(out)
-                flops = Counter(meter.flops) - flops
-                results[index][stage] = StageEstimate(
-                    stage=stage, videos=len(requests), flops=dict(flops), weights_bytes=weights,
-                    peak_bytes=weights + _nbytes(inputs(index)) + meter.peak - live,
-                    output_bytes=output_bytes(index, out), seconds=time.perf_counter() - start + build_seconds,
-                    dtypes={n: network_dtypes[n] for n in STAGE_NETWORKS[stage]},
-                    calls={k: Calls(c.count - calls.get(k, (0, 0))[0], c.flops - calls.get(k, (0, 0))[1])
-                           for k, c in meter.calls.items() if c.count > calls.get(k, (0, 0))[0]})
-                build_seconds = 0.0
-            del worker
-        return outs
+    runs = _StageRuns(cases, resolved_dtypes(dtypes), replay)
+    run = runs.run
 
     tokenizer = transformers.ByT5Tokenizer()
     texts = [t for t, _ in run(
@@ -181,7 +149,59 @@ def estimate_cases(preset: str, cases, dtypes: dict[str, str] | None = None, *,
         run("decode", lambda: Decode.from_source(models, runtime),
             lambda w, i: [w(v, request=r).shape for v, r in zip(videos[i], cases[i])], lambda i: list(videos[i]),
             lambda i, out: 0)
-    return [{s: case[s] for s in stages} for case in results]
+    return [{s: case[s] for s in stages} for case in runs.results]
+
+
+class _StageRuns:
+    """The stages of `estimate_cases` under one dry run, each measured by a meter: built once, called per case."""
+
+    def __init__(self, cases, network_dtypes: dict[str, str], replay: bool):
+        from .meter import DryRun
+
+        self.cases, self.network_dtypes, self.replay = cases, network_dtypes, replay
+        self.results: list[dict[str, StageEstimate]] = [{} for _ in cases]
+        self.dry = DryRun()
+
+    def run(self, stage: str, build, call, inputs, output_bytes) -> list:
+        """`call(worker, i)`: case i's outputs; `inputs(i)`: the tensors case i is fed; `output_bytes(i, out)`:
+        what a video of case i hands on."""
+        from torch import nn
+
+        from .meter import Meter, instrument
+
+        outs = []
+        with self.dry.fake, Meter() as meter:
+            start = time.perf_counter()
+            worker = build()
+            for module in vars(worker).values():
+                if isinstance(module, nn.Module):
+                    instrument(module, meter, type(module).__name__, replay=self.replay)
+            weights, build_seconds = meter.live, time.perf_counter() - start
+            for index in range(len(self.cases)):
+                out, estimate = self._case(stage, meter, weights, index, worker, call, inputs, output_bytes)
+                estimate.seconds += build_seconds  # the stage's build counts once, in its first case
+                self.results[index][stage] = estimate
+                outs.append(out)
+                build_seconds = 0.0
+            del worker
+        return outs
+
+    def _case(self, stage: str, meter, weights: int, index: int, worker, call, inputs, output_bytes) -> tuple:
+        """Case `index` called under the meter: its outputs and its estimate."""
+        from .meter import Calls
+
+        start = time.perf_counter()
+        flops, live = Counter(meter.flops), meter.live
+        before = {k: (c.count, c.flops) for k, c in meter.calls.items()}
+        meter.reset_peak()
+        out = call(worker, index)
+        flops = Counter(meter.flops) - flops
+        return out, StageEstimate(
+            stage=stage, videos=len(self.cases[index]), flops=dict(flops), weights_bytes=weights,
+            peak_bytes=weights + _nbytes(inputs(index)) + meter.peak - live, output_bytes=output_bytes(index, out),
+            seconds=time.perf_counter() - start, dtypes={n: self.network_dtypes[n] for n in STAGE_NETWORKS[stage]},
+            calls={k: Calls(c.count - before.get(k, (0, 0))[0], c.flops - before.get(k, (0, 0))[1])
+                   for k, c in meter.calls.items() if c.count > before.get(k, (0, 0))[0]})
 
 
 def _nbytes(tensors) -> int:

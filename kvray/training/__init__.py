@@ -5,7 +5,7 @@ loading torch."""
 
 from __future__ import annotations
 
-import importlib
+from ..lazy_exports import lazy_exports
 
 _EXPORTS = {"TrainConfig": "kvray.training.loop", "train": "kvray.training.loop", "STEPS": "kvray.training.steps",
             "NEEDS": "kvray.training.recipe", "RECIPE": "kvray.training.recipe"}
@@ -13,9 +13,4 @@ _EXPORTS = {"TrainConfig": "kvray.training.loop", "train": "kvray.training.loop"
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'kvray.training' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_EXPORTS[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

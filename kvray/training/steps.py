@@ -3,10 +3,12 @@
 | step          | trains                                   | needs (frozen)              | loss                                 |
 |---------------|------------------------------------------|-----------------------------|--------------------------------------|
 | image_movq    | image MoVQ                               | -                           | L1 + L2 reconstruction, latent range |
-| first_frame   | keyframe U-Net (image mode) + text encoder | image MoVQ                | epsilon, weighted 1/alpha_bar, capped |
-| keyframes     | keyframe U-Net (video + image mode)      | text encoder, image MoVQ    | epsilon on 12 keyframes              |
+| first_frame   | keyframe U-Net (image mode) + text encoder | image MoVQ                | the preset's keyframe_prediction (*) |
+| keyframes     | keyframe U-Net (video + image mode)      | text encoder, image MoVQ    | the same, on 12 keyframes            |
 | interpolation | interpolation U-Net                      | text encoder, image MoVQ    | v on the 3 frames between keyframes  |
 | video_movq    | temporal MoVQ decoder (from the image one) | image MoVQ encoder        | L1 + L2 on chunks of frames          |
+
+(*) epsilon weighted 1/alpha_bar, capped, as kv11 is sampled; or v (the toy).
 
 Each step builds what the sampler will ask of its network: the same inputs, layouts and branches
 (`kvray.sampling.loops`), with the conditions dropped as the guidance branches drop them. Only the
@@ -163,6 +165,12 @@ def epsilon_loss(acp: torch.Tensor, out: torch.Tensor, noise: torch.Tensor, t: t
     return (weight * per_sample).sum() / weight.sum()
 
 
+def keyframe_unet_target(prediction: str, acp: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                         t: torch.Tensor) -> torch.Tensor:
+    """What the keyframe U-Net is trained to output for `prediction` ("epsilon" or "v_prediction")."""
+    return noise if prediction == "epsilon" else v_target(acp, x0, noise, t)
+
+
 class _TextStep(Step):
     """Steps whose U-Net reads the prompt: tokenises captions and encodes them as `EncodeText` does."""
 
@@ -181,6 +189,15 @@ class _TextStep(Step):
         context, mask = self.text_encoder(tokens.input_ids.to(device), tokens.attention_mask.to(device),
                                           length=int(lengths.max()))
         return context, mask, lengths.to(device)
+
+    def keyframe_unet_loss(self, out: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                           t: torch.Tensor) -> torch.Tensor:
+        """The keyframe U-Net's loss for the target it is sampled with (the preset's `keyframe_prediction`).
+        A v loss needs no weighting: its x0 error is bounded at every t."""
+        prediction = self.ctx.preset.keyframe_prediction
+        if prediction == "epsilon":
+            return epsilon_loss(self.acp, out, noise, t)
+        return F.mse_loss(out.float(), keyframe_unet_target(prediction, self.acp, x0, noise, t))
 
     def dropped(self, count: int, share: float, generator: torch.Generator) -> torch.Tensor:
         return (torch.rand(count, generator=generator) < share).to(self.ctx.device)
@@ -209,7 +226,7 @@ def first_frame_loss(step: _TextStep, unet: nn.Module, movq: nn.Module, clips, g
     noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
     x_in = torch.cat([add_noise(step.acp, x0, noise, t), torch.zeros(count, 5, *x0.shape[-2:], device=ctx.device)], 1)
     out = unet(x_in, t.to(torch.float32), context, mask, context_lengths=lengths)
-    return epsilon_loss(step.acp, out, noise, t)
+    return step.keyframe_unet_loss(out, x0, noise, t)
 
 
 class FirstFrameStep(_TextStep):
@@ -286,7 +303,8 @@ class KeyframesStep(_TextStep):
             num_frames=frames, noise_aug_time=per_frame(level).to(torch.int32),
             motion_score=per_frame(scores).to(torch.int32), context_lengths=per_frame(lengths),
         )
-        return epsilon_loss(self.acp, out, rearrange(noise, "b f c h w -> (b f) c h w"), per_frame(t))
+        frames_first = lambda x: rearrange(x, "b f c h w -> (b f) c h w")
+        return self.keyframe_unet_loss(out, frames_first(x0), frames_first(noise), per_frame(t))
 
 
 def start_video_mode_as_image_mode(unet: nn.Module) -> None:
