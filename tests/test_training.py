@@ -172,3 +172,4 @@ def test_the_keyframe_unet_learns_the_target_its_sampler_reads(preset):
         _, predicted = stepper.step_frames(keyframe_unet_target(prediction, acp, x0, noise, times), index, sample,
                                            variance_noise=torch.zeros_like(x0))
         torch.testing.assert_close(predicted, x0, atol=2e-4, rtol=0)
+
