@@ -104,45 +104,6 @@ def test_bad_rows_untrusted_ids_and_secrets(ray_cluster, tmp_path, capfd):
     assert SECRET not in captured.out and SECRET not in captured.err
 
 
-def test_a_killed_stage_actor_loses_and_duplicates_nothing(ray_cluster, tmp_path):
-    import ray
-
-    from kvray.distributed.render import render
-
-    rows = [{"id": f"row{i}", "prompt": f"scene number {i}", **FAST} for i in range(6)]
-    out = tmp_path / "out"
-    job = RenderJob(manifest=_manifest(tmp_path / "m.parquet", rows), out=str(out),
-                    deployment={"decode": {"actors": 1, "batch_size": 1}})
-    done: dict = {}
-    thread = threading.Thread(target=lambda: done.update(summary=render(job)))
-    thread.start()
-    killed = None
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and thread.is_alive():
-        ledgers = [a for a in ray.util.list_named_actors() if a.startswith("kvray-ledger-")]
-        written = len(list((out / "meta").rglob("*.json")))
-        if ledgers and 0 < written < len(rows):
-            # The actor that writes the files, between two videos or in the middle of one.
-            actors = ray.get(ray.get_actor(ledgers[0]).report.remote())["actors"].get("decode", [])
-            if actors:
-                killed = actors[0]["pid"]
-                os.kill(killed, signal.SIGKILL)  # mid-run: one video is done, others are not
-        time.sleep(0.2)
-    thread.join(timeout=300)
-    assert killed is not None, "the run ended before an actor could be killed"
-    summary = done["summary"]
-    results = _results(out)
-    assert sorted(results) == sorted(r["id"] for r in rows)
-    assert all(len(v) == 1 and v[0]["status"] == "ok" for v in results.values())
-    videos = {p.stem for p in (out / "videos").rglob("*.mp4")}
-    assert videos == {v[0]["video_id"] for v in results.values()} == {p.stem for p in (out / "meta").rglob("*.json")}
-    # No partial file visible, and no lock file of the lease.
-    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
-    assert not leftovers, leftovers
-    assert summary.ok == len(rows)
-    assert len(summary.stages["actors"]["decode"]) >= 2  # the killed actor was replaced
-
-
 @pytest.fixture
 def flaky_s3(s3_bucket):
     def job_through(proxy: FaultyProxy, tmp_path) -> RenderJob:
@@ -186,42 +147,55 @@ def test_storage_that_always_fails_stops_with_a_clear_error(ray_cluster, s3_buck
     assert len(errors) == 1 and errors[0].startswith("error: storage failed") and "reduce your request rate" in errors[0]
 
 
-def test_a_row_gives_the_same_video_after_a_retry_and_in_any_batch(ray_cluster, tmp_path):
-    """Batch invariance through the renderer: the same rows rendered once one per call with the keyframes
-    actor killed mid-run (its batch retried on a new actor), and once all in one batch, give the same
-    video bytes (same frames, same encoder)."""
-    import ray
+def test_killed_stage_actors_lose_and_duplicate_nothing_and_change_no_video(ray_cluster, tmp_path):
+    """One run, one row per call, loses its keyframes actor mid-run (that batch is retried on a new actor)
+    and then its decode actor (the actor that writes the files, between two videos or in the middle of
+    one): every row is written exactly once, nothing partial is left, and each video has the bytes of the
+    same row rendered with all rows in one batch (same frames, same encoder)."""
 
     from kvray.distributed.render import render
 
-    rows = [{"id": f"row{i}", "prompt": f"scene number {i}", **{**FAST, "steps": 6}} for i in range(4)]
+    rows = [{"id": f"row{i}", "prompt": f"scene number {i}", **{**FAST, "steps": 6}} for i in range(5)]
     manifest = _manifest(tmp_path / "m.parquet", rows)
-    retried = RenderJob(manifest=manifest, out=str(tmp_path / "retried"),
-                        deployment={"text": {"batch_size": 1}, "keyframes": {"batch_size": 1}})
+    one_by_one = {"text": {"batch_size": 1}, "keyframes": {"batch_size": 1}, "decode": {"actors": 1, "batch_size": 1}}
+    retried = RenderJob(manifest=manifest, out=str(tmp_path / "retried"), deployment=one_by_one)
     batched = RenderJob(manifest=manifest, out=str(tmp_path / "batched"),
-                        deployment={"text": {"batch_size": 4}, "keyframes": {"batch_size": 4},
-                                    "interpolate": {"batch_size": 4}})
+                        deployment={"text": {"batch_size": 5}, "keyframes": {"batch_size": 5},
+                                    "interpolate": {"batch_size": 5}})
+    out = tmp_path / "retried"
     done: dict = {}
     thread = threading.Thread(target=lambda: done.update(summary=render(retried)))
     thread.start()
-    killed = None
-    deadline = time.time() + 240
-    while killed is None and time.time() < deadline and thread.is_alive():
-        ledgers = [a for a in ray.util.list_named_actors() if a.startswith("kvray-ledger-")]
-        if ledgers:
-            report = ray.get(ray.get_actor(ledgers[0]).report.remote())
-            actors = report["actors"].get("keyframes", [])
-            if actors and 0 < report["model_calls"].get("keyframes", 0) < len(rows):
-                killed = actors[0]["pid"]
-                os.kill(killed, signal.SIGKILL)
+    killed: dict[str, int] = {}
+    deadline = time.time() + 300
+    while len(killed) < 2 and time.time() < deadline and thread.is_alive():
+        report = _ledger_report()
+        if report is not None:
+            written = len(list((out / "meta").rglob("*.json")))
+            ready = {"keyframes": 0 < report["model_calls"].get("keyframes", 0) < len(rows),
+                     "decode": "keyframes" in killed and 0 < written < len(rows)}
+            for stage in ("keyframes", "decode"):
+                actors = report["actors"].get(stage, [])
+                if stage not in killed and ready[stage] and actors:
+                    killed[stage] = actors[0]["pid"]
+                    os.kill(killed[stage], signal.SIGKILL)
         time.sleep(0.05)
     thread.join(timeout=300)
-    assert killed is not None, "the run ended before the keyframes actor could be killed"
-    assert done["summary"].ok == len(rows) and len(done["summary"].stages["actors"]["keyframes"]) >= 2
+    assert set(killed) == {"keyframes", "decode"}, f"the run ended before both actors were killed: {killed}"
+    summary = done["summary"]
+    assert summary.ok == len(rows)
+    assert all(len(summary.stages["actors"][stage]) >= 2 for stage in killed)  # each killed actor was replaced
+    results = _results(out)
+    assert sorted(results) == sorted(r["id"] for r in rows)
+    assert all(len(v) == 1 and v[0]["status"] == "ok" for v in results.values())
+    assert {p.stem for p in (out / "videos").rglob("*.mp4")} == {v[0]["video_id"] for v in results.values()} == {
+        p.stem for p in (out / "meta").rglob("*.json")}
+    # No partial file visible, and no lock file of the lease.
+    leftovers = [p for p in out.rglob("*") if p.is_file() and p.name.startswith(".")]
+    assert not leftovers, leftovers
     assert render(batched).ok == len(rows)
     videos = {name: {p.stem: p.read_bytes() for p in (tmp_path / name / "videos").rglob("*.mp4")}
               for name in ("retried", "batched")}
-    assert len(videos["retried"]) == len(rows)
     differing = {video_id: _parted_at(tmp_path, video_id) for video_id, data in videos["retried"].items()
                  if data != videos["batched"][video_id]}
     assert not differing, f"videos differ, first at stage: {differing}"

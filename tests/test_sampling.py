@@ -85,7 +85,15 @@ def test_a_v_keyframe_unet_is_sampled_from_t_999_and_kv11_as_the_official_one():
     for sampler in (toy.first_frame, toy.keyframes):
         assert sampler.prediction_type == "v_prediction"
         assert DDPMStepper(sampler).timesteps[0] == 999  # alpha_bar 0: a v network predicts x0 there
-    assert toy.interpolation == official.interpolation and toy.keyframes.num_steps == 50
+    assert toy.keyframes.num_steps == 50
+
+
+def test_the_toys_interpolation_unet_is_sampled_for_the_frames_it_predicts_and_kv11_as_the_official_one():
+    official = SamplingConfig()
+    assert official.for_interpolation_unet(get_preset("kv11").interpolation_prediction) is official
+    toy = official.for_interpolation_unet(get_preset("toy").interpolation_prediction)
+    assert toy.interpolation == official.interpolation.model_copy(update={"prediction_type": "sample"})
+    assert (toy.first_frame, toy.keyframes) == (official.first_frame, official.keyframes)
 
 
 @pytest.mark.parametrize("config", [KEYFRAME_SAMPLER, INTERPOLATION_SAMPLER,

@@ -150,16 +150,22 @@ def test_video_mode_starts_as_image_mode_frame_by_frame():
 
 
 @pytest.mark.parametrize("preset", ["kv11", "toy"])
-def test_the_keyframe_unet_learns_the_target_its_sampler_reads(preset):
+@pytest.mark.parametrize("network", ["keyframe_unet", "interpolation_unet"])
+def test_each_unet_learns_the_target_its_sampler_reads(preset, network):
     """A network that outputs its training target exactly gives the sampler the clean latents back, at every
     timestep the preset's sampler walks (so training and sampling agree on what the U-Net predicts)."""
     from kvray.config.sampling import SamplingConfig
     from kvray.sampling.schedulers import DDPMStepper
     from kvray.training.diffusion import add_noise, alphas_cumprod
-    from kvray.training.steps import keyframe_unet_target
+    from kvray.training.steps import unet_target
 
-    prediction = get_preset(preset).keyframe_prediction
-    stepper = DDPMStepper(SamplingConfig().for_keyframe_unet(prediction).keyframes)
+    if network == "keyframe_unet":
+        prediction = get_preset(preset).keyframe_prediction
+        sampler = SamplingConfig().for_keyframe_unet(prediction).keyframes
+    else:
+        prediction = get_preset(preset).interpolation_prediction
+        sampler = SamplingConfig().for_interpolation_unet(prediction).interpolation
+    stepper = DDPMStepper(sampler)
     acp = alphas_cumprod()
     generator = torch.Generator().manual_seed(0)
     x0 = torch.rand(2, 4, 8, 8, generator=generator) * 1.6 - 0.8  # inside the sampler's x0 clipping
@@ -169,7 +175,25 @@ def test_the_keyframe_unet_learns_the_target_its_sampler_reads(preset):
             continue  # x0 = (x - eps) / sqrt(alpha_bar) is ill-conditioned where kv11 starts; float32 cannot recover it
         times = torch.full((2,), t)
         sample = add_noise(acp, x0, noise, times)
-        _, predicted = stepper.step_frames(keyframe_unet_target(prediction, acp, x0, noise, times), index, sample,
+        _, predicted = stepper.step_frames(unet_target(prediction, acp, x0, noise, times), index, sample,
                                            variance_noise=torch.zeros_like(x0))
         torch.testing.assert_close(predicted, x0, atol=2e-4, rtol=0)
 
+
+def test_interpolation_starts_from_the_keyframe_unets_spatial_layers():
+    """The spatial layers, time embedding and text pooling come from the trained keyframe U-Net; the input
+    and output convolutions (their own channel counts) and the temporal layers stay a fresh network's."""
+    from kvray.training.steps import start_interpolation_from_keyframe_unet
+    from kvray.weights.networks import get_network
+
+    torch.manual_seed(0)
+    preset = get_preset("toy")
+    keyframe_unet = get_network("keyframe_unet").build(preset.keyframe_unet)
+    unet = get_network("interpolation_unet").build(preset.interpolation_unet)
+    fresh = {name: tensor.clone() for name, tensor in unet.state_dict().items()}
+    start_interpolation_from_keyframe_unet(unet, keyframe_unet)
+    source, started = keyframe_unet.state_dict(), unet.state_dict()
+    copied = {name for name in started if not torch.equal(started[name], fresh[name])}
+    assert "down_samples.1.resnet_attn_blocks.0.1.attention.to_query.weight" in copied or len(copied) > 300
+    assert all(torch.equal(started[name], source[name]) for name in copied)
+    assert not any("temporal" in name or name in ("in_layer.weight", "out_layer.2.weight", "out_layer.2.bias") for name in copied)

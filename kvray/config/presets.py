@@ -42,6 +42,11 @@ class ModelPreset(ArchConfig):
     # epsilon network's first x0 guesses are its error times up to 34 (at t = 980), which a small model
     # cannot make small, and its keyframes' brightness then follows each frame's initial noise.
     keyframe_prediction: Literal["epsilon", "v_prediction"] = "epsilon"
+    # What the interpolation U-Net predicts. kv11 predicts v; the toy predicts the frames themselves (x0):
+    # its frames between keyframes are close to a blend of their neighbours at every noise level, a target
+    # a small network learns in hundreds of steps, while on the v target (dominated at low noise by each
+    # frame's own noise, 12 channels of it) 900 steps left it drawing noise (docs/training.md).
+    interpolation_prediction: Literal["v_prediction", "sample"] = "v_prediction"
 
     @property
     def latent_factor(self) -> int:
@@ -170,6 +175,7 @@ TOY = ModelPreset(
     default_height=64,
     first_frame_scale=1,
     keyframe_prediction="v_prediction",
+    interpolation_prediction="sample",
 )
 
 PRESETS: dict[str, ModelPreset] = {p.name: p for p in (KV11, TINY, TOY)}

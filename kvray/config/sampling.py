@@ -25,7 +25,8 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    prediction_type: Literal["epsilon", "v_prediction"]
+    # "sample" (x0) is no official network's: the toy's interpolation U-Net predicts it (see the presets).
+    prediction_type: Literal["epsilon", "v_prediction", "sample"]
     num_steps: int = Field(ge=1, le=1000)
     # "leading" (980, 960, ..., 0) for the epsilon stages; "trailing" (999, 899, ..., 99) for the v stage:
     # with zero terminal SNR an epsilon network cannot be evaluated at t = 999 (x0 = (x - eps) / 0).
@@ -73,6 +74,14 @@ class SamplingConfig(BaseModel):
                   "timestep_spacing": "trailing" if prediction_type == "v_prediction" else "leading"}
         return self.model_copy(update={"first_frame": self.first_frame.model_copy(update=update),
                                        "keyframes": self.keyframes.model_copy(update=update)})
+
+    def for_interpolation_unet(self, prediction_type: Literal["v_prediction", "sample"]) -> SamplingConfig:
+        """These settings for an interpolation U-Net that predicts `prediction_type` (the preset's
+        `interpolation_prediction`); the official one predicts v."""
+        if prediction_type == self.interpolation.prediction_type:
+            return self
+        return self.model_copy(update={"interpolation": self.interpolation.model_copy(
+            update={"prediction_type": prediction_type})})
 
 
 # Diffusion time at which the first frame is noised before it conditions the keyframes (also fed to the

@@ -140,7 +140,9 @@ class InterpolationUNet(nn.Module):
             self.perturbation_time_encoding = SinusoidalPosEmb(cfg.context_dim)
         if cfg.pass_skip_frames:
             self.skip_merge = nn.Parameter(torch.zeros(1))
-            self.skip_embeddings = nn.Embedding(NUM_SKIP_EMBEDDINGS, e)
+            # nn.Embedding's own init (normal_) imports torch._dynamo on the meta device, about 2 s of every
+            # interpolation actor's start; randn draws the same values.
+            self.skip_embeddings = nn.Embedding(NUM_SKIP_EMBEDDINGS, e, _weight=torch.randn(NUM_SKIP_EMBEDDINGS, e))
         self.feature_pooling = AttentionPolling(e, cfg.context_dim, cfg.head_dim)
         self.in_layer = nn.Conv2d(cfg.num_channels, init, kernel_size=3, padding=1)
 

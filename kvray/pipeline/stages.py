@@ -325,15 +325,16 @@ class Interpolate:
 
     networks = ("interpolation_unet",)
 
-    def __init__(self, unet: nn.Module, runtime: RuntimeConfig = RuntimeConfig(),
+    def __init__(self, unet: nn.Module, preset: ModelPreset, runtime: RuntimeConfig = RuntimeConfig(),
                  sampling: SamplingConfig = SamplingConfig()):
-        self.unet, self.runtime, self.sampling = unet, runtime, sampling
+        self.unet, self.runtime = unet, runtime
+        self.sampling = sampling.for_interpolation_unet(preset.interpolation_prediction)
         self.device = _device_of(unet)
 
     @classmethod
     def from_source(cls, models: ModelSource, runtime: RuntimeConfig = RuntimeConfig(),
                     sampling: SamplingConfig = SamplingConfig()) -> Interpolate:
-        return cls(*load_networks(models, runtime, cls.networks), runtime, sampling)
+        return cls(*load_networks(models, runtime, cls.networks), models.model_preset, runtime, sampling)
 
     @torch.inference_mode()
     def __call__(self, requests: Sequence[VideoRequest], texts: Sequence[Text],

@@ -148,8 +148,10 @@ class DDPMStepper:
 
         if self.config.prediction_type == "epsilon":
             x0 = (sample - beta_prod_t ** (0.5) * model_output) / alpha_prod_t ** (0.5)
-        else:  # v_prediction
+        elif self.config.prediction_type == "v_prediction":
             x0 = (alpha_prod_t**0.5) * sample - (beta_prod_t**0.5) * model_output
+        else:  # sample
+            x0 = model_output
         x0 = dynamic_threshold(x0, SCHEDULE["dynamic_thresholding_ratio"], SCHEDULE["sample_max_value"])
 
         x0_coeff = (alpha_prod_t_prev ** (0.5) * current_beta_t) / beta_prod_t

@@ -17,7 +17,7 @@ RECIPE: dict[str, Recipe] = {
     "image_movq": Recipe(1500, 5e-4),
     "first_frame": Recipe(2000, 1e-3),
     "keyframes": Recipe(4000, 1e-3),
-    "interpolation": Recipe(900, 5e-4),
+    "interpolation": Recipe(900, 1e-3),
     "video_movq": Recipe(400, 3e-4),
 }
 STEP_NAMES = tuple(RECIPE)
@@ -26,6 +26,6 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "image_movq": (),
     "first_frame": ("image_movq",),
     "keyframes": ("first_frame",),
-    "interpolation": ("first_frame",),
+    "interpolation": ("keyframes",),
     "video_movq": ("image_movq",),
 }

@@ -1,14 +1,15 @@
 """The training recipe of FusionFrames, one step per network, over kvray's own networks.
 
-| step          | trains                                   | needs (frozen)              | loss                                 |
-|---------------|------------------------------------------|-----------------------------|--------------------------------------|
-| image_movq    | image MoVQ                               | -                           | L1 + L2 reconstruction, latent range |
-| first_frame   | keyframe U-Net (image mode) + text encoder | image MoVQ                | the preset's keyframe_prediction (*) |
-| keyframes     | keyframe U-Net (video + image mode)      | text encoder, image MoVQ    | the same, on 12 keyframes            |
-| interpolation | interpolation U-Net                      | text encoder, image MoVQ    | v on the 3 frames between keyframes  |
-| video_movq    | temporal MoVQ decoder (from the image one) | image MoVQ encoder        | L1 + L2 on chunks of frames          |
+| step          | trains                                     | needs (frozen)              | loss                           |
+|---------------|--------------------------------------------|-----------------------------|--------------------------------|
+| image_movq    | image MoVQ                                 | -                           | L1 + L2 reconstruction, range  |
+| first_frame   | keyframe U-Net (image mode) + text encoder | image MoVQ                  | keyframe_prediction's (*)      |
+| keyframes     | keyframe U-Net (video + image mode)        | text encoder, image MoVQ    | the same, on 12 keyframes      |
+| interpolation | interpolation U-Net (from keyframe U-Net)  | text encoder, image MoVQ    | interpolation_prediction's (**)|
+| video_movq    | temporal MoVQ decoder (from the image one) | image MoVQ encoder          | L1 + L2 on chunks of frames    |
 
 (*) epsilon weighted 1/alpha_bar, capped, as kv11 is sampled; or v (the toy).
+(**) v on the 3 frames between keyframes (kv11), or those frames themselves (the toy).
 
 Each step builds what the sampler will ask of its network: the same inputs, layouts and branches
 (`kvray.sampling.loops`), with the conditions dropped as the guidance branches drop them. Only the
@@ -165,10 +166,12 @@ def epsilon_loss(acp: torch.Tensor, out: torch.Tensor, noise: torch.Tensor, t: t
     return (weight * per_sample).sum() / weight.sum()
 
 
-def keyframe_unet_target(prediction: str, acp: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
-                         t: torch.Tensor) -> torch.Tensor:
-    """What the keyframe U-Net is trained to output for `prediction` ("epsilon" or "v_prediction")."""
-    return noise if prediction == "epsilon" else v_target(acp, x0, noise, t)
+def unet_target(prediction: str, acp: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
+                t: torch.Tensor) -> torch.Tensor:
+    """What a U-Net is trained to output for `prediction` (a sampler's "epsilon", "v_prediction" or "sample")."""
+    if prediction == "epsilon":
+        return noise
+    return v_target(acp, x0, noise, t) if prediction == "v_prediction" else x0
 
 
 class _TextStep(Step):
@@ -197,7 +200,7 @@ class _TextStep(Step):
         prediction = self.ctx.preset.keyframe_prediction
         if prediction == "epsilon":
             return epsilon_loss(self.acp, out, noise, t)
-        return F.mse_loss(out.float(), keyframe_unet_target(prediction, self.acp, x0, noise, t))
+        return F.mse_loss(out.float(), unet_target(prediction, self.acp, x0, noise, t))
 
     def dropped(self, count: int, share: float, generator: torch.Generator) -> torch.Tensor:
         return (torch.rand(count, generator=generator) < share).to(self.ctx.device)
@@ -329,6 +332,19 @@ def start_video_mode_as_image_mode(unet: nn.Module) -> None:
                 module.feed_forward[-1].weight.zero_()
 
 
+def start_interpolation_from_keyframe_unet(unet: nn.Module, keyframe_unet: nn.Module) -> None:
+    """The interpolation U-Net's spatial layers, time embedding and text pooling start as the trained
+    keyframe U-Net's (every tensor of the same name and shape); its input and output convolutions (20
+    and 12 channels) and its temporal layers start as a fresh network's, so the 3 frames of a group are
+    told apart from the start (a start that fed their mean through the image mode's layers drew all 3
+    alike: docs/training.md)."""
+    source = keyframe_unet.state_dict()
+    with torch.no_grad():
+        for name, tensor in unet.state_dict().items():
+            if "temporal" not in name and name in source and source[name].shape == tensor.shape:
+                tensor.copy_(source[name])
+
+
 def per_sample(values: torch.Tensor, count: int) -> torch.Tensor:
     """Each clip's value repeated for its `count` U-Net samples (frames or groups): b ... -> (b k) ..."""
     return repeat(values, "b ... -> (b k) ...", k=count)
@@ -353,8 +369,11 @@ class InterpolationStep(_TextStep):
     def __init__(self, ctx):
         super().__init__(ctx, ctx.load("text_encoder").requires_grad_(False))
         unet = ctx.fresh("interpolation_unet")
+        keyframe_unet = ctx.load("keyframe_unet")
+        start_interpolation_from_keyframe_unet(unet, keyframe_unet)
         self.networks = {"interpolation_unet": unet}
-        self.extras = {"interpolation_unet": {"null_embedding": _null_embedding(unet, ctx.data.seed)}}
+        null = nn.Parameter(keyframe_unet.null_embedding.detach().clone())
+        self.extras = {"interpolation_unet": {"null_embedding": null}}
         self.movq = ctx.load("image_movq")
 
     def loss(self, step, generator, validation=False):
@@ -389,7 +408,7 @@ class InterpolationStep(_TextStep):
             skip_frames=torch.full((count * GROUPS,), skip, dtype=torch.int32, device=ctx.device),
             temporal_mask=keep, context_lengths=per_group(lengths),
         )
-        return F.mse_loss(out, v_target(self.acp, x0, noise, t))
+        return F.mse_loss(out, unet_target(ctx.preset.interpolation_prediction, self.acp, x0, noise, t))
 
 
 class VideoMoVQStep(Step):
