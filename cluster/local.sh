@@ -24,6 +24,9 @@ CLIENT_PORT="${KVRAY_CLIENT_PORT:-20011}"  # outside the worker port range 10002
 AGENT_PORT="${KVRAY_AGENT_PORT:-52375}"
 ADDRESS="http://127.0.0.1:${DASHBOARD_PORT}"
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0
+# Stage actors at normal CPU priority, as `kvray render` runs them (Ray's default, 15, starves them
+# beside any other busy process): see kvray/distributed/priority.py.
+export RAY_worker_niceness="${RAY_worker_niceness:-0}"
 
 if [[ -x "$REPO/.venv/bin/ray" && -z "${VIRTUAL_ENV:-}" ]]; then
   . "$REPO/.venv/bin/activate"

@@ -53,7 +53,9 @@ from .s3 import s3_bucket, s3_endpoint, s3_serial_endpoint  # noqa: E402,F401
 def ray_cluster():
     """One local Ray for the test session, with 8 logical GPUs (stage actors fall back to the CPU)."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=8, num_gpus=8, object_store_memory=300_000_000, include_dashboard=False,
-             log_to_driver=False, runtime_env={"env_vars": {"KVRAY_TEST": "1"}})
+    from kvray.distributed.priority import keep_workers_at_normal_priority
+
+    keep_workers_at_normal_priority(os.environ)
+    ray.init(num_cpus=8, num_gpus=8, object_store_memory=300_000_000, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -614,3 +614,17 @@ def test_a_job_runs_in_the_shipped_repo_and_secrets_stay_out_of_rays_records_log
 def test_submit_refuses_a_relative_out():
     with pytest.raises(sub.SubmitError, match="relative path"):
         sub.submit("m", "./out", address="http://h:8265", follow=False, client_factory=lambda a, h: None)
+
+
+def test_workers_of_a_ray_kvray_starts_run_at_normal_priority(ray_cluster):
+    """Ray's default niceness of 15 let any busy process on the machine starve the stage actors."""
+    from kvray.distributed.priority import WORKER_NICENESS, keep_workers_at_normal_priority
+
+    assert keep_workers_at_normal_priority({}) == {WORKER_NICENESS: "0"}
+    assert keep_workers_at_normal_priority({WORKER_NICENESS: "5"}) == {WORKER_NICENESS: "5"}  # the user's kept
+
+    @ray_cluster.remote(num_cpus=0)
+    def niceness() -> int:
+        return os.nice(0)
+
+    assert ray_cluster.get(niceness.remote()) == int(os.environ[WORKER_NICENESS])

@@ -315,7 +315,7 @@ def test_the_job_keeps_pools_it_fixes():
 
     fixed = RenderJob(manifest="m", out="o", costs=EXAMPLE, deployment={"keyframes": {"actors": 3}})
     assert P.deployment_fixes_pools(fixed.deployment)
-    assert P.plan_job(fixed, gpus=16) == (fixed, None)
+    assert P.plan_job(fixed, gpus=16) == (P.text_rows_one_at_a_time(fixed), None)  # pools kept, text on CPUs
     only_batches = RenderJob(manifest="m", out="o", costs=EXAMPLE, deployment={"text": {"batch_size": 32}})
     assert not P.deployment_fixes_pools(only_batches.deployment) and not P.deployment_fixes_pools(Deployment())
     planned, chosen = P.plan_job(only_batches, gpus=16)
@@ -324,6 +324,19 @@ def test_the_job_keeps_pools_it_fixes():
     assert planned.deployment.keyframes.actors == chosen.stages["keyframes"].actors
     assert planned.deployment.keyframes.gpus == chosen.stages["keyframes"].gpus_per_actor
     assert P.plan_job(only_batches, gpus=0) == (only_batches, None)  # no GPUs: nothing to plan
+
+
+def test_a_text_stage_on_cpus_takes_one_row_per_call_unless_the_job_says():
+    from kvray.config.job import RenderJob
+
+    default = RenderJob(manifest="m", out="o")
+    assert default.deployment.text.batch_size > 1
+    assert P.plan_job(default, gpus=0)[0].deployment.text.batch_size == 1
+    chosen = RenderJob(manifest="m", out="o", deployment={"text": {"batch_size": 8}})
+    assert P.plan_job(chosen, gpus=0)[0] == chosen
+    on_gpus = RenderJob(manifest="m", out="o", costs=EXAMPLE)
+    planned, plan = P.plan_job(on_gpus, gpus=16)
+    assert plan.stages["text"].gpus_per_actor and planned.deployment.text.batch_size == on_gpus.deployment.text.batch_size
 
 
 def test_the_job_plans_with_the_estimated_profile_for_kv11_only():
@@ -335,7 +348,9 @@ def test_the_job_plans_with_the_estimated_profile_for_kv11_only():
     assert profile.meta["estimate"] and profile.meta["request"]["fps"] == "low" and profile.device_memory_gib == 80
     assert P.plan_job(kv11, gpus=8)[1] == P.plan(profile, 8, 80)
     tiny = RenderJob(manifest="m", out="o", models={"preset": "tiny"})
-    assert P.plan_job(tiny, gpus=8) == (tiny, None)
+    planned, chosen = P.plan_job(tiny, gpus=8)
+    assert chosen is None and planned.deployment.text.batch_size == 1  # no profile: pools kept, text on CPUs
+    assert planned.deployment.model_copy(update={"text": tiny.deployment.text}) == tiny.deployment
     # A 24 GiB GPU cannot hold the fp32 text encoder: the render is refused before any actor starts.
     with pytest.raises(P.DoesNotFit, match="one text actor"):
         P.plan_job(kv11.model_copy(update={"gpu_memory_gib": 24.0}), gpus=8)

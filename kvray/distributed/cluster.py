@@ -10,6 +10,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config.job import RayOptions, RenderJob
 from ..config.stages import STAGES
+from .priority import keep_workers_at_normal_priority
 
 
 class ResourceError(ValueError):
@@ -38,6 +39,7 @@ def connect(options: RayOptions, verbose: bool = False) -> bool:
         if options.address:
             ray.init(address=options.address, **quiet)
         else:
+            keep_workers_at_normal_priority(os.environ)
             ray.init(
                 # Logical CPUs: stage actors ask for fractions of one, and a laptop must still place them all.
                 num_cpus=options.num_cpus or max(8, os.cpu_count() or 1),

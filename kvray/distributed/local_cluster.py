@@ -18,6 +18,8 @@ from pathlib import Path
 
 import psutil
 
+from .priority import keep_workers_at_normal_priority
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -70,7 +72,7 @@ def _ray_start(arguments: list[str], env: dict, cwd: Path) -> None:
 def start_head(cpus: int, gpus: int = 0) -> LocalCluster:
     temp_dir = Path(tempfile.mkdtemp(prefix="kvray-head-", dir="/tmp"))  # short: Ray's socket paths have a limit
     dashboard, gcs = free_port(), free_port()
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = keep_workers_at_normal_priority({**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(name, None)
     _ray_start(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",

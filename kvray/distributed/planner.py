@@ -385,7 +385,28 @@ def job_costs(job) -> CostProfile | None:
 
 
 def plan_job(job, gpus: int):
-    """The job a render runs, and the plan behind its pools (None: the job's own deployment). The planner
+    """The job a render runs, and the plan behind its pools (None: the job's own deployment): the pools
+    sized (`_plan_pools`), then a first stage on CPUs given one row per call (`text_rows_one_at_a_time`)."""
+    job, chosen = _plan_pools(job, gpus)
+    return text_rows_one_at_a_time(job), chosen
+
+
+def text_rows_one_at_a_time(job):
+    """A text stage without GPUs takes one row per call, unless the job sets its batch. Batching saves
+    nothing there (the encoder is a sliver of a video's CPU time) and costs the first videos their
+    latency: Ray Data hands a call's output on when the call ends, and rows with small payloads (the toy's,
+    tiny's) share blocks, so a keyframes call took two rows and the first waited for the second (the
+    example's first mp4 came at 37 s, at 30 s with single rows)."""
+    text = job.deployment.stage(STAGES[0])
+    # The default deployment's text batch is not in its fields set; a job's own text stage is.
+    if text.gpus or STAGES[0] in job.deployment.model_fields_set or text.batch_size == 1:
+        return job
+    single = text.model_copy(update={"batch_size": 1})
+    return job.model_copy(update={"deployment": job.deployment.model_copy(update={STAGES[0]: single})})
+
+
+def _plan_pools(job, gpus: int):
+    """The job with its pools sized, and the plan behind them (None: the job's own deployment). The planner
     sizes the pools when the job fixes none of them, the cluster has GPUs and there is a cost profile
     (`job_costs`). Batch sizes: the job's where it sets them, else the profile's (its costs were
     measured or estimated at them). Raises `DoesNotFit` when a stage's actor does not fit a GPU."""
