@@ -109,25 +109,3 @@ def stop_processes(marker: str) -> None:
     for process in alive:
         with contextlib.suppress(psutil.Error):
             process.kill()
-
-
-LEDGER_PROBE = """
-import json, sys
-import ray
-ray.init(address=sys.argv[1], logging_level="ERROR")
-found = [a for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith("kvray-ledger-")]
-report = ray.get(ray.get_actor(found[0]["name"], namespace=found[0]["namespace"]).report.remote()) if found else None
-print(json.dumps(report))
-"""
-
-
-def ledger_report(cluster: LocalCluster) -> dict | None:
-    """The report of the render running on `cluster` (its ledger lives in that driver's namespace), read
-    by a process of its own (the caller may hold another Ray, or none)."""
-    import json
-
-    probe = subprocess.run([sys.executable, "-c", LEDGER_PROBE, cluster.address], env=cluster.env,
-                           capture_output=True, text=True, timeout=120)
-    if probe.returncode:
-        raise RuntimeError(f"the ledger probe failed: {probe.stderr[-2000:]}")
-    return json.loads(probe.stdout.strip().splitlines()[-1])
