@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from kvray.distributed import submit as sub
-from kvray.distributed.local_cluster import processes, start_head
+from kvray.distributed.local_cluster import start_head
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -55,10 +55,9 @@ def _ledger_node(cluster) -> int | None:
     """The raylet whose node holds the run's ledger (None: not found). Read from the process table, in
     milliseconds: a probe through Ray takes seconds, and a short run could end before the kill."""
     raylets = cluster.raylets()
-    for process in processes(str(cluster.temp_dir)):
+    for ledger in cluster.actors("ray::RunLedger"):
         with contextlib.suppress(psutil.Error):
-            if "ray::RunLedger" in " ".join(process.cmdline()):
-                return next((p.pid for p in process.parents() if p.pid in raylets), None)
+            return next((p.pid for p in ledger.parents() if p.pid in raylets), None)
     return None
 
 

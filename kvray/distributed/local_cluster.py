@@ -57,9 +57,13 @@ class LocalCluster:
     def stop(self) -> None:
         stop_processes(str(self.temp_dir))
 
+    def actors(self, title: str) -> list[psutil.Process]:
+        """The processes of the actors on this cluster whose process title starts with `title`."""
+        return [p for p in processes(str(self.temp_dir)) if _title(p).startswith(title)]
+
     def stage_actors(self) -> list[psutil.Process]:
         """The processes of the stage actors of the renders running on this cluster."""
-        return [p for p in processes(str(self.temp_dir)) if _title(p).startswith("ray::MapWorker(MapBatches(")]
+        return self.actors("ray::MapWorker(MapBatches(")
 
 
 def _ray_start(arguments: list[str], env: dict, cwd: Path) -> None:
