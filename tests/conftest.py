@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,6 +58,10 @@ def ray_cluster():
     from kvray.distributed.priority import keep_workers_at_normal_priority
 
     keep_workers_at_normal_priority(os.environ)
-    ray.init(num_cpus=8, num_gpus=8, object_store_memory=300_000_000, include_dashboard=False, log_to_driver=False)
+    # A temp dir of its own (short: Ray's socket paths have a limit): several sessions may run at once.
+    temp_dir = tempfile.mkdtemp(prefix="kvray-test-ray-", dir="/tmp")
+    ray.init(num_cpus=8, num_gpus=8, object_store_memory=300_000_000, include_dashboard=False, log_to_driver=False,
+             _temp_dir=temp_dir)
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from kvray.distributed import submit as sub
-from kvray.distributed.local_cluster import start_head
+from kvray.distributed.local_cluster import QUICK_NODE_FAILURE_DETECTION, start_head
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parent.parent
@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    cluster = start_head(cpus=2)
+    cluster = start_head(cpus=2, env=QUICK_NODE_FAILURE_DETECTION)
     try:
         second = cluster.add_node(cpus=2)
         yield cluster, second
@@ -64,14 +64,15 @@ def _ledger_node(cluster) -> int | None:
 def test_losing_a_node_half_way_renders_every_row_exactly_once(two_nodes, tmp_path):
     """SIGKILL the second node's raylet mid-run (taking its stage actors, and the run's ledger when it
     lives there): the lost actors restart on the surviving node, retried batches write nothing twice,
-    and the run finishes with every row once."""
+    and the run finishes with every row once. Two actors in the pools that compute and write (keyframes,
+    decode), so that each has one on the lost node; one in the others (each actor start costs seconds)."""
     cluster, second = two_nodes
     rows = 8
     pq.write_table(pa.table({"id": [f"r{i}" for i in range(rows)], "prompt": [f"scene {i}" for i in range(rows)],
                              "width": [64] * rows, "height": [64] * rows, "steps": [2] * rows,
                              "interpolation_steps": [1] * rows}), tmp_path / "m.parquet")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({
-        "deployment": {"text": {"actors": 2}, "keyframes": {"actors": 2}, "interpolate": {"actors": 2},
+        "deployment": {"text": {"actors": 1}, "keyframes": {"actors": 2}, "interpolate": {"actors": 1},
                        "decode": {"actors": 2}}, "stall_timeout_s": 240}))
     out = tmp_path / "out"
     driver = subprocess.Popen([sys.executable, "-m", "kvray.cli", "render", str(tmp_path / "m.parquet"), "--out", str(out),

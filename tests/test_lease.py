@@ -54,6 +54,24 @@ def test_acquire_renew_release(prefix):
     assert fs.find(root) == [], "a released lease leaves nothing in the prefix (no lock file either)"
 
 
+def test_the_next_holder_removes_what_killed_writers_left(tmp_path):
+    """SIGKILL skips a writer's clean-up: a renewal killed between its write and its rename leaves its
+    temporary file, a creator killed before its link leaves its own. The next holder removes them (a
+    creator's only when it is old: a live one's exists for a moment)."""
+    from kvray.io.lease_stores import STALE_CREATE_S
+
+    fs, root = open_fs(str(tmp_path / "out"))
+    os.makedirs(root)
+    renewal = tmp_path / "out" / f".{LEASE_NAME}.0123456789ab.tmp"
+    old_creation, new_creation = (tmp_path / "out" / f".{LEASE_NAME}.{tag}.new" for tag in ("aaaaaaaaaaaa", "bbbbbbbbbbbb"))
+    for leftover in (renewal, old_creation, new_creation):
+        leftover.write_bytes(b"{}")
+    past = time.time() - STALE_CREATE_S - 1
+    os.utime(old_creation, (past, past))
+    with Lease.acquire(fs, root, "run-a"):
+        assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([LEASE_NAME, new_creation.name])
+
+
 def test_a_second_run_is_refused_naming_the_holder(prefix):
     fs, root, _ = prefix
     held = Lease.acquire(fs, root, "run-a", ttl_s=60)

@@ -197,3 +197,31 @@ def test_interpolation_starts_from_the_keyframe_unets_spatial_layers():
     assert "down_samples.1.resnet_attn_blocks.0.1.attention.to_query.weight" in copied or len(copied) > 300
     assert all(torch.equal(started[name], source[name]) for name in copied)
     assert not any("temporal" in name or name in ("in_layer.weight", "out_layer.2.weight", "out_layer.2.bias") for name in copied)
+
+
+def test_the_motion_step_continues_from_the_keyframe_unet_with_times_drawn_towards_high_noise(tmp_path):
+    """`keyframes_motion` takes the keyframe U-Net as `keyframes` left it (no layer reset to its start) and
+    draws three quarters of its diffusion times above t = 630, where the layout of the keyframes is decided."""
+    from kvray.training.data import ToyData
+    from kvray.training.steps import STEPS, Context
+    from kvray.weights.convert import write_converted
+    from kvray.weights.networks import get_network
+
+    preset = get_preset("toy")
+    torch.manual_seed(0)
+    written = {}
+    for name in ("text_encoder", "image_movq", "keyframe_unet"):
+        module = get_network(name).build(getattr(preset, name))
+        extras = {"null_embedding": torch.randn(preset.keyframe_unet.context_dim)} if name == "keyframe_unet" else {}
+        write_converted(str(tmp_path), name, "toy", getattr(preset, name), module.state_dict(), extras)
+        written[name] = module.state_dict()
+    step = STEPS["keyframes_motion"](Context(preset, ToyData(), str(tmp_path)))
+    loaded = step.networks["keyframe_unet"].state_dict()
+    assert all(torch.equal(loaded[key], value) for key, value in written["keyframe_unet"].items())
+
+    times = step.timesteps(20_000, torch.Generator().manual_seed(0))
+    assert int(times.min()) >= 0 and int(times.max()) <= 999
+    assert (times > 630).float().mean() == pytest.approx(0.75, abs=0.02)
+    step.batch_size = 1
+    loss = step.loss(0, torch.Generator().manual_seed(0))  # a video-mode batch
+    assert torch.isfinite(loss) and loss.requires_grad

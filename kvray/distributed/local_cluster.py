@@ -73,10 +73,23 @@ def _ray_start(arguments: list[str], env: dict, cwd: Path) -> None:
         raise RuntimeError(f"ray start failed: {started.stderr[-2000:]}")
 
 
-def start_head(cpus: int, gpus: int = 0) -> LocalCluster:
+# Ray's GCS declares a node dead after 5 failed health checks 3 s apart (and a 10 s timeout each): 15 s
+# and more in which a lost node's actors are neither alive nor restarted. A test that kills a node waits
+# for that, so its cluster checks every second and gives up after 3 (still far above the answer time of
+# a raylet on a machine whose cores are busy: it runs at normal priority, see `priority`).
+QUICK_NODE_FAILURE_DETECTION = {
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "3000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+def start_head(cpus: int, gpus: int = 0, env: dict[str, str] | None = None) -> LocalCluster:
+    """`env`: more environment for the cluster's processes (Ray's settings, e.g. QUICK_NODE_FAILURE_DETECTION)."""
     temp_dir = Path(tempfile.mkdtemp(prefix="kvray-head-", dir="/tmp"))  # short: Ray's socket paths have a limit
     dashboard, gcs = free_port(), free_port()
-    env = keep_workers_at_normal_priority({**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    env = keep_workers_at_normal_priority({**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+                                           **(env or {})})
     for name in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
         env.pop(name, None)
     _ray_start(["--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}",

@@ -11,6 +11,7 @@ import hashlib
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -96,19 +97,44 @@ def _still_at(fd: int, path: str) -> bool:
         return False
 
 
+# A creator's file lives for a moment outside the lease's lock: one older than this is a killed creator's.
+STALE_CREATE_S = 60.0
+
+
 class _LocalStore(LeaseStore):
     """Create by link() (atomic, also on NFS); replace and delete compare the content under an flock."""
 
     def create(self, data):
         directory, name = os.path.split(self.path)
         os.makedirs(directory, exist_ok=True)
-        temp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
-        write_atomic(self.fs, temp, data)
+        # `.new`, not write_atomic's `.tmp`: `_remove_leftovers` tells a creator's file from a replacer's.
+        temp = os.path.join(directory, f".{name}.{uuid.uuid4().hex[:12]}.new")
+        with open(temp, "xb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
         try:
             os.link(temp, self.path)  # atomic, and the lease appears complete
         finally:
             os.unlink(temp)
+        with _locked(self.path):
+            self._remove_leftovers(directory, name)
         return _digest(data)
+
+    @staticmethod
+    def _remove_leftovers(directory: str, name: str) -> None:
+        """The temporary files of earlier holders killed mid-write (SIGKILL skips their clean-up), removed by
+        the new holder under the lease's lock. A replace writes its file only under that lock, after finding
+        its own version, which no earlier holder still has: every such file is a dead writer's."""
+        now = time.time()
+        for entry in os.scandir(directory):
+            if not entry.name.startswith(f".{name}."):
+                continue
+            stale = entry.name.endswith(".tmp") or (
+                entry.name.endswith(".new") and now - entry.stat().st_mtime > STALE_CREATE_S)
+            if stale:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
     def read(self):
         with open(self.path, "rb") as fh:

@@ -36,6 +36,14 @@ def random_timesteps(count: int, generator: torch.Generator) -> torch.Tensor:
     return torch.randint(0, NUM_TRAIN_TIMESTEPS, (count,), generator=generator)
 
 
+def high_noise_timesteps(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Diffusion times with density growing as t^2: three quarters of them above t = 630. At high noise
+    the layout of a video (where the shape is in each frame) is decided, and only the prompt and the first
+    frame can tell it; a uniform draw spends most of its samples where the noisy frames tell it already."""
+    u = torch.rand(count, generator=generator)
+    return (NUM_TRAIN_TIMESTEPS * u ** (1 / 3)).long().clamp(max=NUM_TRAIN_TIMESTEPS - 1)
+
+
 def unconditional_context(context: torch.Tensor, mask: torch.Tensor, null_embedding: torch.Tensor,
                           drop: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of `drop` replaced by the sampler's unconditional context (`TextCondition.unconditional`:

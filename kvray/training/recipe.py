@@ -18,6 +18,8 @@ RECIPE: dict[str, Recipe] = {
     "first_frame": Recipe(2000, 1e-3),
     "keyframes": Recipe(4000, 1e-3),
     "interpolation": Recipe(900, 1e-3),
+    # After interpolation, which starts from the keyframe U-Net of `keyframes` (as the shipped one did).
+    "keyframes_motion": Recipe(3000, 1e-3),
     "video_movq": Recipe(400, 3e-4),
 }
 STEP_NAMES = tuple(RECIPE)
@@ -27,5 +29,6 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "first_frame": ("image_movq",),
     "keyframes": ("first_frame",),
     "interpolation": ("keyframes",),
+    "keyframes_motion": ("keyframes",),
     "video_movq": ("image_movq",),
 }

@@ -35,7 +35,14 @@ from ..weights.loader import load_network
 from ..weights.networks import get_network
 from ..weights.source import WeightsSource
 from .data import ToyData, batch_seed
-from .diffusion import add_noise, alphas_cumprod, random_timesteps, unconditional_context, v_target
+from .diffusion import (
+    add_noise,
+    alphas_cumprod,
+    high_noise_timesteps,
+    random_timesteps,
+    unconditional_context,
+    v_target,
+)
 from .recipe import STEP_NAMES
 
 # Share of samples trained on each guidance branch's dropped condition (the null text; the null text and
@@ -202,6 +209,9 @@ class _TextStep(Step):
             return epsilon_loss(self.acp, out, noise, t)
         return F.mse_loss(out.float(), unet_target(prediction, self.acp, x0, noise, t))
 
+    def timesteps(self, count: int, generator: torch.Generator) -> torch.Tensor:
+        return random_timesteps(count, generator).to(self.ctx.device)
+
     def dropped(self, count: int, share: float, generator: torch.Generator) -> torch.Tensor:
         return (torch.rand(count, generator=generator) < share).to(self.ctx.device)
 
@@ -225,7 +235,7 @@ def first_frame_loss(step: _TextStep, unet: nn.Module, movq: nn.Module, clips, g
     context, mask, lengths = step.encode([c.caption for c in clips])
     drop = step.dropped(count, DROP_TEXT + DROP_ALL, generator)
     context, mask = unconditional_context(context, mask, step.null_embedding("keyframe_unet"), drop)
-    t = random_timesteps(count, generator).to(ctx.device)
+    t = step.timesteps(count, generator)
     noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
     x_in = torch.cat([add_noise(step.acp, x0, noise, t), torch.zeros(count, 5, *x0.shape[-2:], device=ctx.device)], 1)
     out = unet(x_in, t.to(torch.float32), context, mask, context_lengths=lengths)
@@ -294,7 +304,7 @@ class KeyframesStep(_TextStep):
         condition[:, 0, -1] = 1
         condition = condition * (~no_frame).to(condition.dtype)[:, None, None, None, None]
 
-        t = random_timesteps(count, generator).to(ctx.device)
+        t = self.timesteps(count, generator)
         noise = torch.randn(x0.shape, generator=generator).to(ctx.device)
         noisy = add_noise(self.acp, x0, noise, t)
         x_in = rearrange(torch.cat([noisy, condition], 2), "b f c h w -> (b f) c h w")
@@ -308,6 +318,26 @@ class KeyframesStep(_TextStep):
         )
         frames_first = lambda x: rearrange(x, "b f c h w -> (b f) c h w")
         return self.keyframe_unet_loss(out, frames_first(x0), frames_first(noise), per_frame(t))
+
+
+class KeyframesMotionStep(KeyframesStep):
+    """The keyframes step continued from its result with the diffusion time drawn towards high noise
+    (`high_noise_timesteps`). After the uniform draw of `keyframes` the U-Net's keyframes at t = 999 ignore
+    the prompt's motion and barely see the first frame past frame 3 (docs/training.md); 400 steps of this
+    draw opened a gap between the true and the opposite-direction caption that 4,000 uniform steps had not."""
+
+    name = "keyframes_motion"
+
+    def __init__(self, ctx):
+        _TextStep.__init__(self, ctx, ctx.load("text_encoder").requires_grad_(False))
+        unet = ctx.load("keyframe_unet").requires_grad_(True).train()
+        self.networks = {"keyframe_unet": unet}
+        self.extras = {"keyframe_unet": {"null_embedding": nn.Parameter(unet.null_embedding.detach().clone())}}
+        self.movq = ctx.load("image_movq")
+        self.frames = 12
+
+    def timesteps(self, count, generator):
+        return high_noise_timesteps(count, generator).to(self.ctx.device)
 
 
 def start_video_mode_as_image_mode(unet: nn.Module) -> None:
@@ -446,5 +476,5 @@ class VideoMoVQStep(Step):
 
 
 STEPS: dict[str, type[Step]] = {s.name: s for s in (ImageMoVQStep, FirstFrameStep, KeyframesStep, InterpolationStep,
-                                                    VideoMoVQStep)}
+                                                    KeyframesMotionStep, VideoMoVQStep)}
 assert tuple(STEPS) == STEP_NAMES, "the recipe's steps and their classes, in one order"
