@@ -6,6 +6,7 @@
 | first_frame   | keyframe U-Net (image mode) + text encoder | image MoVQ                  | keyframe_prediction's (*)      |
 | keyframes     | keyframe U-Net (video + image mode)        | text encoder, image MoVQ    | the same, on 12 keyframes      |
 | interpolation | interpolation U-Net (from keyframe U-Net)  | text encoder, image MoVQ    | interpolation_prediction's (**)|
+| keyframes_motion | keyframe U-Net, continued from keyframes | text encoder, image MoVQ    | as keyframes, t drawn high     |
 | video_movq    | temporal MoVQ decoder (from the image one) | image MoVQ encoder          | L1 + L2 on chunks of frames    |
 
 (*) epsilon weighted 1/alpha_bar, capped, as kv11 is sampled; or v (the toy).
