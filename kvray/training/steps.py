@@ -274,12 +274,16 @@ class KeyframesStep(_TextStep):
     def __init__(self, ctx):
         super().__init__(ctx, ctx.load("text_encoder").requires_grad_(False))
         unet = ctx.load("keyframe_unet").requires_grad_(True).train()
-        start_video_mode_as_image_mode(unet)
+        self.start_video_mode(unet)
         self.networks = {"keyframe_unet": unet}
         null = nn.Parameter(unet.null_embedding.detach().clone())
         self.extras = {"keyframe_unet": {"null_embedding": null}}
         self.movq = ctx.load("image_movq")
         self.frames = 12
+
+    @staticmethod
+    def start_video_mode(unet: nn.Module) -> None:
+        start_video_mode_as_image_mode(unet)
 
     def loss(self, step, generator, validation=False):
         unet = self.networks["keyframe_unet"]
@@ -329,13 +333,9 @@ class KeyframesMotionStep(KeyframesStep):
 
     name = "keyframes_motion"
 
-    def __init__(self, ctx):
-        _TextStep.__init__(self, ctx, ctx.load("text_encoder").requires_grad_(False))
-        unet = ctx.load("keyframe_unet").requires_grad_(True).train()
-        self.networks = {"keyframe_unet": unet}
-        self.extras = {"keyframe_unet": {"null_embedding": nn.Parameter(unet.null_embedding.detach().clone())}}
-        self.movq = ctx.load("image_movq")
-        self.frames = 12
+    @staticmethod
+    def start_video_mode(unet: nn.Module) -> None:
+        """Nothing: the video mode is trained already (by `keyframes`)."""
 
     def timesteps(self, count, generator):
         return high_noise_timesteps(count, generator).to(self.ctx.device)
