@@ -67,7 +67,9 @@ def test_every_list_of_stages_and_networks_is_the_registrys():
     from kvray.config.stages import STAGE_NETWORKS, STAGES
     from kvray.weights.networks import NETWORKS as WEIGHT_NETWORKS
 
-    assert tuple(Deployment.model_fields) == STAGES == tuple(STAGE_NETWORKS)
+    stage_fields = tuple(Deployment.model_fields)[:len(STAGES)]  # then how the stages are pooled
+    assert stage_fields == STAGES == tuple(STAGE_NETWORKS)
+    assert set(Deployment.model_fields) - set(STAGES) == {"pools", "fused"}
     assert sorted(n for networks in STAGE_NETWORKS.values() for n in networks) == sorted(NETWORKS) == sorted(WEIGHT_NETWORKS)
     assert sorted(f[: -len("_dtype")] for f in RuntimeConfig.model_fields if f.endswith("_dtype")) == sorted(NETWORKS)
 

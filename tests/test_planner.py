@@ -42,7 +42,9 @@ def test_every_part_of_kvray_names_the_same_stages():
     from kvray.distributed.simulate import stand_in_workers
     from kvray.distributed.workers import WORKERS
 
-    assert tuple(Deployment.model_fields) == STAGES == tuple(WORKERS) == tuple(stand_in_workers(dict.fromkeys(STAGES, 1)))
+    stage_fields = tuple(Deployment.model_fields)[:len(STAGES)]  # then how they are pooled (`pools`, `fused`)
+    pools = tuple(Deployment(pools="stages").actor_pools())
+    assert stage_fields == pools == STAGES == tuple(WORKERS) == tuple(stand_in_workers(dict.fromkeys(STAGES, 1)))
     assert tuple(P.parse_costs(EXAMPLE).stages) == STAGES == tuple(STAGE_NETWORKS)
     assert sorted(n for networks in STAGE_NETWORKS.values() for n in networks) == sorted(NETWORKS)
 
@@ -337,6 +339,28 @@ def test_a_text_stage_on_cpus_takes_one_row_per_call_unless_the_job_says():
     on_gpus = RenderJob(manifest="m", out="o", costs=EXAMPLE)
     planned, plan = P.plan_job(on_gpus, gpus=16)
     assert plan.stages["text"].gpus_per_actor and planned.deployment.text.batch_size == on_gpus.deployment.text.batch_size
+
+
+def test_a_small_job_on_cpus_gets_one_fused_pool_unless_it_sets_its_stages():
+    from kvray.config.job import FUSED, RenderJob
+
+    default = RenderJob(manifest="m", out="o")
+    fused = P.resolve_pools(default, rows=6, cores=2).deployment
+    assert fused.pools == FUSED and fused.fused.actors == 2 and list(fused.actor_pools()) == [FUSED]
+    assert P.resolve_pools(default, rows=1, cores=8).deployment.fused.actors == 1  # never more actors than rows
+    assert P.resolve_pools(default, rows=50, cores=8).deployment.fused.actors == 8
+    # One pool per stage: a job that sets any stage (its batch too), a GPU device, a preset with a cost profile.
+    for job in (RenderJob(manifest="m", out="o", deployment={"keyframes": {"batch_size": 2}}),
+                RenderJob(manifest="m", out="o", runtime={"device": "cuda"}),
+                RenderJob(manifest="m", out="o", models={"preset": "kv11"}),
+                RenderJob(manifest="m", out="o", costs=EXAMPLE)):
+        resolved = P.resolve_pools(job, rows=6, cores=2).deployment
+        assert resolved.pools == "stages" and list(resolved.actor_pools()) == list(P.STAGES), job
+    # What the job names, it keeps.
+    named = RenderJob(manifest="m", out="o", deployment={"pools": "fused", "fused": {"actors": 3, "cpus": 1}})
+    assert P.resolve_pools(named, rows=1, cores=1) == named
+    staged = RenderJob(manifest="m", out="o", deployment={"pools": "stages"})
+    assert P.resolve_pools(staged, rows=6, cores=2) == staged
 
 
 def test_the_job_plans_with_the_estimated_profile_for_kv11_only():

@@ -148,19 +148,20 @@ def test_storage_that_always_fails_stops_with_a_clear_error(ray_cluster, s3_buck
 
 
 def test_killed_stage_actors_lose_and_duplicate_nothing_and_change_no_video(ray_cluster, tmp_path):
-    """One run, one row per call, loses its keyframes actor mid-run (that batch is retried on a new actor)
-    and then its decode actor (the actor that writes the files, between two videos or in the middle of
-    one): every row is written exactly once, nothing partial is left, and each video has the bytes of the
-    same row rendered with all rows in one batch (same frames, same encoder)."""
+    """One run, one row per call through the fused pool (each actor runs the four stages, the default on
+    CPUs), loses its actor mid-keyframes (that batch is retried on a new actor) and then the new one while
+    it writes the files (between two videos or in the middle of one): every row is written exactly once,
+    nothing partial is left, and each video has the bytes of the same row rendered with all rows in one
+    batch through one pool per stage (same frames, same encoder)."""
 
     from kvray.distributed.render import render
 
     rows = [{"id": f"row{i}", "prompt": f"scene number {i}", **{**FAST, "steps": 6}} for i in range(5)]
     manifest = _manifest(tmp_path / "m.parquet", rows)
-    one_by_one = {"text": {"batch_size": 1}, "keyframes": {"batch_size": 1}, "decode": {"actors": 1, "batch_size": 1}}
-    retried = RenderJob(manifest=manifest, out=str(tmp_path / "retried"), deployment=one_by_one)
+    retried = RenderJob(manifest=manifest, out=str(tmp_path / "retried"),
+                        deployment={"pools": "fused", "fused": {"actors": 1, "batch_size": 1}})
     batched = RenderJob(manifest=manifest, out=str(tmp_path / "batched"),
-                        deployment={"text": {"batch_size": 5}, "keyframes": {"batch_size": 5},
+                        deployment={"pools": "stages", "text": {"batch_size": 5}, "keyframes": {"batch_size": 5},
                                     "interpolate": {"batch_size": 5}})
     out = tmp_path / "retried"
     done: dict = {}
@@ -177,7 +178,7 @@ def test_killed_stage_actors_lose_and_duplicate_nothing_and_change_no_video(ray_
             for stage in ("keyframes", "decode"):
                 actors = report["actors"].get(stage, [])
                 if stage not in killed and ready[stage] and actors:
-                    killed[stage] = actors[0]["pid"]
+                    killed[stage] = actors[-1]["pid"]  # the latest: a fused actor registers for every stage
                     os.kill(killed[stage], signal.SIGKILL)
         time.sleep(0.05)
     thread.join(timeout=300)
@@ -247,8 +248,10 @@ def test_losing_the_ledger_costs_only_the_report(ray_cluster, tmp_path):
 
 def test_a_pool_that_cannot_start_stops_the_run_with_the_reason(ray_cluster, tmp_path):
     """The cluster has the GPUs on paper, but another job holds them: the decode pool never comes up, and
-    after `stall_timeout_s` without progress the run stops, naming the pool and the free resources."""
+    after `stall_timeout_s` without progress the run stops, naming the pool and the free resources. The
+    stages are stand-ins (no torch to import): what is tested is the pools and the watchdog, not the models."""
     from kvray.distributed.render import StallError, render
+    from kvray.distributed.simulate import stand_in_workers
 
     @ray_cluster.remote(num_gpus=7, num_cpus=0)
     class Holder:
@@ -264,7 +267,7 @@ def test_a_pool_that_cannot_start_stops_the_run_with_the_reason(ray_cluster, tmp
                                     ("text", "keyframes", "interpolate", "decode")})
         reason = r"no progress for 8 s: .*decode 0 of 1 actors up \(each needs 2 GPU.*free in the cluster: .*, 1 GPU"
         with pytest.raises(StallError, match=reason):
-            render(job)
+            render(job, workers=stand_in_workers(dict.fromkeys(("text", "keyframes", "interpolate", "decode"), 0.0)))
     finally:
         ray_cluster.kill(holder)
     run = json.loads((tmp_path / "out" / "run.json").read_text())

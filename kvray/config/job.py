@@ -18,6 +18,7 @@ from .images import ImagePolicy, manifest_location
 from .models import ModelSource
 from .runtime import RuntimeConfig
 from .sampling import NOISE_AUGMENTATION, Fps, GuidanceConfig, Motion
+from .stages import STAGES
 
 
 class _Strict(BaseModel):
@@ -40,14 +41,32 @@ class StageDeployment(_Strict):
         return self
 
 
+FUSED = "fused"
+
+
 class Deployment(_Strict):
+    """The actor pools of a render: one per stage (`pools: stages`, sized per stage), or one `fused` pool whose
+    actors each run all four stages (`pools: fused`). Fused suits CPUs: a row's payload never leaves its
+    process, and a run starts one process per actor instead of one per stage and actor; on GPUs each stage
+    wants its own. `auto` (the default) fuses a job that runs on CPUs, fixes no stage's pool and has a small
+    preset, with one actor per core (kvray.distributed.planner.resolve_pools)."""
+
     text: StageDeployment = StageDeployment(batch_size=8)
     keyframes: StageDeployment = StageDeployment()
     interpolate: StageDeployment = StageDeployment()
     decode: StageDeployment = StageDeployment()
+    pools: Literal["auto", "stages", "fused"] = "auto"
+    fused: StageDeployment = StageDeployment()
 
     def stage(self, name: str) -> StageDeployment:
         return getattr(self, name)
+
+    def actor_pools(self) -> dict[str, StageDeployment]:
+        """The pools a render starts, by name: the stages, or `fused` alone. An `auto` deployment is resolved
+        before a render starts its pools; until then it counts as one pool per stage."""
+        if self.pools == FUSED:
+            return {FUSED: self.fused}
+        return {name: self.stage(name) for name in STAGES}
 
 
 class RequestDefaults(_Strict):

@@ -9,7 +9,6 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from ..config.job import RayOptions, RenderJob
-from ..config.stages import STAGES
 from .priority import keep_workers_at_normal_priority
 
 
@@ -59,16 +58,17 @@ def check_resources(job: RenderJob) -> None:
     totals = {"CPU": sum(n.get("CPU", 0) for n in nodes), "GPU": sum(n.get("GPU", 0) for n in nodes)}
     if job.runtime.device.startswith("cuda") and not totals["GPU"]:
         raise ResourceError(f"device {job.runtime.device!r} asked for, but the cluster has no GPUs")
-    needs = {s: {"CPU": job.deployment.stage(s).cpus, "GPU": job.deployment.stage(s).gpus} for s in STAGES}
-    for stage, need in needs.items():
+    pools = job.deployment.actor_pools()
+    needs = {name: {"CPU": pool.cpus, "GPU": pool.gpus} for name, pool in pools.items()}
+    for name, need in needs.items():
         if not any(all(n.get(k, 0) >= v for k, v in need.items()) for n in nodes):
-            raise ResourceError(f"a {stage} actor needs {need['CPU']:g} CPU and {need['GPU']:g} GPU on one node; "
+            raise ResourceError(f"a {name} actor needs {need['CPU']:g} CPU and {need['GPU']:g} GPU on one node; "
                                 "no node of the cluster has that much")
     for kind in ("CPU", "GPU"):
-        wanted = sum(job.deployment.stage(s).actors * needs[s][kind] for s in STAGES)
+        wanted = sum(pool.actors * needs[name][kind] for name, pool in pools.items())
         if wanted > totals[kind] + 1e-9:
-            per_stage = ", ".join(f"{s} {job.deployment.stage(s).actors}x{needs[s][kind]:g}" for s in STAGES)
-            raise ResourceError(f"the stage pools need {wanted:g} {kind}s ({per_stage}); the cluster has "
+            per_pool = ", ".join(f"{name} {pool.actors}x{needs[name][kind]:g}" for name, pool in pools.items())
+            raise ResourceError(f"the stage pools need {wanted:g} {kind}s ({per_pool}); the cluster has "
                                 f"{totals[kind]:g}: lower `actors` or `{kind.lower()}s` in the job's deployment")
 
 

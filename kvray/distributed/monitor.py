@@ -124,11 +124,11 @@ class Monitor:
     def explain(self) -> str:
         actors = self.report.get("actors", {})
         pools = []
-        for stage in STAGES:
-            deployment = self.job.deployment.stage(stage)
-            started = len(actors.get(stage, []))
+        for name, deployment in self.job.deployment.actor_pools().items():
+            # A fused actor is up when its last stage has registered.
+            started = len(actors.get(name if name in STAGES else STAGES[-1], []))
             if started < deployment.actors:
-                pools.append(f"{stage} {started} of {deployment.actors} actors up (each needs "
+                pools.append(f"{name} {started} of {deployment.actors} actors up (each needs "
                              f"{deployment.gpus:g} GPU, {deployment.cpus:g} CPU)")
         free = ray.available_resources()
         where = "; ".join(pools) if pools else "every pool is up but no row finished"

@@ -1,4 +1,5 @@
-"""The stage pools of a render: one Ray Data actor pool per stage, in order, over the planned rows.
+"""The stage pools of a render: one Ray Data actor pool per stage, in order, over the planned rows, or
+one fused pool whose actors run all four stages (`Deployment.pools`; `StagesInOneActor`).
 
 How work reaches the actors. Ray Data hands each actor a bundle of whole blocks, so a pool shares its
 work as finely as its input is cut into blocks. Rows with a payload (text contexts, latents: hundreds
@@ -17,7 +18,7 @@ from dataclasses import dataclass, field
 
 import ray
 
-from ..config.job import Deployment, RenderJob
+from ..config.job import FUSED, Deployment, RenderJob
 from ..config.stages import STAGES
 from .shard_writer import ShardWriter
 
@@ -75,27 +76,55 @@ class PoolOptions:
 
 def model_stages(planned, job: RenderJob, ledger_name: str, workers: dict[str, type],
                  options: PoolOptions = PoolOptions()):
-    """The four actor pools over the planned rows. `workers`: the stage callables (`workers.WORKERS`, or
-    the benchmark's stand-ins), constructed with (job_json, ledger_name, emit_rows)."""
+    """The four stage pools, or the fused pool, over the planned rows. `workers`: the stage callables
+    (`workers.WORKERS`, or the benchmark's stand-ins), constructed with (job_json, ledger_name, emit_rows)."""
     job_json = job.model_dump_json()
+    if job.deployment.pools == FUSED:
+        kwargs = {"job_json": job_json, "ledger_name": ledger_name, "workers": workers}
+        return _shards(_pool(planned, StagesInOneActor, kwargs, job.deployment.fused, options, 2), job, job_json)
     ds = planned
     for index, stage in enumerate(STAGES):
         deployment = job.deployment.stage(stage)
         following = job.deployment.stage(STAGES[index + 1]) if index + 1 < len(STAGES) else deployment
-        pool = {"size": deployment.actors} if options.full_pools else {"min_size": 1, "max_size": deployment.actors}
-        ds = ds.map_batches(
-            workers[stage],
-            fn_constructor_kwargs={"job_json": job_json, "ledger_name": ledger_name, "emit_rows": following.batch_size},
-            batch_format="pandas",
-            batch_size=deployment.batch_size,
-            compute=ray.data.ActorPoolStrategy(**pool, max_tasks_in_flight_per_actor=options.tasks_per_actor[stage]),
-            num_gpus=deployment.gpus,
-            num_cpus=deployment.cpus,
-        )
-    if job.dataset.layout == "webdataset":
-        ds = ds.map_batches(ShardWriter, fn_constructor_kwargs={"job_json": job_json}, batch_format="pandas",
-                            batch_size=job.dataset.shard_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
-    return ds
+        kwargs = {"job_json": job_json, "ledger_name": ledger_name, "emit_rows": following.batch_size}
+        ds = _pool(ds, workers[stage], kwargs, deployment, options, options.tasks_per_actor[stage])
+    return _shards(ds, job, job_json)
+
+
+def _pool(ds, worker: type, kwargs: dict, deployment, options: PoolOptions, tasks_per_actor: int):
+    """`ds` through an actor pool of `worker`s (constructed with `kwargs`) as `deployment` sizes it."""
+    size = {"size": deployment.actors} if options.full_pools else {"min_size": 1, "max_size": deployment.actors}
+    return ds.map_batches(worker, fn_constructor_kwargs=kwargs, batch_format="pandas", batch_size=deployment.batch_size,
+                          compute=ray.data.ActorPoolStrategy(**size, max_tasks_in_flight_per_actor=tasks_per_actor),
+                          num_gpus=deployment.gpus, num_cpus=deployment.cpus)
+
+
+def _shards(ds, job: RenderJob, job_json: str):
+    """A webdataset job's finished samples through the shard writer; the rows as they are otherwise."""
+    if job.dataset.layout != "webdataset":
+        return ds
+    return ds.map_batches(ShardWriter, fn_constructor_kwargs={"job_json": job_json}, batch_format="pandas",
+                          batch_size=job.dataset.shard_size, compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0)
+
+
+class StagesInOneActor:
+    """An actor of the fused pool (`Deployment.pools: fused`): the four stage workers in one process, each
+    row through all of them in turn. Each worker is the one a pool of its own would hold, on the fused
+    pool's resources (its CPUs set the thread count), so rows, their timings, placement and the ledger's
+    records are the same as with one pool per stage; only the payloads stay in this process."""
+
+    def __init__(self, job_json: str, ledger_name: str, workers: dict[str, type]):
+        job = RenderJob.model_validate_json(job_json)
+        fused = job.deployment.fused
+        # Every stage on the fused pool's resources, so that each worker's thread count and placement are its own.
+        on_fused = job.deployment.model_copy(update=dict.fromkeys(STAGES, fused))
+        stage_json = job.model_copy(update={"deployment": on_fused}).model_dump_json()
+        self.workers = [workers[stage](stage_json, ledger_name, fused.batch_size) for stage in STAGES]
+
+    def __call__(self, batch):
+        for worker in self.workers:
+            batch = worker.run(batch)
+        yield batch
 
 
 @contextlib.contextmanager

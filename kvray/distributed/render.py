@@ -43,7 +43,7 @@ from ..io.shards import remove_orphans
 from .cluster import check_resources, connect, on_this_node
 from .false_alarms import dropped_from_stderr
 from .monitor import Monitor, Signals, StallError
-from .planner import plan_job, plan_summary
+from .planner import plan_job, plan_summary, resolve_pools
 from .pools import PoolOptions, block_bytes, execution_context, model_stages, queued_calls
 from .row_planning import REPEAT, NothingToRender, PlanInputs, plan_in_process, planned_dataset, scan_manifest, write_planned
 from .rows import ERROR, FILTERED, OK, SKIPPED, RunLedger, results_table
@@ -280,6 +280,7 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, t
         chosen = None
         if nothing is None:
             # The pools are sized and checked against the cluster before the prefix is touched.
+            job = resolve_pools(job, rows=manifest.rows if limit is None else min(limit, manifest.rows))
             job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
             check_resources(job)
         before = read_lease(fs, root)
@@ -419,7 +420,7 @@ class RenderRun:
         planned = planned_dataset(self.manifest.parts, inputs, planning_tasks())
         if limit is not None:
             planned = planned.limit(limit)
-        first_batch = job.deployment.stage(STAGES[0]).batch_size
+        first_batch = next(iter(job.deployment.actor_pools().values())).batch_size
         planned, row_bytes = _probe(planned, first_batch)
         if pool_options.small_blocks and row_bytes:
             context.target_max_block_size = block_bytes(row_bytes, first_batch)

@@ -107,11 +107,12 @@ class StageWorker:
         raise NotImplementedError
 
     def __call__(self, batch: pd.DataFrame) -> Iterator[pd.DataFrame]:
-        batch = self._run(batch)
+        batch = self.run(batch)
         for start in range(0, len(batch), self.emit_rows):
             yield batch.iloc[start:start + self.emit_rows]
 
-    def _run(self, batch: pd.DataFrame) -> pd.DataFrame:
+    def run(self, batch: pd.DataFrame) -> pd.DataFrame:
+        """The batch with its pending rows processed (`process`) and their outcomes recorded."""
         pending = batch.index[batch["status"] == PENDING]
         if len(pending) == 0:
             return batch
