@@ -72,6 +72,25 @@ def test_the_next_holder_removes_what_killed_writers_left(tmp_path):
         assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted([LEASE_NAME, new_creation.name])
 
 
+def test_a_creators_file_gone_between_the_listing_and_its_stat_is_no_error(tmp_path, monkeypatch):
+    """A racer that lost removes its `.new` file while the winner lists the directory for leftovers: the
+    winner's acquire must not fail on the file's disappearance (seen under load: a racer's FileNotFoundError
+    from `stat`)."""
+    from kvray.io import lease_stores
+
+    fs, root = open_fs(str(tmp_path / "out"))
+    os.makedirs(root)
+    vanishing = tmp_path / "out" / f".{LEASE_NAME}.cccccccccccc.new"
+    vanishing.write_bytes(b"{}")
+    listed = list(os.scandir(root))  # the listing sees it ...
+    vanishing.unlink()  # ... then its creator removes it, before the stat
+    scandir = os.scandir
+    monkeypatch.setattr(lease_stores.os, "scandir", lambda directory: iter(listed) if os.path.abspath(directory) ==
+                        os.path.abspath(root) else scandir(directory))
+    with Lease.acquire(fs, root, "run-a"):
+        assert sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".lock")) == [LEASE_NAME]
+
+
 def test_a_second_run_is_refused_naming_the_holder(prefix):
     fs, root, _ = prefix
     held = Lease.acquire(fs, root, "run-a", ttl_s=60)

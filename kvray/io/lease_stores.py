@@ -130,10 +130,11 @@ class _LocalStore(LeaseStore):
         for entry in os.scandir(directory):
             if not entry.name.startswith(f".{name}."):
                 continue
-            stale = entry.name.endswith(".tmp") or (
-                entry.name.endswith(".new") and now - entry.stat().st_mtime > STALE_CREATE_S)
-            if stale:
-                with contextlib.suppress(FileNotFoundError):
+            # A live creator that lost the race removes its own file at any moment, also between the listing
+            # and the stat: a file gone is a file not to remove (on a busy machine this window was hit).
+            with contextlib.suppress(FileNotFoundError):
+                if entry.name.endswith(".tmp") or (
+                        entry.name.endswith(".new") and now - entry.stat().st_mtime > STALE_CREATE_S):
                     os.unlink(entry.path)
 
     def read(self):
