@@ -26,8 +26,8 @@ from kvray.io.video import read_video
 pytestmark = pytest.mark.slow
 
 # Small here; the 200 rows in shards of 32 with KVRAY_TEST_DATASET_ROWS=200 KVRAY_TEST_DATASET_SHARD=32.
-ROWS = int(os.environ.get("KVRAY_TEST_DATASET_ROWS", 24))
-SHARD = int(os.environ.get("KVRAY_TEST_DATASET_SHARD", 8))
+ROWS = int(os.environ.get("KVRAY_TEST_DATASET_ROWS", 16))
+SHARD = int(os.environ.get("KVRAY_TEST_DATASET_SHARD", 4))
 
 
 def test_shards_on_s3_exactly_once_after_a_killed_driver(ray_cluster, s3_bucket, tmp_path, monkeypatch):

@@ -328,6 +328,19 @@ def test_the_job_keeps_pools_it_fixes():
     assert P.plan_job(only_batches, gpus=0) == (only_batches, None)  # no GPUs: nothing to plan
 
 
+def test_a_job_of_few_rows_starts_at_most_one_actor_per_row():
+    from kvray.config.job import RenderJob
+
+    job = RenderJob(manifest="m", out="o", costs=EXAMPLE)
+    unbounded = P.plan_job(job, gpus=16)[1]
+    assert sum(s.actors for s in unbounded.stages.values()) > 6
+    for rows in (1, 2, 6):
+        planned, chosen = P.plan_job(job, gpus=16, rows=rows)
+        assert sum(s.actors for s in chosen.stages.values()) == max(4, rows)  # one per stage at least
+        assert all(planned.deployment.stage(s).actors == c.actors for s, c in chosen.stages.items())
+    assert P.plan_job(job, gpus=16, rows=10_000)[1] == unbounded
+
+
 def test_a_text_stage_on_cpus_takes_one_row_per_call_unless_the_job_says():
     from kvray.config.job import RenderJob
 

@@ -262,10 +262,10 @@ def test_a_pool_that_cannot_start_stops_the_run_with_the_reason(ray_cluster, tmp
     ray_cluster.get(holder.ready.remote())
     try:
         job = RenderJob(manifest=_manifest(tmp_path / "m.parquet", [{"id": "a", "prompt": "a fox", **FAST}]),
-                        out=str(tmp_path / "out"), stall_timeout_s=8,
+                        out=str(tmp_path / "out"), stall_timeout_s=4,
                         deployment={s: {"actors": 1, "gpus": 2 if s == "decode" else 0} for s in
                                     ("text", "keyframes", "interpolate", "decode")})
-        reason = r"no progress for 8 s: .*decode 0 of 1 actors up \(each needs 2 GPU.*free in the cluster: .*, 1 GPU"
+        reason = r"no progress for 4 s: .*decode 0 of 1 actors up \(each needs 2 GPU.*free in the cluster: .*, 1 GPU"
         with pytest.raises(StallError, match=reason):
             render(job, workers=stand_in_workers(dict.fromkeys(("text", "keyframes", "interpolate", "decode"), 0.0)))
     finally:
@@ -280,7 +280,7 @@ def test_sigint_stops_cleanly_and_records_an_interrupted_run(ray_cluster, tmp_pa
     import subprocess
     import sys
 
-    rows = [{"id": f"row{i}", "prompt": f"scene {i}", **{**FAST, "steps": 4}} for i in range(8)]
+    rows = [{"id": f"row{i}", "prompt": f"scene {i}", **{**FAST, "steps": 4}} for i in range(5)]
     manifest = _manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     address = ray_cluster.get_runtime_context().gcs_address
@@ -298,7 +298,7 @@ def test_sigint_stops_cleanly_and_records_an_interrupted_run(ray_cluster, tmp_pa
     from kvray.distributed.render import render
 
     again = render(RenderJob(manifest=manifest, out=str(out)))
-    assert again.ok + again.skipped == 8 and again.skipped >= 1
+    assert again.ok + again.skipped == len(rows) and again.skipped >= 1
 
 
 def test_a_driver_killed_twice_then_resubmitted_loses_and_duplicates_nothing(ray_cluster, tmp_path):
@@ -314,7 +314,7 @@ def test_a_driver_killed_twice_then_resubmitted_loses_and_duplicates_nothing(ray
     from kvray.io.layout import latest_results
     from kvray.io.opening import open_fs
 
-    rows = [{"id": f"row{i}", "prompt": f"scene {i}", **{**FAST, "steps": 3}} for i in range(14)]
+    rows = [{"id": f"row{i}", "prompt": f"scene {i}", **{**FAST, "steps": 3}} for i in range(9)]
     manifest = _manifest(tmp_path / "m.parquet", rows)
     out = tmp_path / "out"
     (tmp_path / "job.yaml").write_text(yaml.safe_dump({"lease_ttl_s": 3.0}))

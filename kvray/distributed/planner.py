@@ -390,10 +390,11 @@ def job_costs(job) -> CostProfile | None:
     return job_profile(job)
 
 
-def plan_job(job, gpus: int):
+def plan_job(job, gpus: int, rows: int | None = None):
     """The job a render runs, and the plan behind its pools (None: the job's own deployment): the pools
-    sized (`_plan_pools`), then a first stage on CPUs given one row per call (`text_rows_one_at_a_time`)."""
-    job, chosen = _plan_pools(job, gpus)
+    sized (`_plan_pools`) for `rows` rows to render (None: as many as it takes), then a first stage on
+    CPUs given one row per call (`text_rows_one_at_a_time`)."""
+    job, chosen = _plan_pools(job, gpus, rows)
     return text_rows_one_at_a_time(job), chosen
 
 
@@ -411,18 +412,20 @@ def text_rows_one_at_a_time(job):
     return job.model_copy(update={"deployment": job.deployment.model_copy(update={STAGES[0]: single})})
 
 
-def _plan_pools(job, gpus: int):
+def _plan_pools(job, gpus: int, rows: int | None):
     """The job with its pools sized, and the plan behind them (None: the job's own deployment). The planner
     sizes the pools when the job fixes none of them, the cluster has GPUs and there is a cost profile
-    (`job_costs`). Batch sizes: the job's where it sets them, else the profile's (its costs were
-    measured or estimated at them). Raises `DoesNotFit` when a stage's actor does not fit a GPU."""
+    (`job_costs`). A job of few rows gets at most one actor per row (and one per stage at least): each
+    actor loads the weights, which for a handful of videos costs more than the parallelism gains. Batch
+    sizes: the job's where it sets them, else the profile's (its costs were measured or estimated at
+    them). Raises `DoesNotFit` when a stage's actor does not fit a GPU."""
     if gpus < 1 or deployment_fixes_pools(job.deployment):
         return job, None
     costs = job_costs(job)
     if costs is None:
         return job, None
     memory = job.gpu_memory_gib or costs.device_memory_gib or DEFAULT_GPU_MEMORY_GIB
-    chosen = plan(costs, gpus, memory)
+    chosen = plan(costs, gpus, memory, max_actors=None if rows is None else max(len(STAGES), rows))
     measured = {s: c.batch_size for s, c in costs.stages.items()
                 if c.batch_size and "batch_size" not in job.deployment.stage(s).model_fields_set}
     return job.model_copy(update={"deployment": to_deployment(chosen, batch_sizes=measured, base=job.deployment)}), chosen

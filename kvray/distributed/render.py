@@ -280,8 +280,9 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, t
         chosen = None
         if nothing is None:
             # The pools are sized and checked against the cluster before the prefix is touched.
-            job = resolve_pools(job, rows=manifest.rows if limit is None else min(limit, manifest.rows))
-            job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)))
+            rows = manifest.rows if limit is None else min(limit, manifest.rows)
+            job = resolve_pools(job, rows=rows)
+            job, chosen = plan_job(job, int(ray.cluster_resources().get("GPU", 0)), rows)
             check_resources(job)
         before = read_lease(fs, root)
         lease = Lease.acquire(fs, root, run_id, ttl_s=job.lease_ttl_s, take_over=take_over, wait_s=wait_for_lease_s)

@@ -1,11 +1,18 @@
-"""Weights: read official and converted checkpoints safely, load them strictly, convert them."""
+"""Weights: read official and converted checkpoints safely, load them strictly, convert them.
 
-from ..config.models import DEFAULT_REPO, DEFAULT_T5_REPO
-from .checkpoint import CheckpointError, read_checkpoint
-from .loader import load_network, random_network
-from .source import WeightsNotFound, WeightsSource
+Names are imported when first used: a driver checks where the weights are (`WeightsSource`) without
+loading torch, which only the stage actors need."""
 
-__all__ = [
-    "CheckpointError", "read_checkpoint", "load_network", "random_network",
-    "DEFAULT_REPO", "DEFAULT_T5_REPO", "WeightsNotFound", "WeightsSource",
-]
+from __future__ import annotations
+
+from ..lazy_exports import lazy_exports
+
+_EXPORTS = {"CheckpointError": "kvray.weights.checkpoint", "read_checkpoint": "kvray.weights.checkpoint",
+            "load_network": "kvray.weights.loader", "random_network": "kvray.weights.loader",
+            "DEFAULT_REPO": "kvray.config.models", "DEFAULT_T5_REPO": "kvray.config.models",
+            "WeightsNotFound": "kvray.weights.source", "WeightsSource": "kvray.weights.source"}
+
+__all__ = sorted(_EXPORTS)
+
+
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())
