@@ -59,6 +59,20 @@ def test_the_public_api_resolves_without_loading_torch_or_ray_until_used():
     assert out.split() == ["False", "False"]
 
 
+def test_a_renders_driver_loads_no_torch():
+    """The driver plans rows and starts pools; torch is for the stage actors (each render's start-up would
+    pay for it: about 1.3 s). The stage classes it hands to Ray Data import their code in the actor."""
+    import subprocess
+    import sys
+
+    probe = ("import sys; from kvray.commands import render; from kvray.distributed import render as distributed; "
+             "from kvray.distributed.deferred_workers import DEFERRED_WORKERS; from kvray.config.models import ModelSource; "
+             "from kvray.commands.common import check_weights; check_weights(ModelSource()); "
+             "print('torch' in sys.modules, sorted(DEFERRED_WORKERS))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False ['decode', 'interpolate', 'keyframes', 'text']"
+
+
 def test_every_list_of_stages_and_networks_is_the_registrys():
     """Stage and network names are spelled out in the job's deployment fields, the stage registry, the
     runtime's dtype settings and the weights' network table: they must agree."""

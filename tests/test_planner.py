@@ -39,12 +39,14 @@ def test_every_part_of_kvray_names_the_same_stages():
     from kvray.config.job import Deployment
     from kvray.config.runtime import NETWORKS
     from kvray.config.stages import STAGE_NETWORKS, STAGES
+    from kvray.distributed.deferred_workers import DEFERRED_WORKERS
     from kvray.distributed.simulate import stand_in_workers
     from kvray.distributed.workers import WORKERS
 
     stage_fields = tuple(Deployment.model_fields)[:len(STAGES)]  # then how they are pooled (`pools`, `fused`)
     pools = tuple(Deployment(pools="stages").actor_pools())
-    assert stage_fields == pools == STAGES == tuple(WORKERS) == tuple(stand_in_workers(dict.fromkeys(STAGES, 1)))
+    stand_ins = stand_in_workers(dict.fromkeys(STAGES, 1))
+    assert stage_fields == pools == STAGES == tuple(WORKERS) == tuple(DEFERRED_WORKERS) == tuple(stand_ins)
     assert tuple(P.parse_costs(EXAMPLE).stages) == STAGES == tuple(STAGE_NETWORKS)
     assert sorted(n for networks in STAGE_NETWORKS.values() for n in networks) == sorted(NETWORKS)
 

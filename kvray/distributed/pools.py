@@ -77,7 +77,7 @@ class PoolOptions:
 def model_stages(planned, job: RenderJob, ledger_name: str, workers: dict[str, type],
                  options: PoolOptions = PoolOptions()):
     """The four stage pools, or the fused pool, over the planned rows. `workers`: the stage callables
-    (`workers.WORKERS`, or the benchmark's stand-ins), constructed with (job_json, ledger_name, emit_rows)."""
+    (`deferred_workers.DEFERRED_WORKERS`, or the benchmark's stand-ins), constructed with (job_json, ledger_name, emit_rows)."""
     job_json = job.model_dump_json()
     if job.deployment.pools == FUSED:
         kwargs = {"job_json": job_json, "ledger_name": ledger_name, "workers": workers}

@@ -41,6 +41,7 @@ from ..io.opening import open_fs
 from ..io.redaction import redact_job, redact_url
 from ..io.shards import remove_orphans
 from .cluster import check_resources, connect, on_this_node
+from .deferred_workers import DEFERRED_WORKERS
 from .false_alarms import dropped_from_stderr
 from .monitor import Monitor, Signals, StallError
 from .planner import plan_job, plan_summary, resolve_pools
@@ -262,7 +263,7 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, t
     live one (its holder is known to be dead). A run whose lease it takes is recorded as interrupted.
 
     `progress(summary, ledger_report)` is called every few seconds. Benchmarks replace the stages'
-    `workers` (default `workers.WORKERS`), the `pool_options` (default: the renderer's, with the plan's
+    `workers` (default `deferred_workers.DEFERRED_WORKERS`), the `pool_options` (default: the renderer's, with the plan's
     queued calls) and watch the finished rows (`on_rows(batch)`)."""
     if job.runtime.device.startswith("cuda") and not job.ray.address:
         from ..pipeline.device import torch_device
@@ -373,8 +374,7 @@ class RenderRun:
             self.start(plan_summary(chosen) if chosen is not None else None)
             if pool_options is None:
                 pool_options = PoolOptions(tasks_per_actor=queued_calls(chosen, job.deployment))
-            if workers is None:
-                from .workers import WORKERS as workers
+            workers = workers or DEFERRED_WORKERS
             quiet = nullcontext() if verbose else dropped_from_stderr()
             with quiet, Signals() as signals, execution_context(pool_options, verbose=verbose) as context:
                 try:

@@ -74,7 +74,9 @@ def stack_description(runtime: RuntimeConfig, device: torch.device) -> dict:
         name = platform.machine()
         accelerator = {"cpu_capability": torch.backends.cpu.get_cpu_capability()}
     return {
-        "torch": torch.__version__, "device": device.type, "device_name": name, **accelerator,
+        # A plain str: torch's version string is a class of torch's, and whoever unpickles it (a render's
+        # driver reading the ledger) would have to import torch.
+        "torch": str(torch.__version__), "device": device.type, "device_name": name, **accelerator,
         "threads": torch.get_num_threads(), "precision": runtime.precision,
         "batch_invariant": runtime.batch_invariant,
     }
