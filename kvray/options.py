@@ -31,6 +31,9 @@ def add_weights_options(parser, default: str | None = None) -> None:
                                 "ai-forever/KandinskyVideo_1_1 for kv11)"))
     parser.add_argument("--t5", help="T5 encoder checkpoint for official weights (default google/flan-ul2)")
     parser.add_argument("--cache-dir", help="where remote weights are cached")
+    parser.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                        help="LoRA adapter (from `kvray train lora`: local dir, hub repo id or fsspec URL) merged into "
+                             "its network's weights at SCALE (default 1); repeatable, merged in order")
 
 
 def add_device_option(parser, default: str | None = "auto") -> None:
@@ -84,7 +87,8 @@ def add_request_options(parser, *, fps: str | None = None, motion: str | None = 
 def model_source(args):
     from .config.models import ModelSource
 
-    return ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir)
+    return ModelSource(preset=args.preset, weights=args.weights, t5=args.t5, cache_dir=args.cache_dir,
+                       loras=args.lora or ())
 
 
 def runtime_config(args, **fields):

@@ -67,7 +67,7 @@ def test_a_renders_driver_loads_no_torch():
 
     probe = ("import sys; from kvray.commands import render; from kvray.distributed import render as distributed; "
              "from kvray.distributed.deferred_workers import DEFERRED_WORKERS; from kvray.config.models import ModelSource; "
-             "from kvray.commands.common import check_weights; check_weights(ModelSource()); "
+             "from kvray.commands.common import checked_models; checked_models(ModelSource()); "
              "print('torch' in sys.modules, sorted(DEFERRED_WORKERS))")
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False ['decode', 'interpolate', 'keyframes', 'text']"

@@ -18,21 +18,22 @@ from pathlib import Path
 import numpy as np
 
 from ..options import add_device_option, add_weights_options
-from ..toyworld import CANONICAL, held_out_combos, render, sample_scene
+from ..toyworld import CANONICAL, CONCEPT_SHAPES, Combo, concept_held_out_combos, held_out_combos, render, sample_scene
 
 DEFAULT_IMAGE_ROWS = 12
 
 
 def toyworld_manifest(folder: Path, *, seeds: int = 1, fps: str = "low", image_rows: int = DEFAULT_IMAGE_ROWS,
-                      size: int = 64, steps: int | None = None, limit: int | None = None) -> dict[str, dict]:
+                      size: int = 64, steps: int | None = None, limit: int | None = None,
+                      combos: list[Combo] | None = None) -> dict[str, dict]:
     """Writes `folder/prompts.parquet` (and the image2video rows' images under `folder/images/`); returns
     what each row id should show: {id: {"combo": ..., "image": path or None}}, with the drawn "scene" of an
-    image2video row."""
+    image2video row. `combos`: default the held-out combinations of the world the base model knows."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from PIL import Image
 
-    combos = held_out_combos()[:limit]
+    combos = (held_out_combos() if combos is None else combos)[:limit]
     rows, expected = [], {}
     rng = np.random.default_rng(0)
     for seed in range(seeds):
@@ -90,7 +91,7 @@ def judge_outputs(out: str, expected: dict[str, dict]) -> tuple[list[dict], list
 
 def bench_toyworld(models: dict, out: str, *, seeds: int = 1, fps: str = "low", image_rows: int = DEFAULT_IMAGE_ROWS,
                    steps: int | None = None, limit: int | None = None, device: str = "cpu", num_cpus: int | None = None,
-                   say=print) -> dict:
+                   combos: list[Combo] | None = None, say=print) -> dict:
     """Renders the held-out manifest with each of `models` ({label: ModelSource}) under `out/label` and
     scores it; returns {label: {"score": {criterion: share}, "judged": [...], "failed": [...]}}."""
     from ..config import RuntimeConfig
@@ -101,7 +102,8 @@ def bench_toyworld(models: dict, out: str, *, seeds: int = 1, fps: str = "low", 
     inputs = Path(out) / "inputs"
     inputs.mkdir(parents=True, exist_ok=True)
     expected = toyworld_manifest(inputs, seeds=seeds, fps=fps, image_rows=image_rows,
-                                 size=next(iter(models.values())).model_preset.default_width, steps=steps, limit=limit)
+                                 size=next(iter(models.values())).model_preset.default_width, steps=steps, limit=limit,
+                                 combos=combos)
     report = {}
     for label, source in models.items():
         target = str(Path(out) / label)
@@ -144,6 +146,8 @@ def add_toyworld_parser(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="first-frame and keyframe steps (default the official 50)")
     p.add_argument("--limit", type=int, help="only the first N held-out combinations (a quick look)")
     p.add_argument("--no-random", action="store_true", help="leave out the random-weights baseline")
+    p.add_argument("--concept", choices=CONCEPT_SHAPES,
+                   help="score the held-out prompts of a concept the base world lacks (a LoRA's, with --lora) instead")
     p.add_argument("--num-cpus", type=int, help="logical CPUs of the local Ray")
     p.add_argument("--preset", default="toy", help="network sizes (default toy)")
     add_weights_options(p, default=None)
@@ -156,14 +160,21 @@ def run_toyworld_command(args) -> int:
     import json
 
     from ..config.models import ModelSource
+    from ..weights.adapters import resolve_adapters
 
-    models = {"model": ModelSource(preset=args.preset, weights=args.weights, cache_dir=args.cache_dir)}
+    base = ModelSource(preset=args.preset, weights=args.weights, cache_dir=args.cache_dir)
+    # With adapters, the base model is scored beside them: what they teach, and what they cost.
+    models = {}
+    if args.lora:
+        models["lora"] = resolve_adapters(ModelSource.model_validate({**base.model_dump(), "loras": args.lora}))
+    models[("base" if args.lora else "model")] = base
     if not args.no_random:
         models["random"] = ModelSource(preset=args.preset, weights="random")
+    combos = concept_held_out_combos(args.concept) if args.concept else None
     report = bench_toyworld(models, args.out, seeds=args.seeds, fps=args.fps, image_rows=args.image_rows,
                             steps=args.steps, limit=args.limit, device=args.device, num_cpus=args.num_cpus,
-                            say=lambda line: print(line, file=sys.stderr, flush=True))
-    print(f"held-out toy-world prompts, fps {args.fps}, weights: "
+                            combos=combos, say=lambda line: print(line, file=sys.stderr, flush=True))
+    print(f"held-out {args.concept or 'toy-world'} prompts, fps {args.fps}, weights: "
           + ", ".join(f"{label} = {source.version}" for label, source in models.items()))
     print_report(report)
     (Path(args.out) / "report.json").write_text(json.dumps(report, indent=2, default=list))

@@ -14,14 +14,20 @@ def note_weights(models) -> None:
         print("note: the embedded toy model (shipped weights, trained on kvray's procedural world of coloured shapes): "
               "prompts like 'a red circle moves left on a black background'; --preset kv11 for the real model",
               file=sys.stderr)
+    for lora in models.loras:
+        print(f"note: LoRA adapter {lora.path} merged at scale {lora.scale:g}", file=sys.stderr)
 
 
-def check_weights(models) -> None:
-    """A weights source that cannot exist (a local path that is not there, and neither a URL nor a hub repo
-    id) is one clear error before any model loads (WeightsNotFound, a FileNotFoundError)."""
+def checked_models(models):
+    """`models`, checked before any model loads, with its adapters' digests filled in
+    (`resolve_adapters`): a weights source that cannot exist (a local path that is not there, and neither a
+    URL nor a hub repo id) is one clear error (WeightsNotFound, a FileNotFoundError), and so is an adapter
+    that is missing or does not fit the preset (AdapterError, a ValueError)."""
+    from ..weights.adapters import resolve_adapters
     from ..weights.source import WeightsSource
 
     if not models.is_random:
         WeightsSource(models.resolved_weights, cache_dir=models.cache_dir)
         if models.t5:
             WeightsSource(models.t5, cache_dir=models.cache_dir)
+    return resolve_adapters(models)

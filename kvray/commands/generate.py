@@ -12,7 +12,7 @@ from ..options import (
     runtime_config,
     video_request,
 )
-from .common import check_weights, note_weights
+from .common import checked_models, note_weights
 
 
 def add_parser(subparsers) -> None:
@@ -82,10 +82,9 @@ def run(args) -> int:
     except (ImageError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    models = model_source(args)
     try:
-        check_weights(models)
-    except FileNotFoundError as err:
+        models = checked_models(model_source(args))
+    except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     note_weights(models)

@@ -6,7 +6,7 @@ import sys
 import time
 
 from ..options import add_device_option, add_preset_option, add_storage_options, add_weights_options
-from .common import check_weights, note_weights
+from .common import checked_models, note_weights
 
 
 def add_parser(subparsers) -> None:
@@ -62,7 +62,7 @@ def _render_job(args):
 
     overrides: dict = {"manifest": args.manifest, "out": args.out}
     models = {k: v for k, v in (("preset", args.preset), ("weights", args.weights), ("t5", args.t5),
-                                 ("cache_dir", args.cache_dir)) if v is not None}
+                                 ("cache_dir", args.cache_dir), ("loras", args.lora)) if v is not None}
     if models:
         overrides["models"] = models
     ray_options = {k: v for k, v in (("address", args.address), ("num_gpus", args.num_gpus),
@@ -86,8 +86,7 @@ def _render_job(args):
     if dataset:
         overrides["dataset"] = dataset
     job = RenderJob.from_yaml(args.job, **overrides) if args.job else RenderJob.model_validate(overrides)
-    check_weights(job.models)
-    return job
+    return job.model_copy(update={"models": checked_models(job.models)})
 
 
 class RenderProgress:

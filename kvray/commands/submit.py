@@ -38,6 +38,9 @@ def add_parser(subparsers) -> None:
     render = p.add_argument_group("render options, passed to `kvray render` on the cluster")
     add_preset_option(render, default=None, help_default="the job file's, else toy")
     render.add_argument("--weights", help="weights: hub repo id, fsspec URL, path on the cluster, or 'random'")
+    render.add_argument("--lora", action="append", metavar="PATH[:SCALE]",
+                        help="LoRA adapter as the cluster sees it (fsspec URL, hub repo id, path in the working dir), "
+                             "merged at SCALE (default 1); repeatable")
     render.add_argument("--job", help="RenderJob YAML, as the cluster sees it (e.g. cluster/job-kv11.yaml)")
     render.add_argument("--storage-option", action="append", type=key_value, metavar="KEY=VALUE",
                         help="fsspec option for the manifest and outputs (repeatable); secret ones (key, secret, "
@@ -65,7 +68,7 @@ def run(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     render_args = render_args_from(preset=args.preset, weights=args.weights, job=args.job, costs=args.costs,
-                                   gpu_memory=args.gpu_memory, storage_options=public)
+                                   gpu_memory=args.gpu_memory, storage_options=public, loras=args.lora or ())
     try:
         return submit(args.manifest, args.out, address=args.address, render_args=render_args,
                       working_dir=args.working_dir, runtime_env=args.runtime_env_json, follow=args.follow,

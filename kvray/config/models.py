@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .presets import ModelPreset, get_preset
 
@@ -31,6 +31,39 @@ DEFAULT_REPO = "ai-forever/KandinskyVideo_1_1"
 DEFAULT_T5_REPO = "google/flan-ul2"
 
 
+class LoraSpec(BaseModel):
+    """A LoRA adapter merged into one network's weights when a stage loads it (`kvray train lora` makes
+    them). `path`: a local directory, hub repo id or fsspec URL holding the adapter's files. `digest`
+    names its tensors in video ids: filled from the adapter's files where the job is checked
+    (`kvray.weights.adapters.resolve_adapters`), and checked again where the adapter is merged.
+
+    Written as a dict, or as the string `PATH[:SCALE]` (the command line's `--lora`)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    path: str
+    scale: float = 1.0
+    digest: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value):
+        if not isinstance(value, str):
+            return value
+        # A URL's scheme also holds a colon: only a number after the last one is a scale.
+        head, _, tail = value.rpartition(":")
+        try:
+            return {"path": head, "scale": float(tail)} if head else {"path": value}
+        except ValueError:
+            return {"path": value}
+
+    @property
+    def label(self) -> str:
+        if self.digest is None:
+            raise ValueError(f"adapter {self.path} is not resolved: its digest is read from its files first")
+        return f"lora-{self.digest}x{self.scale:g}"
+
+
 class ModelSource(BaseModel):
     """`weights`: a local directory, a Hugging Face repo id or an fsspec URL; "random" for seeded random
     weights (tests, timing: the compute is the same); None for the preset's default: the official hub
@@ -44,6 +77,7 @@ class ModelSource(BaseModel):
     t5: str | None = None  # the T5 encoder of official files (default google/flan-ul2)
     cache_dir: str | None = None
     random_seed: int = 0
+    loras: tuple[LoraSpec, ...] = Field(default=(), description="LoRA adapters merged in this order at load")
 
     @property
     def model_preset(self) -> ModelPreset:
@@ -72,4 +106,5 @@ class ModelSource(BaseModel):
             weights = f"shipped-{shipped_toy_weights()[1]}"
         else:
             weights = f"random-{self.random_seed}" if self.is_random else self.resolved_weights
-        return f"kandinsky-video-1.1/{self.preset}/{weights}"
+        adapters = "".join(f"+{lora.label}" for lora in self.loras)
+        return f"kandinsky-video-1.1/{self.preset}/{weights}{adapters}"

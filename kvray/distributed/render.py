@@ -40,6 +40,7 @@ from ..io.manifest import Manifest, open_manifest
 from ..io.opening import open_fs
 from ..io.redaction import redact_job, redact_url
 from ..io.shards import remove_orphans
+from ..weights.adapters import resolve_adapters
 from .cluster import check_resources, connect, on_this_node
 from .deferred_workers import DEFERRED_WORKERS
 from .false_alarms import dropped_from_stderr
@@ -264,7 +265,10 @@ def render(job: RenderJob, *, limit: int | None = None, verbose: bool = False, t
 
     `progress(summary, ledger_report)` is called every few seconds. Benchmarks replace the stages'
     `workers` (default `deferred_workers.DEFERRED_WORKERS`), the `pool_options` (default: the renderer's, with the plan's
-    queued calls) and watch the finished rows (`on_rows(batch)`)."""
+    queued calls) and watch the finished rows (`on_rows(batch)`).
+
+    The job's LoRA adapters are read here (their digests name its videos: `resolve_adapters`)."""
+    job = job.model_copy(update={"models": resolve_adapters(job.models)})
     if job.runtime.device.startswith("cuda") and not job.ray.address:
         from ..pipeline.device import torch_device
 

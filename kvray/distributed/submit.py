@@ -73,13 +73,15 @@ def build_entrypoint(manifest: str, out: str, render_args: list[str] | tuple[str
 
 def render_args_from(*, preset: str | None = None, weights: str | None = None, job: str | None = None,
                      costs: str | None = None, gpu_memory: float | None = None,
-                     storage_options: list[str] | tuple[str, ...] = ()) -> list[str]:
+                     storage_options: list[str] | tuple[str, ...] = (), loras: list[str] | tuple[str, ...] = ()) -> list[str]:
     """The `kvray render` options a submit passes through, in a fixed order; None is left out."""
     args: list[str] = []
     for flag, value in (("--preset", preset), ("--weights", weights), ("--job", job), ("--costs", costs),
                         ("--gpu-memory", gpu_memory)):
         if value is not None:
             args += [flag, str(value)]
+    for lora in loras:
+        args += ["--lora", lora]
     for option in storage_options:
         args += ["--storage-option", option]
     return args

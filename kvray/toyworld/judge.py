@@ -12,7 +12,10 @@ soft edges, noise, a shape that may be a blob. Every measurement is therefore a 
 - shape: per frame, the fill ratio (covered area / (widest row x tallest column), measured from the
   share of each pixel the object covers, so soft edges count fractionally: square ~1.0, circle ~0.785,
   triangle ~0.5-0.7) and the vertical skewness of the covered area (an upright triangle has its mass at
-  the bottom, skewness -0.57; a circle and a square 0); majority vote over frames.
+  the bottom, skewness -0.57; a circle and a square 0) and, for the concept shape star (`CONCEPT_SHAPES`),
+  the five-fold symmetry of the covered area (the 5th angular harmonic of its second moment about the
+  centroid: a five-pointed star ~0.5, a circle and a square 0, the upright triangle ~0.13); majority vote
+  over frames.
 - motion: the centroid and area tracks; start and end are medians over the first and last 15% of frames.
 - flicker: how much the background changes between consecutive frames (see `Observation.flicker`).
 - first_frame (only when an image is given): mean absolute difference of frame 0 from the image.
@@ -27,7 +30,7 @@ from dataclasses import asdict, dataclass
 import cv2
 import numpy as np
 
-from .world import BACKGROUNDS, COLOURS, SHAPES, Combo
+from .world import BACKGROUNDS, COLOURS, CONCEPT_SHAPES, SHAPES, Combo
 
 CRITERIA = ("background", "colour", "shape", "motion", "flicker")
 
@@ -41,7 +44,7 @@ BORDER_PX = 2
 # by ~17 on average: 60 keeps whole objects and drops noise.
 OBJECT_DISTANCE = 60.0
 # An object smaller than this share of the frame is a speck, not a shape: the smallest real one (a
-# triangle shrunk to radius 0.08) covers 1.3%.
+# star shrunk to radius 0.08) covers 0.85%.
 MIN_OBJECT_SHARE = 0.005
 # A "component" larger than this share of the frame is a broken frame (noise, a wrong background), not an
 # object: the largest real one (a square grown to radius 0.22) covers ~19%.
@@ -57,6 +60,13 @@ TRIANGLE_SKEW = -0.3
 # ... and a triangle fills ~0.5 of its box (measured 0.55-0.73: the soft apex and base rows make the
 # box look a little small), so a bottom-heavy shape filling more than this (a dome, a blob) is none.
 TRIANGLE_MAX_FILL = 0.8
+# A shape that is not a triangle is a star when its five-fold symmetry (see `_FrameObject.fivefold`) is above
+# this. Measured on rendered clips at every radius the world draws (5-14 pixels at 64x64): stars 0.51-0.58
+# clean, >= 0.48 with noise of std 10, >= 0.19 with a Gaussian blur of sigma 1 (the smallest stars blur into
+# a blob; >= 0.14 with that blur and the noise); circles and squares <= 0.01 clean, <= 0.053 with noise.
+# (Fill cannot tell a small soft star, 0.57-0.97, from a circle, 0.77-0.83; neither can solidity under that
+# blur, stars 0.66-0.92 against circles >= 0.86.) A star's skewness stays within -0.19..0.34, never a triangle.
+STAR_FIVEFOLD = 0.1
 # Fill ratio between a circle (0.785; measured 0.75-0.82 with noise of std 10) and a square (1.0;
 # measured >= 0.94 with that noise, which widens the widest row a little): above it a square.
 SQUARE_FILL = 0.875
@@ -86,7 +96,7 @@ class Observation:
 
     background: str | None  # nearest entry of BACKGROUNDS (None: nothing near one)
     colour: str | None  # nearest entry of COLOURS (None: no object, or nothing near one)
-    shape: str | None  # one of SHAPES (None: no object)
+    shape: str | None  # one of SHAPES or CONCEPT_SHAPES (None: no object)
     motion: str | None  # one of world.MOTIONS (None: no object)
     # Mean over consecutive frame pairs of the mean absolute change (0-255 units, per pixel and channel)
     # of the background after a FLICKER_BLUR_PX box blur; pixels near the object in either frame are
@@ -109,6 +119,7 @@ class _FrameObject:
     cy: float
     fill: float  # area / (widest row * tallest column), both soft: square ~1, circle ~0.79, triangle ~0.55-0.7
     skew: float  # vertical skewness of the covered area: upright triangle -0.57, circle and square 0
+    fivefold: float  # |5th angular harmonic| / total of the second moment: star ~0.5, circle and square 0
 
 
 def _as_frames(frames: np.ndarray) -> np.ndarray:
@@ -176,12 +187,24 @@ def _find_object(frame: np.ndarray, background: np.ndarray, distance2: np.ndarra
     fill = area / max(rows * columns, 1e-6)
     variance = float(((ys - cy) ** 2) @ cover) / area
     skew = float(((ys - cy) ** 3) @ cover) / area / variance**1.5 if variance > 0 else 0.0
-    return _FrameObject(mask, colour, area, cx, cy, fill, skew)
+    return _FrameObject(mask, colour, area, cx, cy, fill, skew, _fivefold(xs - cx, ys - cy, cover))
 
 
-def _classify_shape(fill: float, skew: float) -> str:
+def _fivefold(dx: np.ndarray, dy: np.ndarray, cover: np.ndarray) -> float:
+    """How five-fold symmetric the covered area is about its centroid, 0-1: a five-pointed star's points make
+    this harmonic strong, a circle and a square have none by their symmetries, the world's triangle (taller
+    than equilateral) a little. Rotation-invariant; weighting by the squared distance stresses the points."""
+    offset = dx + 1j * dy
+    moment = cover * np.abs(offset) ** 2
+    total = float(moment.sum())
+    return float(abs(moment @ np.exp(5j * np.angle(offset)))) / total if total > 0 else 0.0
+
+
+def _classify_shape(fill: float, skew: float, fivefold: float) -> str:
     if skew < TRIANGLE_SKEW and fill < TRIANGLE_MAX_FILL:
         return "triangle"
+    if fivefold > STAR_FIVEFOLD:
+        return "star"
     return "square" if fill > SQUARE_FILL else "circle"
 
 
@@ -250,8 +273,8 @@ def observe(frames: np.ndarray, image: np.ndarray | None = None) -> Observation:
     if 2 * len(objects) >= len(clip):
         core = np.median(np.stack([o.colour for o in objects]), axis=0)
         colour = _nearest(core, COLOURS, COLOUR_TOLERANCE, exclude=background)
-        votes = [_classify_shape(o.fill, o.skew) for o in objects]
-        shape = max(SHAPES, key=votes.count)
+        votes = [_classify_shape(o.fill, o.skew, o.fivefold) for o in objects]
+        shape = max(SHAPES + CONCEPT_SHAPES, key=votes.count)
         motion = _classify_motion(objects, side)
     error = None if image is None else first_frame_error(clip, image)
     return Observation(background, colour, shape, motion, _flicker(clip, found), error)

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 import fsspec
@@ -22,14 +23,19 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..config.models import TOY_WEIGHTS_VERSION_FILE
+from ..toyworld import CONCEPT_SHAPES
 from ..weights.convert import write_converted
+from ..weights.digest import update_with_tensors
 from .data import ToyData
-from .recipe import NEEDS
+from .lora_step import AdapterPlan, LoraStep
+from .recipe import LORA, NEEDS
+from .run import CHECKPOINT, LocalRun
 from .steps import STEPS, Context
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_DIR = "weights"
+ADAPTER_DIR = "adapter"  # a `lora` step's adapter, in the work directory
 
 
 class TrainConfig(BaseModel):
@@ -52,6 +58,12 @@ class TrainConfig(BaseModel):
     # Recompute each U-Net level's activations in the backward pass instead of keeping them: about a third
     # more compute for a fraction of the activation memory (full-size U-Nets).
     gradient_checkpointing: bool = False
+    # Where finished networks are read from (default WORK/weights): the base model of a `lora` step.
+    base: str | None = None
+    # `lora` only: the concept taught (a toy-world concept shape) and the adapter's rank and targets.
+    concept: str | None = None
+    lora_rank: int = Field(default=8, ge=1)
+    lora_convs: bool = False
 
 
 class EMA:
@@ -74,32 +86,12 @@ class EMA:
 def enable_gradient_checkpointing(module: torch.nn.Module) -> int:
     """Wraps every U-Net level (`down_samples`, `up_samples`) of `module` in activation checkpointing;
     returns how many were wrapped (0 for networks without levels, e.g. the MoVQ)."""
-    from functools import partial
-
     from torch.utils.checkpoint import checkpoint
 
     levels = [*getattr(module, "down_samples", []), *getattr(module, "up_samples", [])]
     for level in levels:
         level.forward = partial(checkpoint, level.forward, use_reentrant=False)
     return len(levels)
-
-
-def _trained_tensors(step) -> dict[str, torch.Tensor]:
-    """Every tensor a step writes, keyed `network/name`: full state dicts (buffers too) and extras."""
-    out = {f"{net}/{k}": v for net, module in step.networks.items() for k, v in module.state_dict().items()}
-    out.update({f"{net}/{k}": v for net, extras in step.extras.items() for k, v in extras.items()})
-    return out
-
-
-def export(step, tensors: dict[str, torch.Tensor], weights: str, preset, dtype: torch.dtype | None = None) -> list[str]:
-    """Write the step's networks (from `tensors`, e.g. the EMA) in kvray's converted format."""
-    written = []
-    for net in step.networks:
-        state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{net}/")}
-        extra_names = set(step.extras.get(net, {}))
-        extras = {k: state.pop(k) for k in list(state) if k in extra_names}
-        written += write_converted(weights, net, preset.name, getattr(preset, net), state, extras, dtype=dtype)
-    return written
 
 
 def export_work(work: str, dst: str, dtype: torch.dtype) -> list[str]:
@@ -124,19 +116,14 @@ def export_work(work: str, dst: str, dtype: torch.dtype) -> list[str]:
 
 
 def weights_digest(fs, root: str, names) -> str:
-    """What names the weights in video ids, wherever they are installed: a digest of every tensor (name,
-    dtype, shape, bytes) and architecture of `names`. Not of the files' bytes: safetensors writes its
-    metadata in an order that changes from run to run, so the same tensors make different files."""
+    """What names the weights in video ids, wherever they are installed: every network's architecture and
+    tensors (`kvray.weights.digest`)."""
     from safetensors.torch import load
 
     digest = hashlib.sha256()
     for name in names:
         digest.update(fs.cat_file(f"{root}/{name}.json"))
-        tensors = load(fs.cat_file(f"{root}/{name}.safetensors"))
-        for key in sorted(tensors):
-            tensor = tensors[key].contiguous()
-            digest.update(f"{key} {tensor.dtype} {tuple(tensor.shape)}".encode())
-            digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+        update_with_tensors(digest, load(fs.cat_file(f"{root}/{name}.safetensors")))
     return digest.hexdigest()[:16]
 
 
@@ -148,66 +135,116 @@ def _lr(config: TrainConfig, step: int) -> float:
     return config.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
-def train(config: TrainConfig, progress=None) -> dict:
-    """Runs (or resumes) one step to `config.steps`; returns a summary. `progress(line)` gets log lines."""
+def train(config: TrainConfig, progress=None, run: LocalRun | None = None) -> dict:
+    """Runs (or resumes) one step to `config.steps`; returns a summary. `progress(line)` gets log lines.
+    `run`: how checkpoints are kept and steps shared (default one local process)."""
     from ..config.presets import get_preset
 
     say = progress or log.info
-    if config.step not in STEPS:
-        raise ValueError(f"unknown training step {config.step!r}; steps in order: {', '.join(STEPS)}")
+    _check_step(config)
     preset = get_preset(config.preset)
     _check_size(preset, config.size)
     work = Path(config.work)
     folder = work / config.step
     folder.mkdir(parents=True, exist_ok=True)
+    run = run or LocalRun(folder)
     device = torch.device(config.device)
-    ctx = Context(preset, ToyData(config.seed, config.size), str(work / WEIGHTS_DIR), device)
+    data = ToyData(config.seed, config.size, concept=config.concept, stream_suffix=run.data_stream)
+    ctx = Context(preset, data, config.base or str(work / WEIGHTS_DIR), device)
     step_obj = _build_step(config, ctx)
     params = step_obj.parameters()
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
-    ema = EMA(_trained_tensors(step_obj), config.ema_decay)
-    checkpoint = folder / "checkpoint.pt"
+    ema = EMA(step_obj.trained_tensors(), config.ema_decay)
+    state = run.restore(device)
     start = 0
-    if checkpoint.exists():
-        start = _resume(checkpoint, step_obj, optimiser, ema, config)
-        say(f"{config.step}: resumed at step {start} from {checkpoint}")
+    if state is not None:
+        start = _resume(state, step_obj, optimiser, ema, config)
+        say(f"{config.step}: resumed at step {start}")
     else:
-        missing = [need for need in NEEDS[config.step] if not (work / need / "checkpoint.pt").exists()]
+        missing = [need for need in NEEDS.get(config.step, ()) if not (work / need / CHECKPOINT).exists()]
         if missing:
             say(f"{config.step}: note: no checkpoint of {', '.join(missing)} in {work}; reading {ctx.weights}")
-    say(f"{config.step}: {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, steps {start} -> {config.steps}")
-
+    say(f"{config.step}: {sum(p.numel() for p in params) / 1e6:.2f}M trained parameters, steps {start} -> {config.steps}"
+        + (f", rank {run.rank} of {run.world}" if run.world > 1 else ""))
     log_file = folder / "loss.csv"
+    with _loss_log(log_file, start, run.chief) as writer:
+        _loop(config, step_obj, optimiser, params, ema, ctx, run, start, writer, say if run.chief else lambda line: None)
+    adapter = {"adapter": step_obj.plan.out} if config.step == LORA else {}
+    return {"step": config.step, "steps": config.steps, "weights": ctx.weights, "log": str(log_file), **adapter}
+
+
+def _check_step(config: TrainConfig) -> None:
+    if config.step not in STEPS and config.step != LORA:
+        raise ValueError(f"unknown training step {config.step!r}; steps in order: {', '.join(STEPS)}, and {LORA}")
+    if (config.step == LORA) != (config.concept is not None):
+        raise ValueError(f"a concept is what the {LORA} step teaches, and only it: --concept with {LORA}")
+    if config.concept is not None and config.concept not in CONCEPT_SHAPES:
+        raise ValueError(f"unknown concept {config.concept!r}; the toy world's concepts: {', '.join(CONCEPT_SHAPES)}")
+
+
+@contextlib.contextmanager
+def _loss_log(log_file: Path, start: int, chief: bool):
+    """A csv writer of the loss log, continued after the rows up to `start` (None off the chief rank)."""
+    if not chief:
+        yield None
+        return
     new_log = not log_file.exists() or start == 0
     if not new_log:
         _truncate_log(log_file, start)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext())
     with open(log_file, "w" if new_log else "a", newline="") as handle:
         writer = csv.writer(handle)
         if new_log:
-            writer.writerow(["step", "loss", "validation_loss", "lr", "seconds"])
-        began, window = time.perf_counter(), []
-        for step in range(start, config.steps):
-            window.append(_optimise(step_obj, optimiser, params, ema, ctx, config, step, autocast))
-            done = step + 1
-            validation = _validate(step_obj, ctx, done) if done % config.validate_every == 0 or done == config.steps else None
-            if done % config.log_every == 0 or validation is not None:
-                mean = sum(window) / len(window)
-                writer.writerow([done, f"{mean:.6f}", "" if validation is None else f"{validation:.6f}",
-                                 f"{_lr(config, step):.3g}", f"{time.perf_counter() - began:.1f}"])
-                handle.flush()
-                extra = "" if validation is None else f", validation {validation:.4f}"
-                say(f"{config.step}: step {done}/{config.steps}, loss {mean:.4f}{extra}, "
-                    f"{(time.perf_counter() - began) / (done - start):.2f} s/step")
-                window = []
-            if done % config.checkpoint_every == 0 or done == config.steps:
-                _save(checkpoint, step_obj, optimiser, ema, done, config)
-                export(step_obj, ema.shadow, ctx.weights, preset)
-    return {"step": config.step, "steps": config.steps, "weights": ctx.weights, "log": str(log_file)}
+            writer.writerow(LOG_COLUMNS)
+        yield _Flushing(writer, handle)
+
+
+LOG_COLUMNS = ["step", "loss", "validation_loss", "lr", "seconds"]
+
+
+class _Flushing:
+    def __init__(self, writer, handle):
+        self.writer, self.handle = writer, handle
+
+    def writerow(self, row) -> None:
+        self.writer.writerow(row)
+        self.handle.flush()
+
+
+def _loop(config, step_obj, optimiser, params, ema, ctx, run, start, writer, say) -> None:
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if ctx.device.type == "cuda" else contextlib.nullcontext()
+    began, window = time.perf_counter(), []
+    for step in range(start, config.steps):
+        window.append(_optimise(step_obj, optimiser, params, ema, ctx, config, step, autocast, run))
+        done = step + 1
+        validating = done % config.validate_every == 0 or done == config.steps
+        validation = _validate(step_obj, ctx) if validating else None
+        logging_now = done % config.log_every == 0 or validating
+        checkpointing = done % config.checkpoint_every == 0 or done == config.steps
+        metrics = {}
+        if logging_now:
+            seconds = time.perf_counter() - began
+            metrics = {"step": done, "loss": run.mean(sum(window) / len(window)), "lr": _lr(config, step),
+                       "seconds": seconds, "samples_per_s": step_obj.batch_size * (done - start) / seconds,
+                       **({} if validation is None else {"validation_loss": validation})}
+            if writer is not None:
+                writer.writerow([done, f"{metrics['loss']:.6f}", "" if validation is None else f"{validation:.6f}",
+                                 f"{metrics['lr']:.3g}", f"{seconds:.1f}"])
+            extra = "" if validation is None else f", validation {validation:.4f}"
+            say(f"{config.step}: step {done}/{config.steps}, loss {metrics['loss']:.4f}{extra}, "
+                f"{seconds / (done - start):.2f} s/step")
+            window = []
+        if logging_now or checkpointing:
+            state = partial(_checkpoint, step_obj, optimiser, ema, done, config) if checkpointing and run.chief else None
+            run.report({"step": done, **metrics}, state)
+        if checkpointing and run.chief:
+            step_obj.export(ema.shadow)
 
 
 def _build_step(config: TrainConfig, ctx: Context):
-    step_obj = STEPS[config.step](ctx)
+    if config.step == LORA:
+        step_obj = LoraStep(ctx, AdapterPlan(config.lora_rank, config.lora_convs, str(Path(config.work) / ADAPTER_DIR)))
+    else:
+        step_obj = STEPS[config.step](ctx)
     if config.batch_size is not None:
         step_obj.batch_size = config.batch_size
     if config.gradient_checkpointing:
@@ -225,17 +262,20 @@ def _check_size(preset, size: int) -> None:
                          f"of {multiple} (latents 1/{preset.latent_factor} of it, halved {halvings} times)")
 
 
-def _optimise(step_obj, optimiser, params, ema: EMA, ctx: Context, config: TrainConfig, step: int, autocast) -> float:
-    """One optimiser step at `step` (learning rate, loss under `autocast`, clipped gradients, EMA); returns the loss."""
+def _optimise(step_obj, optimiser, params, ema: EMA, ctx: Context, config: TrainConfig, step: int, autocast,
+              run: LocalRun) -> float:
+    """One optimiser step at `step` (learning rate, loss under `autocast`, gradients averaged over the run's
+    ranks, then clipped, EMA); returns this rank's loss."""
     for group in optimiser.param_groups:
         group["lr"] = _lr(config, step)
     with autocast:
         loss = step_obj.loss(step, ctx.data.generator(config.step, step))
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
+    run.average_gradients(params)
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     optimiser.step()
-    ema.update(_trained_tensors(step_obj), step)
+    ema.update(step_obj.trained_tensors(), step)
     return loss.item()
 
 
@@ -253,34 +293,33 @@ VALIDATION_SEED_STEP = 0
 
 
 @torch.no_grad()
-def _validate(step_obj, ctx: Context, step: int) -> float:
+def _validate(step_obj, ctx: Context) -> float:
     for module in step_obj.networks.values():
         module.eval()
     try:
-        return float(step_obj.loss(VALIDATION_SEED_STEP, ctx.data.generator("validation", 0), validation=True))
+        return float(step_obj.loss(VALIDATION_SEED_STEP, ctx.data.generator("validation", 0, validation=True), validation=True))
     finally:
         for module in step_obj.networks.values():
             module.train()
 
 
-def _save(path: Path, step_obj, optimiser, ema: EMA, step: int, config: TrainConfig) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"step": step, "config": config.model_dump(), "tensors": _trained_tensors(step_obj),
-                "ema": ema.shadow, "optimiser": optimiser.state_dict()}, tmp)
-    tmp.replace(path)  # a kill mid-write leaves the previous checkpoint whole
+def _checkpoint(step_obj, optimiser, ema: EMA, step: int, config: TrainConfig) -> dict:
+    return {"step": step, "config": config.model_dump(), "tensors": step_obj.trained_tensors(),
+            "ema": ema.shadow, "optimiser": optimiser.state_dict()}
 
 
-def _resume(path: Path, step_obj, optimiser, ema: EMA, config: TrainConfig) -> int:
-    state = torch.load(path, map_location=config.device, weights_only=True)
+def _resume(state: dict, step_obj, optimiser, ema: EMA, config: TrainConfig) -> int:
     stored = state["config"]
-    for key in ("step", "preset", "seed", "size", "batch_size"):
-        if stored[key] != getattr(config, key):
-            raise ValueError(f"{path} was trained with {key}={stored[key]!r}, not {getattr(config, key)!r}: "
-                             "use another --work directory or the same settings")
-    current = _trained_tensors(step_obj)
+    for key in ("step", "preset", "seed", "size", "batch_size", "concept", "lora_rank", "lora_convs"):
+        trained_with = stored.get(key, TrainConfig.model_fields[key].default)  # older checkpoints lack the LoRA's
+        if trained_with != getattr(config, key):
+            raise ValueError(f"the checkpoint of {config.work} was trained with {key}={trained_with!r}, not "
+                             f"{getattr(config, key)!r}: use another --work directory or the same settings")
+    current = step_obj.trained_tensors()
     bad = sorted(k for k in current if k not in state["tensors"] or state["tensors"][k].shape != current[k].shape)
     if bad:
-        raise ValueError(f"{path} does not fit preset {config.preset}: {len(bad)} tensors differ, e.g. {bad[:3]}")
+        raise ValueError(f"the checkpoint of {config.work} does not fit preset {config.preset}: {len(bad)} tensors differ, "
+                         f"e.g. {bad[:3]}")
     with torch.no_grad():
         for key, value in current.items():
             value.copy_(state["tensors"][key])

@@ -23,6 +23,9 @@ RECIPE: dict[str, Recipe] = {
     "video_movq": Recipe(400, 3e-4),
 }
 STEP_NAMES = tuple(RECIPE)
+# Not part of the recipe (`kvray train all`): a LoRA adapter on a finished model (docs/training.md).
+LORA = "lora"
+LORA_RECIPE = Recipe(1500, 1e-3)
 # What each step needs finished first.
 NEEDS: dict[str, tuple[str, ...]] = {
     "image_movq": (),

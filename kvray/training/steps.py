@@ -32,6 +32,7 @@ from ..config.presets import ModelPreset
 from ..models.text_encoder import build_tokenizer, tokenize
 from ..models.unet3d import TemporalAttentionBlock, TemporalResNetBlock
 from ..pipeline.frames import decode_chunks
+from ..weights.convert import write_converted
 from ..weights.loader import load_network
 from ..weights.networks import get_network
 from ..weights.source import WeightsSource
@@ -97,6 +98,23 @@ class Step:
     def parameters(self) -> list[nn.Parameter]:
         params = [p for n in self.networks.values() for p in n.parameters() if p.requires_grad]
         return params + [p for e in self.extras.values() for p in e.values()]
+
+    def trained_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor the step writes, keyed `network/name` (sharing the live storage): full state dicts
+        (buffers too) and extras. What the EMA averages and a checkpoint holds."""
+        out = {f"{net}/{k}": v for net, module in self.networks.items() for k, v in module.state_dict().items()}
+        out.update({f"{net}/{k}": v for net, extras in self.extras.items() for k, v in extras.items()})
+        return out
+
+    def export(self, tensors: dict[str, torch.Tensor]) -> list[str]:
+        """Write the step's networks (from `tensors`, e.g. the EMA) to the context's weights folder in kvray's
+        converted format, where later steps and `--weights` read them."""
+        written, preset = [], self.ctx.preset
+        for net in self.networks:
+            state = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{net}/")}
+            extras = {k: state.pop(k) for k in list(state) if k in self.extras.get(net, {})}
+            written += write_converted(self.ctx.weights, net, preset.name, getattr(preset, net), state, extras)
+        return written
 
     def loss(self, step: int, generator: torch.Generator, validation: bool = False) -> torch.Tensor:
         raise NotImplementedError
@@ -270,6 +288,7 @@ class KeyframesStep(_TextStep):
 
     name = "keyframes"
     batch_size = 4
+    image_mode_every = 3
 
     def __init__(self, ctx):
         super().__init__(ctx, ctx.load("text_encoder").requires_grad_(False))
@@ -287,7 +306,7 @@ class KeyframesStep(_TextStep):
 
     def loss(self, step, generator, validation=False):
         unet = self.networks["keyframe_unet"]
-        if step % 3 == 2:
+        if step % self.image_mode_every == self.image_mode_every - 1:
             clips = self.ctx.data.clips("first_frame", step, 4 * self.batch_size, validation)
             return first_frame_loss(self, unet, self.movq, clips, generator)
         ctx, frames = self.ctx, self.frames

@@ -22,11 +22,20 @@ TOKENIZER_DIR = "tokenizer"
 def load_model(models: ModelSource, name: str, device: torch.device | str = "cpu",
                dtype: torch.dtype | None = None) -> nn.Module:
     """`dtype` torch.int8: weight-only int8 (`quantize.int8_weight_only`), quantized on the CPU before it
-    moves to `device`, so that the device never holds the bfloat16 weights."""
+    moves to `device`, so that the device never holds the bfloat16 weights. The job's LoRA adapters for
+    network `name` are merged into its weights before it is quantized."""
     if dtype == torch.int8:
-        module = int8_weight_only(_load(models, name, "cpu", torch.bfloat16))
+        module = int8_weight_only(_with_adapters(_load(models, name, "cpu", torch.bfloat16), name, models))
         return module if torch.device(device).type == "cpu" else module.to(device)
-    return _load(models, name, device, dtype)
+    return _with_adapters(_load(models, name, device, dtype), name, models)
+
+
+def _with_adapters(module: nn.Module, name: str, models: ModelSource) -> nn.Module:
+    if not models.loras:
+        return module
+    from .lora import merge_adapters  # peft loads only where an adapter is used
+
+    return merge_adapters(module, name, models)
 
 
 def _load(models: ModelSource, name: str, device, dtype) -> nn.Module:
