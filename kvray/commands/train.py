@@ -91,7 +91,7 @@ def run(args) -> int:
             config = TrainConfig(step=name, work=args.work, preset=args.preset, seed=args.seed, device=args.device,
                                  steps=(args.steps if args.step != ALL else None) or recipe.steps,
                                  lr=args.lr or recipe.lr, gradient_checkpointing=args.gradient_checkpointing,
-                                 **(_lora_settings(args) if name == LORA else {}))
+                                 **(_lora_settings(args) if name == LORA else {"concept": args.concept}))
             summary = _train(config, args)
         except (ValueError, FileNotFoundError) as err:
             print(f"error: {err}", file=sys.stderr)

@@ -27,7 +27,6 @@ from ..toyworld import CONCEPT_SHAPES
 from ..weights.convert import write_converted
 from ..weights.digest import update_with_tensors
 from .data import ToyData
-from .lora_step import AdapterPlan, LoraStep
 from .recipe import LORA, NEEDS
 from .run import CHECKPOINT, LocalRun
 from .steps import STEPS, Context
@@ -242,6 +241,8 @@ def _loop(config, step_obj, optimiser, params, ema, ctx, run, start, writer, say
 
 def _build_step(config: TrainConfig, ctx: Context):
     if config.step == LORA:
+        from .lora_step import AdapterPlan, LoraStep  # peft loads only where an adapter is trained
+
         step_obj = LoraStep(ctx, AdapterPlan(config.lora_rank, config.lora_convs, str(Path(config.work) / ADAPTER_DIR)))
     else:
         step_obj = STEPS[config.step](ctx)
