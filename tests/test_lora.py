@@ -4,6 +4,7 @@ a stage's network at their scale, named in video ids, refused where they do not 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -72,6 +73,13 @@ def test_a_merged_adapter_adds_scale_times_its_low_rank_product(tmp_path):
             torch.testing.assert_close(merged.state_dict()[name], expected)
         else:
             assert torch.equal(merged.state_dict()[name], weight), name
+
+    # Resolved, the adapter names its network: a stage of other networks reads none of its files.
+    resolved = _with(base, str(tmp_path / "a"))
+    assert resolved.loras[0].network == NETWORK
+    shutil.rmtree(tmp_path / "a")
+    assert all(torch.equal(a, b) for a, b in zip(load_model(resolved, "image_movq").state_dict().values(),
+                                                  load_model(base, "image_movq").state_dict().values()))
 
 
 def test_video_ids_name_each_adapter_and_its_scale(tmp_path):

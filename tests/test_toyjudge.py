@@ -80,7 +80,10 @@ def test_other_frame_counts_and_sizes():
     rng = np.random.default_rng(2)
     for combo, frames, size in [(("red", "triangle", "moves up", "white"), 45, 128),
                                 (("blue", "square", "shrinks", "black"), 177, 64),
-                                (("yellow", "circle", "moves right", "gray"), 45, (96, 64))]:
+                                (("yellow", "circle", "moves right", "gray"), 45, (96, 64)),
+                                (("red", "star", "moves up", "white"), 45, 128),
+                                (("green", "star", "shrinks", "black"), 45, 64),
+                                (("purple", "star", "moves right", "gray"), 45, (96, 64))]:
         clip = world.render(world.sample_scene(rng, combo), frames, size)
         assert judge(clip, combo)["all"], (combo, observe(clip))
 

@@ -65,12 +65,13 @@ def _train(config, args) -> dict:
         return train(config, progress=lambda line: print(line, file=sys.stderr, flush=True))
     from ..distributed.train_ray import train_on_ray
     from ..io.storage_options import parse_storage_options
+    from ..training.loop import ADAPTER_DIR
 
     result = train_on_ray(config, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
                           cpus_per_worker=args.cpus_per_worker, address=args.address, storage=args.storage,
                           storage_options=parse_storage_options(args.storage_option), verbose=True)
     print(f"{config.step}: finished on {args.workers} workers; last checkpoint {result['checkpoint']}", file=sys.stderr)
-    return {"adapter": f"{config.work}/adapter", **result}
+    return {"adapter": f"{config.work}/{ADAPTER_DIR}", **result}
 
 
 def run(args) -> int:

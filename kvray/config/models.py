@@ -34,8 +34,9 @@ DEFAULT_T5_REPO = "google/flan-ul2"
 class LoraSpec(BaseModel):
     """A LoRA adapter merged into one network's weights when a stage loads it (`kvray train lora` makes
     them). `path`: a local directory, hub repo id or fsspec URL holding the adapter's files. `digest`
-    names its tensors in video ids: filled from the adapter's files where the job is checked
-    (`kvray.weights.adapters.resolve_adapters`), and checked again where the adapter is merged.
+    names its tensors in video ids, and `network` is the one it adapts: both filled from the adapter's files
+    where the job is checked (`kvray.weights.adapters.resolve_adapters`), and checked again where the
+    adapter is merged; a stage whose networks no adapter targets then reads no adapter file.
 
     Written as a dict, or as the string `PATH[:SCALE]` (the command line's `--lora`)."""
 
@@ -44,6 +45,7 @@ class LoraSpec(BaseModel):
     path: str
     scale: float = 1.0
     digest: str | None = None
+    network: str | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -37,16 +37,20 @@ def checked_info(spec: LoraSpec, models: ModelSource) -> dict:
         raise AdapterError(f"adapter {spec.path} was trained for preset {info.get('preset')!r}, not {models.preset!r}")
     if info.get("network") not in NETWORKS:
         raise AdapterError(f"adapter {spec.path} targets {info.get('network')!r}, not one of {', '.join(NETWORKS)}")
-    if spec.digest is not None and spec.digest != info["digest"]:
-        raise AdapterError(f"adapter {spec.path} changed since the job was checked: digest {info['digest']}, "
-                           f"expected {spec.digest} (its videos would be named after the other one)")
+    if (spec.digest, spec.network) != (None, None) and (spec.digest, spec.network) != (info["digest"], info["network"]):
+        raise AdapterError(f"adapter {spec.path} changed since the job was checked: digest {info['digest']} for "
+                           f"{info['network']}, expected {spec.digest} for {spec.network} (its videos would be named "
+                           "after the other one)")
     return info
 
 
 def resolve_adapters(models: ModelSource) -> ModelSource:
-    """`models` with each adapter's digest read from its files (and checked against the preset): what
-    names the adapters in `models.version`, so every video made with them."""
+    """`models` with each adapter's digest and network read from its files (and checked against the preset):
+    the digest names the adapters in `models.version`, so every video made with them."""
     if not models.loras:
         return models
-    loras = tuple(spec.model_copy(update={"digest": checked_info(spec, models)["digest"]}) for spec in models.loras)
-    return models.model_copy(update={"loras": loras})
+    loras = []
+    for spec in models.loras:
+        info = checked_info(spec, models)
+        loras.append(spec.model_copy(update={"digest": info["digest"], "network": info["network"]}))
+    return models.model_copy(update={"loras": tuple(loras)})

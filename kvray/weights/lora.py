@@ -78,6 +78,8 @@ def merge_adapters(module: nn.Module, network: str, models: ModelSource) -> nn.M
     """`module` (network `network`, loaded) with each of `models.loras` that targets it merged into its
     weights, in order, at its scale; the adapters' files checked against their digests first."""
     for spec in models.loras:
+        if spec.network not in (None, network):
+            continue
         info = checked_info(spec, models)
         if info["network"] != network:
             continue

@@ -31,9 +31,9 @@ def load_model(models: ModelSource, name: str, device: torch.device | str = "cpu
 
 
 def _with_adapters(module: nn.Module, name: str, models: ModelSource) -> nn.Module:
-    if not models.loras:
+    if not any(lora.network in (None, name) for lora in models.loras):
         return module
-    from .lora import merge_adapters  # peft loads only where an adapter is used
+    from .lora import merge_adapters  # peft loads only where an adapter may target the network
 
     return merge_adapters(module, name, models)
 
